@@ -1,0 +1,126 @@
+r"""Decoder D^t: the spatiotemporal UNet that turns a CLIP image embedding (and fps) into 16 frames.
+
+Variants (the part after the colon):
+  tiny: a ~0.3M-parameter model on 4 frames of 16x16 that trains and samples on one CPU core.
+  base: 16 frames of 64x64 (the paper's D^t resolution), a mid-sized UNet for one accelerator.
+
+Run the demo (a few training steps on random videos, then a DDIM sample written to a file):
+  python -m mav_jax.demo --config configs/decoder.py:tiny --output outputs/demo.gif
+Override any field: --config.model.channels=32 (unknown fields are an error).
+"""
+
+import ml_collections
+
+VARIANTS = ("tiny", "base")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the decoder config for variant `arg` (default "tiny")."""
+  variant = arg or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown decoder variant {variant!r}; choose one of {VARIANTS}")
+  config = ml_collections.ConfigDict()
+  # Name of the cascade stage this config trains.
+  config.stage = "decoder"
+  # Which named variant this is.
+  config.variant = variant
+  # Seed of parameter initialisation, data and sampling.
+  config.seed = 0
+
+  # Video geometry.
+  config.data = ml_collections.ConfigDict()
+  # Frames per clip (the paper's D^t makes 16).
+  config.data.num_frames = 16
+  # Height and width of each frame.
+  config.data.resolution = 64
+  # Width of the global conditioning embedding (the CLIP image embedding in the full cascade).
+  config.data.embedding_dim = 768
+
+  # SpaceTimeUNet attributes (mav_jax.models.unet.SpaceTimeUNet).
+  config.model = ml_collections.ConfigDict()
+  # Output channels (RGB).
+  config.model.out_channels = 3
+  # Base width; level i has channels * channel_mults[i] channels.
+  config.model.channels = 128
+  # Width multiplier per resolution level.
+  config.model.channel_mults = (1, 2, 3, 4)
+  # Residual blocks per level.
+  config.model.num_res_blocks = 2
+  # Levels with pseudo-3D attention (indices into channel_mults).
+  config.model.attention_levels = (1, 2, 3)
+  # Attention block in the middle of the UNet.
+  config.model.mid_attention = True
+  # Features per attention head.
+  config.model.head_dim = 64
+  # Scalar conditions; D^t is conditioned on the clip's frame rate.
+  config.model.conditioning_scalars = ("fps",)
+  # Condition on a global embedding vector (the CLIP image embedding).
+  config.model.use_global_embedding = True
+  # Cross-attention to context tokens (off: D^t sees text only through the embedding).
+  config.model.use_cross_attention = False
+  # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
+  config.model.extra_input_channels = 0
+  # Taps of every temporal conv.
+  config.model.temporal_kernel_size = 3
+  # Dropout inside residual blocks.
+  config.model.dropout = 0.0
+  # Rematerialise block activations in the backward pass.
+  config.model.remat = False
+  # Compute dtype.
+  config.model.dtype = "bfloat16"
+  # Parameter dtype.
+  config.model.param_dtype = "float32"
+
+  # Diffusion process and loss.
+  config.diffusion = ml_collections.ConfigDict()
+  # Noise schedule kind: "cosine" or "linear".
+  config.diffusion.schedule = "cosine"
+  # Resolution shift: resolution / base resolution (1.0: none).
+  config.diffusion.shift = 1.0
+  # Model parameterisation: "eps", "x0" or "v".
+  config.diffusion.target = "v"
+  # Loss weighting: "plain" or "min_snr".
+  config.diffusion.weighting = "min_snr"
+  # Gamma of min-SNR weighting.
+  config.diffusion.min_snr_gamma = 5.0
+  # Probability of dropping the conditioning (classifier-free guidance training).
+  config.diffusion.cond_dropout = 0.1
+
+  # Sampling.
+  config.sampling = ml_collections.ConfigDict()
+  # "ddpm", "ddim" or "dpm++2m".
+  config.sampling.sampler = "ddim"
+  # Model evaluations per sample.
+  config.sampling.num_steps = 50
+  # DDIM eta (0: deterministic).
+  config.sampling.eta = 0.0
+  # Classifier-free guidance scale (1: no guidance).
+  config.sampling.guidance_scale = 3.0
+  # Frame rate the sample is conditioned on and written at.
+  config.sampling.fps = 8.0
+
+  # Optimisation (the demo's short loop; the full trainer adds schedules and checkpoints).
+  config.optimizer = ml_collections.ConfigDict()
+  # Peak learning rate.
+  config.optimizer.learning_rate = 1e-4
+  # AdamW weight decay.
+  config.optimizer.weight_decay = 0.0
+  # Examples per step.
+  config.batch_size = 8
+  # Training steps of the demo.
+  config.demo_steps = 20
+
+  if variant == "tiny":
+    config.data.num_frames = 4
+    config.data.resolution = 16
+    config.data.embedding_dim = 16
+    config.model.channels = 16
+    config.model.channel_mults = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_levels = (1,)
+    config.model.head_dim = 16
+    config.model.dtype = "float32"
+    config.sampling.num_steps = 10
+    config.optimizer.learning_rate = 1e-3
+    config.batch_size = 2
+  return config

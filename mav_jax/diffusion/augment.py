@@ -1,0 +1,43 @@
+"""Noise augmentation of a low-resolution conditioning input (cascaded super-resolution).
+
+A super-resolution stage trained on clean low-resolution inputs breaks on the artefacts of the stage
+below it; noising its conditioning input at a random level during training, and at a fixed level
+at sampling time, makes it robust (Ho et al., "Cascaded Diffusion Models", 2021). The level is also
+fed to the model as a scalar condition.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mav_jax.diffusion.schedules import NoiseSchedule, add_noise
+
+Array = jax.Array
+
+
+def noise_augment(
+    rng: jax.Array,
+    x: Array,
+    schedule: NoiseSchedule,
+    level: float | Array | None = None,
+    max_level: float = 0.5,
+) -> tuple[Array, Array]:
+  """Noises a conditioning input at diffusion time `level` (per example).
+
+  Args:
+    rng: key for the level (when sampled) and the noise.
+    x: low-resolution conditioning input [b, ...].
+    schedule: the noise schedule that defines what a level means.
+    level: fixed level in [0, 1] (a scalar or [b]) at sampling time; None samples U(0, max_level)
+      per example, for training.
+    max_level: upper bound of the sampled level.
+
+  Returns:
+    (x_aug, level): the noised input and the [b] levels, to pass to the model as a condition.
+  """
+  level_rng, noise_rng = jax.random.split(rng)
+  b = x.shape[0]
+  if level is None:
+    level = jax.random.uniform(level_rng, (b,), maxval=max_level)
+  level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (b,))
+  noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
+  return add_noise(schedule, x, noise, level), level

@@ -1,0 +1,182 @@
+"""Pseudo-3D attention: spatial self-attention, cross-attention, feed-forward, then temporal attention.
+
+Attn_P3D(h) = Attn1D_time(Attn2D_space(h)) (Make-A-Video, Sec. 3.2). Spatial layers see each frame's
+H*W tokens; the temporal layer sees, at every spatial position, the sequence of frames with a learned
+relative-position bias over time. Its output projection is zero-initialised inside a residual branch,
+so at initialisation the block is exactly the image block applied frame by frame.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mav_jax.models import axes
+from mav_jax.models.common import Array, Dtype, default_kernel_init, dense, layer_norm
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (cross-)attention over [batch, tokens, channels] with an optional additive bias.
+
+  Attributes:
+    num_heads: number of heads.
+    head_dim: features per head.
+    zero_init_out: zero-initialise the output projection (makes a residual branch an identity).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  num_heads: int
+  head_dim: int
+  zero_init_out: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, in_axis: str, name: str) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        (self.num_heads, self.head_dim),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=axes.partitioned(default_kernel_init, in_axis, axes.HEADS, axes.HEAD_DIM),
+        bias_init=axes.partitioned(nn.initializers.zeros, axes.HEADS, axes.HEAD_DIM),
+        name=name,
+    )
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Array,
+      context: Array | None = None,
+      context_mask: Array | None = None,
+      bias: Array | None = None,
+  ) -> Array:
+    """Attends from `x` [n, t, c] to `context` [n, s, d] (to `x` itself when None).
+
+    Args:
+      x: queries' source tokens.
+      context: keys' and values' source tokens; None for self-attention.
+      context_mask: [n, s] boolean, True where a context token is valid.
+      bias: additive logits bias broadcastable to [n, heads, t, s].
+
+    Returns:
+      [n, t, c] attention output.
+    """
+    kv_source, kv_axis = (x, axes.CHANNELS_IN) if context is None else (context, axes.CONTEXT)
+    q = self._proj(axes.CHANNELS_IN, "query")(x)
+    k = self._proj(kv_axis, "key")(kv_source)
+    v = self._proj(kv_axis, "value")(kv_source)
+    mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
+    if bias is not None:
+      bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    out_init = nn.initializers.zeros if self.zero_init_out else default_kernel_init
+    return nn.DenseGeneral(
+        x.shape[-1],
+        axis=(-2, -1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=axes.partitioned(out_init, axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
+        bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+        name="out",
+    )(out)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned per-head bias indexed by the clipped frame distance j - i.
+
+  Attributes:
+    num_heads: number of heads.
+    max_distance: distances beyond +-max_distance share the edge bucket (so any frame count works).
+    param_dtype: parameter dtype.
+  """
+
+  num_heads: int
+  max_distance: int = 32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, num_frames: int) -> Array:
+    """Returns a [1, heads, frames, frames] logits bias."""
+    table = self.param(
+        "table", axes.partitioned(nn.initializers.normal(0.02), axes.REL_POS, axes.HEADS),
+        (2 * self.max_distance + 1, self.num_heads), self.param_dtype)
+    pos = jnp.arange(num_frames)
+    rel = jnp.clip(pos[None, :] - pos[:, None], -self.max_distance, self.max_distance)
+    return jnp.transpose(table[rel + self.max_distance], (2, 0, 1))[None]
+
+
+class FeedForward(nn.Module):
+  """GELU MLP with a `mult`-times wider hidden layer."""
+
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    h = dense(c * self.mult, axes.CHANNELS_IN, axes.MLP, name="wi", dtype=self.dtype,
+              param_dtype=self.param_dtype)(x)
+    h = nn.gelu(h)
+    return dense(c, axes.MLP, axes.CHANNELS_OUT, name="wo", dtype=self.dtype,
+                 param_dtype=self.param_dtype)(h)
+
+
+class Pseudo3DAttention(nn.Module):
+  """Factorised space-time transformer block on [batch, frames, height, width, channels].
+
+  Per frame: spatial self-attention, optional cross-attention to conditioning tokens, feed-forward.
+  Then, in video mode, temporal self-attention over frames at every spatial position (zero-init
+  output, so the identity at initialisation).
+
+  Attributes:
+    num_heads: attention heads (all three attentions).
+    head_dim: features per head.
+    use_cross_attention: attend to `context` tokens (required at call time when True).
+    ff_mult: feed-forward expansion.
+    max_temporal_distance: clip of the temporal relative-position buckets.
+    image_mode: skip the temporal attention.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  num_heads: int
+  head_dim: int
+  use_cross_attention: bool = False
+  ff_mult: int = 4
+  max_temporal_distance: int = 32
+  image_mode: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    """Args: x [b, f, h, w, c]; context [b, s, d]; context_mask [b, s] (True = valid)."""
+    b, f, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, **kw)
+    tokens_axes = (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_CHANNELS)
+
+    t = axes.constrain(x.reshape(b * f, h * w, c), tokens_axes)
+    t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
+    if self.use_cross_attention:
+      if context is None:
+        raise ValueError("this attention block was built with use_cross_attention=True but got no "
+                         "context tokens; pass context=[batch, tokens, dim]")
+      ctx = jnp.repeat(context, f, axis=0)
+      ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
+      t = t + MultiHeadAttention(**attn, name="cross_attn")(
+          layer_norm("cross_norm", **kw)(t), ctx, ctx_mask)
+    t = t + FeedForward(self.ff_mult, **kw, name="ff")(layer_norm("ff_norm", **kw)(t))
+    x = t.reshape(b, f, h, w, c)
+    if self.image_mode:
+      return x
+
+    # Temporal attention: one sequence of f frames per (batch, y, x) position.
+    t = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, f, c)
+    t = axes.constrain(t, tokens_axes)
+    bias = RelativePositionBias(self.num_heads, self.max_temporal_distance,
+                                param_dtype=self.param_dtype, name="temporal_rel_pos")(f)
+    t = t + MultiHeadAttention(**attn, zero_init_out=True, name="temporal_attn")(
+        layer_norm("temporal_norm", **kw)(t), bias=bias)
+    return jnp.transpose(t.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))

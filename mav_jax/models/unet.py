@@ -1,0 +1,215 @@
+"""SpaceTimeUNet: the factorised space-time UNet every video stage of the cascade is built on.
+
+One set of weights serves images and videos. In video mode every conv is a pseudo-3D conv and every
+attention block ends with temporal attention; with `image_mode=True` those temporal layers are skipped
+and the frames of the [batch, frames, height, width, channels] input are independent images. Because
+the temporal layers are identity-initialised, a freshly initialised video model equals its image
+model frame by frame, and an image model's parameter tree loads into it unchanged
+(`mav_jax.models.inflate`).
+"""
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mav_jax.models import axes
+from mav_jax.models.attention import Pseudo3DAttention
+from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
+from mav_jax.models.conv import Downsample, Pseudo3DConv, Upsample
+from mav_jax.models.embeddings import EmbeddingMLP, sinusoidal_embedding
+from mav_jax.models.resblock import ResBlock
+
+# Diffusion time t in [0, 1] is scaled to [0, 1000] before the sinusoidal features.
+TIME_SCALE = 1000.0
+
+
+class SpaceTimeUNet(nn.Module):
+  """Pseudo-3D UNet over [batch, frames, height, width, channels] videos.
+
+  Attributes:
+    out_channels: channels of the prediction (3 for RGB eps / x0 / v).
+    channels: base width; level i has `channels * channel_mults[i]` channels.
+    channel_mults: width multiplier per resolution level (one 2x downsample between levels).
+    num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    attention_levels: indices of the levels that get pseudo-3D attention after each block.
+    mid_attention: put a pseudo-3D attention block in the middle.
+    head_dim: features per attention head (heads = level width // head_dim).
+    embed_dim: width of the conditioning embedding; default 4 * channels.
+    conditioning_scalars: names of scalar conditions, e.g. ("fps",) or ("frame_skip",) or
+      ("noise_aug",), each embedded sinusoidally and added (zero-initialised) to the time embedding.
+    use_global_embedding: condition on a global vector (e.g. a CLIP image embedding).
+    use_cross_attention: attention blocks cross-attend to `context` tokens.
+    extra_input_channels: channels concatenated to the input (masked frames + mask for frame
+      interpolation; an upsampled low-resolution video for super-resolution). They enter through a
+      zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
+    temporal_kernel_size: taps of every temporal conv.
+    max_temporal_distance: clip of the temporal attention's relative-position buckets.
+    dropout: dropout rate inside residual blocks.
+    remat: recompute each block's activations in the backward pass (`nn.remat`) to save memory.
+    dtype: compute dtype (e.g. bfloat16); the prediction is returned in float32.
+    param_dtype: parameter dtype (float32 to train in mixed precision).
+  """
+
+  out_channels: int = 3
+  channels: int = 64
+  channel_mults: tuple[int, ...] = (1, 2, 4)
+  num_res_blocks: int = 2
+  attention_levels: tuple[int, ...] = (2,)
+  mid_attention: bool = True
+  head_dim: int = 64
+  embed_dim: int | None = None
+  conditioning_scalars: tuple[str, ...] = ()
+  use_global_embedding: bool = False
+  use_cross_attention: bool = False
+  extra_input_channels: int = 0
+  temporal_kernel_size: int = 3
+  max_temporal_distance: int = 32
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _check_inputs(self, x, t, scalars, global_embedding, context, extra_inputs, image_mode):
+    if x.ndim != 5:
+      raise ValueError(f"SpaceTimeUNet takes [batch, frames, height, width, channels], got shape "
+                       f"{x.shape}; add a frames axis of 1 for images")
+    factor = 2 ** (len(self.channel_mults) - 1)
+    if x.shape[2] % factor or x.shape[3] % factor:
+      raise ValueError(f"height and width {x.shape[2:4]} must be divisible by {factor} "
+                       f"(2 ** (levels - 1) for channel_mults={self.channel_mults})")
+    if t.shape != (x.shape[0],):
+      raise ValueError(f"t must have shape [batch]={x.shape[:1]}, got {t.shape}")
+    unknown = set(scalars) - set(self.conditioning_scalars)
+    if unknown:
+      raise ValueError(f"unknown scalar conditions {sorted(unknown)}; this model was built with "
+                       f"conditioning_scalars={self.conditioning_scalars}")
+    missing = set(self.conditioning_scalars) - set(scalars)
+    if missing and not image_mode:
+      raise ValueError(f"missing scalar conditions {sorted(missing)} (video mode needs all of "
+                       f"{self.conditioning_scalars}); pass scalars={{name: [batch] array}}")
+    if self.use_global_embedding and global_embedding is None:
+      raise ValueError("model built with use_global_embedding=True needs global_embedding=[b, d]")
+    if not self.use_global_embedding and global_embedding is not None:
+      raise ValueError("got global_embedding but the model was built with use_global_embedding=False")
+    if self.use_cross_attention and context is None:
+      raise ValueError("model built with use_cross_attention=True needs context=[b, tokens, d]")
+    if self.extra_input_channels:
+      expected = x.shape[:4] + (self.extra_input_channels,)
+      if extra_inputs is None or extra_inputs.shape != expected:
+        got = None if extra_inputs is None else extra_inputs.shape
+        raise ValueError(f"extra_inputs must have shape {expected} "
+                         f"(extra_input_channels={self.extra_input_channels}), got {got}")
+    elif extra_inputs is not None:
+      raise ValueError("got extra_inputs but the model was built with extra_input_channels=0")
+
+  def _embedding(self, t, scalars, global_embedding) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    embed_dim = self.embed_dim or 4 * self.channels
+    emb = EmbeddingMLP(embed_dim, **kw, name="time_embed")(
+        sinusoidal_embedding(t * TIME_SCALE, self.channels))
+    for name in self.conditioning_scalars:
+      if name in scalars:
+        emb = emb + EmbeddingMLP(embed_dim, zero_init_out=True, **kw, name=f"{name}_embed")(
+            sinusoidal_embedding(scalars[name], self.channels))
+    if self.use_global_embedding:
+      emb = emb + EmbeddingMLP(embed_dim, in_axis=axes.CONTEXT, **kw, name="global_embed")(
+          global_embedding.astype(self.dtype))
+    return emb
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Array,
+      t: Array,
+      *,
+      scalars: Mapping[str, Array] | None = None,
+      global_embedding: Array | None = None,
+      context: Array | None = None,
+      context_mask: Array | None = None,
+      extra_inputs: Array | None = None,
+      image_mode: bool = False,
+      deterministic: bool = True,
+  ) -> Array:
+    """Predicts the diffusion target for noisy videos.
+
+    Args:
+      x: noisy input [b, f, h, w, c].
+      t: diffusion time in [0, 1], shape [b].
+      scalars: {name: [b]} values for `conditioning_scalars` in natural units (fps in frames per
+        second, frame skip in frames). Optional in image mode.
+      global_embedding: [b, d] conditioning vector (zeros are the null condition for guidance).
+      context: [b, s, d] tokens for cross-attention.
+      context_mask: [b, s] True where a context token is valid.
+      extra_inputs: [b, f, h, w, extra_input_channels] channels concatenated to the input.
+      image_mode: run as an image model (no temporal layers; frames are independent).
+      deterministic: disable dropout.
+
+    Returns:
+      [b, f, h, w, out_channels] float32 prediction.
+    """
+    scalars = dict(scalars or {})
+    self._check_inputs(x, t, scalars, global_embedding, context, extra_inputs, image_mode)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mode = dict(image_mode=image_mode, temporal_kernel_size=self.temporal_kernel_size, **kw)
+    res_cls = nn.remat(ResBlock) if self.remat else ResBlock
+    attn_cls = nn.remat(Pseudo3DAttention) if self.remat else Pseudo3DAttention
+
+    emb = self._embedding(t, scalars, global_embedding)
+
+    def res_block(h, features, name):
+      return res_cls(features, dropout=self.dropout, deterministic=deterministic, **mode,
+                     name=name)(h, emb)
+
+    def attention(h, name):
+      heads = max(1, h.shape[-1] // self.head_dim)
+      return attn_cls(heads, h.shape[-1] // heads, use_cross_attention=self.use_cross_attention,
+                      max_temporal_distance=self.max_temporal_distance, image_mode=image_mode,
+                      **kw, name=name)(h, context, context_mask)
+
+    x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
+    h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
+    if self.extra_input_channels:
+      h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
+          extra_inputs.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.channel_mults):
+      for i in range(self.num_res_blocks):
+        h = res_block(h, self.channels * mult, f"down_{level}_res_{i}")
+        if level in self.attention_levels:
+          h = attention(h, f"down_{level}_attn_{i}")
+        skips.append(h)
+      if level != len(self.channel_mults) - 1:
+        h = Downsample(h.shape[-1], **kw, name=f"down_{level}_downsample")(h)
+        skips.append(h)
+
+    mid_features = h.shape[-1]
+    h = res_block(h, mid_features, "mid_res_0")
+    if self.mid_attention:
+      h = attention(h, "mid_attn")
+    h = res_block(h, mid_features, "mid_res_1")
+
+    for level, mult in reversed(list(enumerate(self.channel_mults))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(h, self.channels * mult, f"up_{level}_res_{i}")
+        if level in self.attention_levels:
+          h = attention(h, f"up_{level}_attn_{i}")
+      if level != 0:
+        h = Upsample(h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
+
+    h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
+    out = Pseudo3DConv(self.out_channels, **mode, name="conv_out")(h)
+    return out.astype(jnp.float32)
+
+
+def unet_from_config(model_config) -> SpaceTimeUNet:
+  """Builds a SpaceTimeUNet from a config's `model` section (dtype names become jnp dtypes)."""
+  kwargs = dict(model_config)
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = jnp.dtype(kwargs[key])
+  for key in ("channel_mults", "attention_levels", "conditioning_scalars"):
+    if key in kwargs:
+      kwargs[key] = tuple(kwargs[key])
+  return SpaceTimeUNet(**kwargs)
