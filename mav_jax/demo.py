@@ -19,8 +19,11 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "decoder.py")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{_DEFAULT_CONFIG}:tiny", "Stage config, e.g. configs/decoder.py:tiny.")
-_OUTPUT = flags.DEFINE_string("output", "outputs/demo.gif", "Where to write the sample (.gif/.mp4).")
+  "config", f"{_DEFAULT_CONFIG}:tiny", "Stage config, e.g. configs/decoder.py:tiny."
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", "outputs/demo.gif", "Where to write the sample (.gif/.mp4)."
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it already exists.")
 
 
@@ -50,7 +53,9 @@ def run_demo(config, output: str, overwrite: bool = False) -> dict[str, Any]:
   video_io.check_output_path(output, overwrite)
   sheet_path = os.path.splitext(output)[0] + ".png"
   if os.path.exists(sheet_path) and not overwrite:
-    raise FileExistsError(f"{sheet_path} already exists; choose another --output or pass --overwrite")
+    raise FileExistsError(
+      f"{sheet_path} already exists; choose another --output or pass --overwrite"
+    )
 
   model = unet_from_config(config.model)
   schedule = schedule_from_config(config.diffusion)
@@ -61,21 +66,32 @@ def run_demo(config, output: str, overwrite: bool = False) -> dict[str, Any]:
   video_rng, emb_rng, fps_rng = jax.random.split(data_rng, 3)
   videos = jax.random.uniform(video_rng, shape, minval=-1.0, maxval=1.0)
   cond = {
-      "global_embedding": jax.random.normal(emb_rng, (b, d.embedding_dim)),
-      "fps": jax.random.uniform(fps_rng, (b,), minval=1.0, maxval=30.0),
+    "global_embedding": jax.random.normal(emb_rng, (b, d.embedding_dim)),
+    "fps": jax.random.uniform(fps_rng, (b,), minval=1.0, maxval=30.0),
   }
 
   def model_fn(params, z, t, c):
-    return model.apply({"params": params}, z, t, scalars={"fps": c["fps"]},
-                       global_embedding=c["global_embedding"])
+    return model.apply(
+      {"params": params}, z, t, scalars={"fps": c["fps"]}, global_embedding=c["global_embedding"]
+    )
 
   t0 = time.time()
-  variables = jax.jit(lambda r: model.init(r, videos, jnp.zeros((b,)), scalars={"fps": cond["fps"]},
-                                           global_embedding=cond["global_embedding"]))(init_rng)
+  variables = jax.jit(
+    lambda r: model.init(
+      r,
+      videos,
+      jnp.zeros((b,)),
+      scalars={"fps": cond["fps"]},
+      global_embedding=cond["global_embedding"],
+    )
+  )(init_rng)
   params = nn.unbox(variables)["params"]
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"[demo] SpaceTimeUNet ({config.variant}): {n_params:,} parameters, video {shape[1:]}, "
-        f"init {time.time() - t0:.1f}s", flush=True)
+  print(
+    f"[demo] SpaceTimeUNet ({config.variant}): {n_params:,} parameters, video {shape[1:]}, "
+    f"init {time.time() - t0:.1f}s",
+    flush=True,
+  )
 
   tx = optax.adamw(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay)
   opt_state = tx.init(params)
@@ -85,14 +101,23 @@ def run_demo(config, output: str, overwrite: bool = False) -> dict[str, Any]:
     step_rng = jax.random.fold_in(train_rng, step)
     drop_rng, loss_rng = jax.random.split(step_rng)
     # Only the embedding is dropped for guidance; fps always conditions the model.
-    c = dict(cond, global_embedding=diffusion.drop_conditioning(
-        drop_rng, cond["global_embedding"], config.diffusion.cond_dropout))
+    c = dict(
+      cond,
+      global_embedding=diffusion.drop_conditioning(
+        drop_rng, cond["global_embedding"], config.diffusion.cond_dropout
+      ),
+    )
 
     def loss_fn(p):
       loss, _ = diffusion.diffusion_loss(
-          lambda z, t: model_fn(p, z, t, c), videos, loss_rng, schedule,
-          target=config.diffusion.target, weighting=config.diffusion.weighting,
-          min_snr_gamma=config.diffusion.min_snr_gamma)
+        lambda z, t: model_fn(p, z, t, c),
+        videos,
+        loss_rng,
+        schedule,
+        target=config.diffusion.target,
+        weighting=config.diffusion.weighting,
+        min_snr_gamma=config.diffusion.min_snr_gamma,
+      )
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -105,10 +130,13 @@ def run_demo(config, output: str, overwrite: bool = False) -> dict[str, Any]:
     params, opt_state, loss = train_step(params, opt_state, step)
     losses.append(float(loss))
     if not np.isfinite(losses[-1]):
-      raise FloatingPointError(f"non-finite loss {losses[-1]} at step {step}; lower "
-                               f"--config.optimizer.learning_rate")
-    print(f"[demo] step {step + 1}/{config.demo_steps} loss {losses[-1]:.4f} "
-          f"({time.time() - t0:.2f}s)", flush=True)
+      raise FloatingPointError(
+        f"non-finite loss {losses[-1]} at step {step}; lower --config.optimizer.learning_rate"
+      )
+    print(
+      f"[demo] step {step + 1}/{config.demo_steps} loss {losses[-1]:.4f} ({time.time() - t0:.2f}s)",
+      flush=True,
+    )
 
   s = config.sampling
   one = jax.tree.map(lambda x: x[:1], cond)
@@ -117,16 +145,27 @@ def run_demo(config, output: str, overwrite: bool = False) -> dict[str, Any]:
 
   @jax.jit
   def draw(params, noise):
-    denoise = diffusion.guided_model(lambda z, t, c: model_fn(params, z, t, c), one, null,
-                                     s.guidance_scale)
-    return diffusion.sample(denoise, schedule, noise, jax.random.fold_in(sample_rng, 1),
-                            sampler=s.sampler, num_steps=s.num_steps, target=config.diffusion.target,
-                            eta=s.eta)
+    denoise = diffusion.guided_model(
+      lambda z, t, c: model_fn(params, z, t, c), one, null, s.guidance_scale
+    )
+    return diffusion.sample(
+      denoise,
+      schedule,
+      noise,
+      jax.random.fold_in(sample_rng, 1),
+      sampler=s.sampler,
+      num_steps=s.num_steps,
+      target=config.diffusion.target,
+      eta=s.eta,
+    )
 
   t0 = time.time()
   video = np.asarray(draw(params, noise))[0]
-  print(f"[demo] sampled {s.sampler} x{s.num_steps} steps, guidance {s.guidance_scale} "
-        f"({time.time() - t0:.1f}s)", flush=True)
+  print(
+    f"[demo] sampled {s.sampler} x{s.num_steps} steps, guidance {s.guidance_scale} "
+    f"({time.time() - t0:.1f}s)",
+    flush=True,
+  )
   frames = video_io.to_uint8(video)
   scale = max(1, 128 // d.resolution)
   video_io.write_video(output, frames, fps=s.fps, scale=scale)

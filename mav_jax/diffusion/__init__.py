@@ -7,6 +7,14 @@ from mav_jax.diffusion.samplers import gaussian_noise, sample
 from mav_jax.diffusion.schedules import NoiseSchedule, add_noise, resolution_shifted
 
 __all__ = [
-    "NoiseSchedule", "add_noise", "diffusion_loss", "drop_conditioning", "gaussian_noise", "guide",
-    "guided_model", "noise_augment", "resolution_shifted", "sample",
+  "NoiseSchedule",
+  "add_noise",
+  "diffusion_loss",
+  "drop_conditioning",
+  "gaussian_noise",
+  "guide",
+  "guided_model",
+  "noise_augment",
+  "resolution_shifted",
+  "sample",
 ]

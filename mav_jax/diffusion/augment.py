@@ -15,11 +15,11 @@ Array = jax.Array
 
 
 def noise_augment(
-    rng: jax.Array,
-    x: Array,
-    schedule: NoiseSchedule,
-    level: float | Array | None = None,
-    max_level: float = 0.5,
+  rng: jax.Array,
+  x: Array,
+  schedule: NoiseSchedule,
+  level: float | Array | None = None,
+  max_level: float = 0.5,
 ) -> tuple[Array, Array]:
   """Noises a conditioning input at diffusion time `level` (per example).
 

@@ -4,7 +4,8 @@ Conditioning is any pytree whose leaves have a leading batch axis (an embedding,
 ...). The null condition defaults to zeros: a zero CLIP embedding, as in DALL-E 2's decoder.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

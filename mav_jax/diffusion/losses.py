@@ -1,6 +1,6 @@
 """The denoising training loss shared by every diffusion stage."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +14,13 @@ PredictFn = Callable[[Array, Array], Array]
 
 
 def diffusion_loss(
-    predict_fn: PredictFn,
-    x0: Array,
-    rng: jax.Array,
-    schedule: NoiseSchedule,
-    target: str = "eps",
-    weighting: str = "plain",
-    min_snr_gamma: float = 5.0,
+  predict_fn: PredictFn,
+  x0: Array,
+  rng: jax.Array,
+  schedule: NoiseSchedule,
+  target: str = "eps",
+  weighting: str = "plain",
+  min_snr_gamma: float = 5.0,
 ) -> tuple[Array, dict[str, Array]]:
   """Noises x0 at uniform random times and regresses the model onto the `target` parameterisation.
 

@@ -7,7 +7,7 @@ and jit-friendly: jit the caller with `sampler`, `num_steps` and `target` static
 """
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,9 @@ DenoiseFn = Callable[[Array, Array], Array]
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
-def gaussian_noise(rng: jax.Array, shape: tuple[int, ...], share_across_frames: bool = False,
-                   frame_axis: int = 1) -> Array:
+def gaussian_noise(
+  rng: jax.Array, shape: tuple[int, ...], share_across_frames: bool = False, frame_axis: int = 1
+) -> Array:
   """Standard normal noise; with `share_across_frames` one draw is repeated along `frame_axis`.
 
   Sharing the noise makes every frame start (and stay, for stochastic steps) from the same draw, so
@@ -53,19 +54,19 @@ def _ddim_step(z, x0, eps, a_t, s_t, a_s, s_s, noise, is_last, eta):
 
 
 def sample(
-    denoise_fn: DenoiseFn,
-    schedule: NoiseSchedule,
-    noise: Array,
-    rng: jax.Array,
-    *,
-    sampler: str = "ddim",
-    num_steps: int = 50,
-    target: str = "eps",
-    eta: float = 0.0,
-    share_noise_across_frames: bool = False,
-    frame_axis: int = 1,
-    clip_x0: float | None = None,
-    spacing: str = "logsnr",
+  denoise_fn: DenoiseFn,
+  schedule: NoiseSchedule,
+  noise: Array,
+  rng: jax.Array,
+  *,
+  sampler: str = "ddim",
+  num_steps: int = 50,
+  target: str = "eps",
+  eta: float = 0.0,
+  share_noise_across_frames: bool = False,
+  frame_axis: int = 1,
+  clip_x0: float | None = None,
+  spacing: str = "logsnr",
 ) -> Array:
   """Integrates the reverse process from `noise` at t=1 to a sample at t=0.
 
@@ -118,8 +119,9 @@ def sample(
       d = jnp.where(first_order, x0, d2)
       z_next = (s_s / s_t) * z - a_s * jnp.expm1(-h) * d
     else:
-      step_noise = gaussian_noise(jax.random.fold_in(rng, i), z.shape, share_noise_across_frames,
-                                  frame_axis)
+      step_noise = gaussian_noise(
+        jax.random.fold_in(rng, i), z.shape, share_noise_across_frames, frame_axis
+      )
       step = _ddpm_step if sampler == "ddpm" else functools.partial(_ddim_step, eta=eta)
       z_next = step(z, x0, eps, a_t, s_t, a_s, s_s, step_noise, is_last)
     return z_next, x0

@@ -97,7 +97,9 @@ def alpha_sigma_from_logsnr(logsnr: Array) -> tuple[Array, Array]:
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
-def resolution_shifted(schedule: NoiseSchedule, resolution: int, base_resolution: int) -> NoiseSchedule:
+def resolution_shifted(
+  schedule: NoiseSchedule, resolution: int, base_resolution: int
+) -> NoiseSchedule:
   """The schedule for a stage at `resolution` whose noise levels should match `base_resolution`."""
   return dataclasses.replace(schedule, shift=schedule.shift * resolution / base_resolution)
 
@@ -115,4 +117,6 @@ def add_noise(schedule: NoiseSchedule, x: Array, noise: Array, t: Array) -> Arra
 
 def schedule_from_config(diffusion_config) -> NoiseSchedule:
   """The NoiseSchedule of a config's `diffusion` section (fields `schedule` and `shift`)."""
-  return NoiseSchedule(kind=diffusion_config.schedule, shift=float(diffusion_config.get("shift", 1.0)))
+  return NoiseSchedule(
+    kind=diffusion_config.schedule, shift=float(diffusion_config.get("shift", 1.0))
+  )

@@ -28,7 +28,9 @@ def target_from(x0: Array, eps: Array, alpha: Array, sigma: Array, target: str) 
   return alpha * eps - sigma * x0
 
 
-def to_x0_eps(pred: Array, z: Array, alpha: Array, sigma: Array, target: str) -> tuple[Array, Array]:
+def to_x0_eps(
+  pred: Array, z: Array, alpha: Array, sigma: Array, target: str
+) -> tuple[Array, Array]:
   """Converts a model prediction in parameterisation `target` to (x0_hat, eps_hat).
 
   alpha and sigma must broadcast against z. Dividing by alpha (eps target) or sigma (x0 target) is

@@ -33,21 +33,21 @@ class MultiHeadAttention(nn.Module):
 
   def _proj(self, in_axis: str, name: str) -> nn.DenseGeneral:
     return nn.DenseGeneral(
-        (self.num_heads, self.head_dim),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=axes.partitioned(default_kernel_init, in_axis, axes.HEADS, axes.HEAD_DIM),
-        bias_init=axes.partitioned(nn.initializers.zeros, axes.HEADS, axes.HEAD_DIM),
-        name=name,
+      (self.num_heads, self.head_dim),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=axes.partitioned(default_kernel_init, in_axis, axes.HEADS, axes.HEAD_DIM),
+      bias_init=axes.partitioned(nn.initializers.zeros, axes.HEADS, axes.HEAD_DIM),
+      name=name,
     )
 
   @nn.compact
   def __call__(
-      self,
-      x: Array,
-      context: Array | None = None,
-      context_mask: Array | None = None,
-      bias: Array | None = None,
+    self,
+    x: Array,
+    context: Array | None = None,
+    context_mask: Array | None = None,
+    bias: Array | None = None,
   ) -> Array:
     """Attends from `x` [n, t, c] to `context` [n, s, d] (to `x` itself when None).
 
@@ -70,13 +70,13 @@ class MultiHeadAttention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
     out_init = nn.initializers.zeros if self.zero_init_out else default_kernel_init
     return nn.DenseGeneral(
-        x.shape[-1],
-        axis=(-2, -1),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=axes.partitioned(out_init, axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
-        bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
-        name="out",
+      x.shape[-1],
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=axes.partitioned(out_init, axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
+      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+      name="out",
     )(out)
 
 
@@ -97,8 +97,11 @@ class RelativePositionBias(nn.Module):
   def __call__(self, num_frames: int) -> Array:
     """Returns a [1, heads, frames, frames] logits bias."""
     table = self.param(
-        "table", axes.partitioned(nn.initializers.normal(0.02), axes.REL_POS, axes.HEADS),
-        (2 * self.max_distance + 1, self.num_heads), self.param_dtype)
+      "table",
+      axes.partitioned(nn.initializers.normal(0.02), axes.REL_POS, axes.HEADS),
+      (2 * self.max_distance + 1, self.num_heads),
+      self.param_dtype,
+    )
     pos = jnp.arange(num_frames)
     rel = jnp.clip(pos[None, :] - pos[:, None], -self.max_distance, self.max_distance)
     return jnp.transpose(table[rel + self.max_distance], (2, 0, 1))[None]
@@ -114,11 +117,18 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    h = dense(c * self.mult, axes.CHANNELS_IN, axes.MLP, name="wi", dtype=self.dtype,
-              param_dtype=self.param_dtype)(x)
+    h = dense(
+      c * self.mult,
+      axes.CHANNELS_IN,
+      axes.MLP,
+      name="wi",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(x)
     h = nn.gelu(h)
-    return dense(c, axes.MLP, axes.CHANNELS_OUT, name="wo", dtype=self.dtype,
-                 param_dtype=self.param_dtype)(h)
+    return dense(
+      c, axes.MLP, axes.CHANNELS_OUT, name="wo", dtype=self.dtype, param_dtype=self.param_dtype
+    )(h)
 
 
 class Pseudo3DAttention(nn.Module):
@@ -149,8 +159,9 @@ class Pseudo3DAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, context: Array | None = None,
-               context_mask: Array | None = None) -> Array:
+  def __call__(
+    self, x: Array, context: Array | None = None, context_mask: Array | None = None
+  ) -> Array:
     """Args: x [b, f, h, w, c]; context [b, s, d]; context_mask [b, s] (True = valid)."""
     b, f, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -161,12 +172,15 @@ class Pseudo3DAttention(nn.Module):
     t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
     if self.use_cross_attention:
       if context is None:
-        raise ValueError("this attention block was built with use_cross_attention=True but got no "
-                         "context tokens; pass context=[batch, tokens, dim]")
+        raise ValueError(
+          "this attention block was built with use_cross_attention=True but got no "
+          "context tokens; pass context=[batch, tokens, dim]"
+        )
       ctx = jnp.repeat(context, f, axis=0)
       ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
       t = t + MultiHeadAttention(**attn, name="cross_attn")(
-          layer_norm("cross_norm", **kw)(t), ctx, ctx_mask)
+        layer_norm("cross_norm", **kw)(t), ctx, ctx_mask
+      )
     t = t + FeedForward(self.ff_mult, **kw, name="ff")(layer_norm("ff_norm", **kw)(t))
     x = t.reshape(b, f, h, w, c)
     if self.image_mode:
@@ -175,8 +189,13 @@ class Pseudo3DAttention(nn.Module):
     # Temporal attention: one sequence of f frames per (batch, y, x) position.
     t = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, f, c)
     t = axes.constrain(t, tokens_axes)
-    bias = RelativePositionBias(self.num_heads, self.max_temporal_distance,
-                                param_dtype=self.param_dtype, name="temporal_rel_pos")(f)
+    bias = RelativePositionBias(
+      self.num_heads,
+      self.max_temporal_distance,
+      param_dtype=self.param_dtype,
+      name="temporal_rel_pos",
+    )(f)
     t = t + MultiHeadAttention(**attn, zero_init_out=True, name="temporal_attn")(
-        layer_norm("temporal_norm", **kw)(t), bias=bias)
+      layer_norm("temporal_norm", **kw)(t), bias=bias
+    )
     return jnp.transpose(t.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))

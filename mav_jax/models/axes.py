@@ -19,7 +19,7 @@ Activation axes (used with `nn.with_logical_constraint`):
   [batch, frames, height, width, channels]; ACT_TOKENS for flattened token sequences.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -45,8 +45,18 @@ ACT_CHANNELS = "activation_channels"
 ACT_TOKENS = "activation_tokens"
 
 PARAM_AXES = (
-    CONV_T, CONV_H, CONV_W, CHANNELS_IN, CHANNELS_OUT, NORM, EMBED, CONTEXT, HEADS, HEAD_DIM, MLP,
-    REL_POS,
+  CONV_T,
+  CONV_H,
+  CONV_W,
+  CHANNELS_IN,
+  CHANNELS_OUT,
+  NORM,
+  EMBED,
+  CONTEXT,
+  HEADS,
+  HEAD_DIM,
+  MLP,
+  REL_POS,
 )
 ACTIVATION_AXES = (ACT_BATCH, ACT_FRAMES, ACT_HEIGHT, ACT_WIDTH, ACT_CHANNELS, ACT_TOKENS)
 

@@ -42,13 +42,13 @@ class FrameGroupNorm(nn.Module):
     """Normalises `x` of shape [..., height, width, channels] over each image's (h, w, group)."""
     lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
     y = nn.GroupNorm(
-        num_groups=num_groups_for(c, self.max_groups),
-        epsilon=1e-5,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        scale_init=axes.partitioned(nn.initializers.ones, axes.NORM),
-        bias_init=axes.partitioned(nn.initializers.zeros, axes.NORM),
-        name="norm",
+      num_groups=num_groups_for(c, self.max_groups),
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      scale_init=axes.partitioned(nn.initializers.ones, axes.NORM),
+      bias_init=axes.partitioned(nn.initializers.zeros, axes.NORM),
+      name="norm",
     )(x.reshape((-1, h, w, c)))
     return y.reshape(lead + (h, w, c))
 
@@ -56,58 +56,59 @@ class FrameGroupNorm(nn.Module):
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
   """A LayerNorm over the last axis whose scale and bias carry the NORM axis name."""
   return nn.LayerNorm(
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=axes.partitioned(nn.initializers.ones, axes.NORM),
-      bias_init=axes.partitioned(nn.initializers.zeros, axes.NORM),
-      name=name,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=axes.partitioned(nn.initializers.ones, axes.NORM),
+    bias_init=axes.partitioned(nn.initializers.zeros, axes.NORM),
+    name=name,
   )
 
 
 def dense(
-    features: int,
-    in_axis: str,
-    out_axis: str,
-    *,
-    name: str,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    zero_init: bool = False,
+  features: int,
+  in_axis: str,
+  out_axis: str,
+  *,
+  name: str,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  zero_init: bool = False,
 ) -> nn.Dense:
   """A Dense layer with logically named kernel (in_axis, out_axis) and bias (out_axis)."""
   init = nn.initializers.zeros if zero_init else default_kernel_init
   return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=axes.partitioned(init, in_axis, out_axis),
-      bias_init=axes.partitioned(nn.initializers.zeros, out_axis),
-      name=name,
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=axes.partitioned(init, in_axis, out_axis),
+    bias_init=axes.partitioned(nn.initializers.zeros, out_axis),
+    name=name,
   )
 
 
 def spatial_conv(
-    features: int,
-    *,
-    name: str,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    kernel_size: int = 3,
-    strides: int = 1,
-    zero_init: bool = False,
+  features: int,
+  *,
+  name: str,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  kernel_size: int = 3,
+  strides: int = 1,
+  zero_init: bool = False,
 ) -> nn.Conv:
   """A 2D convolution applied to every frame (leading axes are batch axes), 'SAME' padding."""
   init = nn.initializers.zeros if zero_init else default_kernel_init
   return nn.Conv(
-      features,
-      (kernel_size, kernel_size),
-      strides=(strides, strides),
-      padding="SAME",
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=axes.partitioned(init, axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN,
-                                   axes.CHANNELS_OUT),
-      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
-      name=name,
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding="SAME",
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=axes.partitioned(
+      init, axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT
+    ),
+    bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+    name=name,
   )

@@ -41,21 +41,26 @@ class TemporalConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.kernel_size % 2 != 1:
-      raise ValueError(f"temporal kernel_size must be odd to keep frames aligned, got "
-                       f"{self.kernel_size}")
+      raise ValueError(
+        f"temporal kernel_size must be odd to keep frames aligned, got {self.kernel_size}"
+      )
     c = x.shape[-1]
     kernel = self.param(
-        "kernel", axes.partitioned(dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
-        (self.kernel_size, c, c), self.param_dtype)
-    bias = self.param("bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,),
-                      self.param_dtype)
+      "kernel",
+      axes.partitioned(dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
+      (self.kernel_size, c, c),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
+    )
     x = x.astype(self.dtype)
     y = jax.lax.conv_general_dilated(
-        x,
-        kernel.astype(self.dtype)[:, None, None],
-        window_strides=(1, 1, 1),
-        padding="SAME",
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      x,
+      kernel.astype(self.dtype)[:, None, None],
+      window_strides=(1, 1, 1),
+      padding="SAME",
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
     )
     return y + bias.astype(self.dtype)
 
@@ -82,12 +87,21 @@ class Pseudo3DConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Maps [b, f, h, w, c_in] to [b, f, h, w, features]."""
-    y = spatial_conv(self.features, kernel_size=self.kernel_size, name="spatial", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(x)
+    y = spatial_conv(
+      self.features,
+      kernel_size=self.kernel_size,
+      name="spatial",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(x)
     if self.image_mode:
       return y
-    return TemporalConv(self.temporal_kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="temporal_conv")(y)
+    return TemporalConv(
+      self.temporal_kernel_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="temporal_conv",
+    )(y)
 
 
 class Downsample(nn.Module):
@@ -99,8 +113,9 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return spatial_conv(self.features, strides=2, name="conv", dtype=self.dtype,
-                        param_dtype=self.param_dtype)(x)
+    return spatial_conv(
+      self.features, strides=2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+    )(x)
 
 
 class Upsample(nn.Module):
@@ -113,5 +128,6 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
-    return spatial_conv(self.features, name="conv", dtype=self.dtype,
-                        param_dtype=self.param_dtype)(x)
+    return spatial_conv(self.features, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(
+      x
+    )

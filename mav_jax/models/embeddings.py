@@ -45,5 +45,6 @@ class EmbeddingMLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.features, self.in_axis, axes.EMBED, name="fc1", **kw)(x)
     h = nn.silu(h)
-    return dense(self.features, axes.EMBED, axes.EMBED, name="fc2", zero_init=self.zero_init_out,
-                 **kw)(h)
+    return dense(
+      self.features, axes.EMBED, axes.EMBED, name="fc2", zero_init=self.zero_init_out, **kw
+    )(h)

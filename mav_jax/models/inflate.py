@@ -41,10 +41,15 @@ def inflate_image_params(image_params: Params, video_params: Params) -> tuple[Pa
   video = traverse_util.flatten_dict(nn.unbox(video_params))
   extra = sorted("/".join(p) for p in image if p not in video)
   if extra:
-    raise ValueError(f"image parameters missing from the video model (do the configs match?): "
-                     f"{extra[:10]}{' ...' if len(extra) > 10 else ''}")
-  mismatched = [f"{'/'.join(p)}: image {image[p].shape} vs video {video[p].shape}"
-                for p in image if image[p].shape != video[p].shape]
+    raise ValueError(
+      f"image parameters missing from the video model (do the configs match?): "
+      f"{extra[:10]}{' ...' if len(extra) > 10 else ''}"
+    )
+  mismatched = [
+    f"{'/'.join(p)}: image {image[p].shape} vs video {video[p].shape}"
+    for p in image
+    if image[p].shape != video[p].shape
+  ]
   if mismatched:
     raise ValueError(f"parameter shapes differ between image and video model: {mismatched[:10]}")
   merged = {p: image.get(p, v).astype(v.dtype) for p, v in video.items()}

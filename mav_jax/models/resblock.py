@@ -36,12 +36,17 @@ class ResBlock(nn.Module):
   def __call__(self, x: Array, emb: Array) -> Array:
     """Args: x [b, f, h, w, c]; emb [b, e]. Returns [b, f, h, w, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = dict(features=self.features, temporal_kernel_size=self.temporal_kernel_size,
-                image_mode=self.image_mode, **kw)
+    conv = dict(
+      features=self.features,
+      temporal_kernel_size=self.temporal_kernel_size,
+      image_mode=self.image_mode,
+      **kw,
+    )
     h = nn.silu(FrameGroupNorm(**kw, name="norm1")(x))
     h = Pseudo3DConv(**conv, name="conv1")(h)
     scale_shift = dense(2 * self.features, axes.EMBED, axes.CHANNELS_OUT, name="emb_proj", **kw)(
-        nn.silu(emb))
+      nn.silu(emb)
+    )
     scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
     h = FrameGroupNorm(**kw, name="norm2")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)

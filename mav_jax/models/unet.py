@@ -8,7 +8,7 @@ model frame by frame, and an image model's parameter tree loads into it unchange
 (`mav_jax.models.inflate`).
 """
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -72,34 +72,46 @@ class SpaceTimeUNet(nn.Module):
 
   def _check_inputs(self, x, t, scalars, global_embedding, context, extra_inputs, image_mode):
     if x.ndim != 5:
-      raise ValueError(f"SpaceTimeUNet takes [batch, frames, height, width, channels], got shape "
-                       f"{x.shape}; add a frames axis of 1 for images")
+      raise ValueError(
+        f"SpaceTimeUNet takes [batch, frames, height, width, channels], got shape "
+        f"{x.shape}; add a frames axis of 1 for images"
+      )
     factor = 2 ** (len(self.channel_mults) - 1)
     if x.shape[2] % factor or x.shape[3] % factor:
-      raise ValueError(f"height and width {x.shape[2:4]} must be divisible by {factor} "
-                       f"(2 ** (levels - 1) for channel_mults={self.channel_mults})")
+      raise ValueError(
+        f"height and width {x.shape[2:4]} must be divisible by {factor} "
+        f"(2 ** (levels - 1) for channel_mults={self.channel_mults})"
+      )
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [batch]={x.shape[:1]}, got {t.shape}")
     unknown = set(scalars) - set(self.conditioning_scalars)
     if unknown:
-      raise ValueError(f"unknown scalar conditions {sorted(unknown)}; this model was built with "
-                       f"conditioning_scalars={self.conditioning_scalars}")
+      raise ValueError(
+        f"unknown scalar conditions {sorted(unknown)}; this model was built with "
+        f"conditioning_scalars={self.conditioning_scalars}"
+      )
     missing = set(self.conditioning_scalars) - set(scalars)
     if missing and not image_mode:
-      raise ValueError(f"missing scalar conditions {sorted(missing)} (video mode needs all of "
-                       f"{self.conditioning_scalars}); pass scalars={{name: [batch] array}}")
+      raise ValueError(
+        f"missing scalar conditions {sorted(missing)} (video mode needs all of "
+        f"{self.conditioning_scalars}); pass scalars={{name: [batch] array}}"
+      )
     if self.use_global_embedding and global_embedding is None:
       raise ValueError("model built with use_global_embedding=True needs global_embedding=[b, d]")
     if not self.use_global_embedding and global_embedding is not None:
-      raise ValueError("got global_embedding but the model was built with use_global_embedding=False")
+      raise ValueError(
+        "got global_embedding but the model was built with use_global_embedding=False"
+      )
     if self.use_cross_attention and context is None:
       raise ValueError("model built with use_cross_attention=True needs context=[b, tokens, d]")
     if self.extra_input_channels:
       expected = x.shape[:4] + (self.extra_input_channels,)
       if extra_inputs is None or extra_inputs.shape != expected:
         got = None if extra_inputs is None else extra_inputs.shape
-        raise ValueError(f"extra_inputs must have shape {expected} "
-                         f"(extra_input_channels={self.extra_input_channels}), got {got}")
+        raise ValueError(
+          f"extra_inputs must have shape {expected} "
+          f"(extra_input_channels={self.extra_input_channels}), got {got}"
+        )
     elif extra_inputs is not None:
       raise ValueError("got extra_inputs but the model was built with extra_input_channels=0")
 
@@ -107,29 +119,32 @@ class SpaceTimeUNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_dim = self.embed_dim or 4 * self.channels
     emb = EmbeddingMLP(embed_dim, **kw, name="time_embed")(
-        sinusoidal_embedding(t * TIME_SCALE, self.channels))
+      sinusoidal_embedding(t * TIME_SCALE, self.channels)
+    )
     for name in self.conditioning_scalars:
       if name in scalars:
         emb = emb + EmbeddingMLP(embed_dim, zero_init_out=True, **kw, name=f"{name}_embed")(
-            sinusoidal_embedding(scalars[name], self.channels))
+          sinusoidal_embedding(scalars[name], self.channels)
+        )
     if self.use_global_embedding:
       emb = emb + EmbeddingMLP(embed_dim, in_axis=axes.CONTEXT, **kw, name="global_embed")(
-          global_embedding.astype(self.dtype))
+        global_embedding.astype(self.dtype)
+      )
     return emb
 
   @nn.compact
   def __call__(
-      self,
-      x: Array,
-      t: Array,
-      *,
-      scalars: Mapping[str, Array] | None = None,
-      global_embedding: Array | None = None,
-      context: Array | None = None,
-      context_mask: Array | None = None,
-      extra_inputs: Array | None = None,
-      image_mode: bool = False,
-      deterministic: bool = True,
+    self,
+    x: Array,
+    t: Array,
+    *,
+    scalars: Mapping[str, Array] | None = None,
+    global_embedding: Array | None = None,
+    context: Array | None = None,
+    context_mask: Array | None = None,
+    extra_inputs: Array | None = None,
+    image_mode: bool = False,
+    deterministic: bool = True,
   ) -> Array:
     """Predicts the diffusion target for noisy videos.
 
@@ -158,20 +173,28 @@ class SpaceTimeUNet(nn.Module):
     emb = self._embedding(t, scalars, global_embedding)
 
     def res_block(h, features, name):
-      return res_cls(features, dropout=self.dropout, deterministic=deterministic, **mode,
-                     name=name)(h, emb)
+      return res_cls(
+        features, dropout=self.dropout, deterministic=deterministic, **mode, name=name
+      )(h, emb)
 
     def attention(h, name):
       heads = max(1, h.shape[-1] // self.head_dim)
-      return attn_cls(heads, h.shape[-1] // heads, use_cross_attention=self.use_cross_attention,
-                      max_temporal_distance=self.max_temporal_distance, image_mode=image_mode,
-                      **kw, name=name)(h, context, context_mask)
+      return attn_cls(
+        heads,
+        h.shape[-1] // heads,
+        use_cross_attention=self.use_cross_attention,
+        max_temporal_distance=self.max_temporal_distance,
+        image_mode=image_mode,
+        **kw,
+        name=name,
+      )(h, context, context_mask)
 
     x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
     h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
     if self.extra_input_channels:
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
-          extra_inputs.astype(self.dtype))
+        extra_inputs.astype(self.dtype)
+      )
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
       for i in range(self.num_res_blocks):

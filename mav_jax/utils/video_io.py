@@ -53,7 +53,9 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1)
     container.mux(stream.encode())
 
 
-def contact_sheet(frames: np.ndarray, path: str, scale: int = 1, columns: int | None = None) -> None:
+def contact_sheet(
+  frames: np.ndarray, path: str, scale: int = 1, columns: int | None = None
+) -> None:
   """Saves uint8 frames [f, h, w, 3] side by side (wrapping after `columns`) as one PNG."""
   frames = _upscale(np.asarray(frames, np.uint8), scale)
   f, h, w, c = frames.shape
@@ -62,6 +64,6 @@ def contact_sheet(frames: np.ndarray, path: str, scale: int = 1, columns: int | 
   sheet = np.zeros((rows * h, columns * w, c), np.uint8)
   for i, frame in enumerate(frames):
     r, col = divmod(i, columns)
-    sheet[r * h:(r + 1) * h, col * w:(col + 1) * w] = frame
+    sheet[r * h : (r + 1) * h, col * w : (col + 1) * w] = frame
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(sheet).save(path)

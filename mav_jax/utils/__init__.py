@@ -1,0 +1,1 @@
+"""Utilities that are not part of the model or the diffusion maths (file I/O)."""

@@ -1,0 +1,15 @@
+"""Test set-up: 8 fake CPU devices (set before JAX is imported anywhere) and shared helpers."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+# Tests compare float32 results with tight tolerances; keep matmuls exact on every backend.
+jax.config.update("jax_default_matmul_precision", "highest")
+# Tiny models: XLA's compile time dominates the suite, and its optimisations buy little at these sizes.
+jax.config.update("jax_disable_most_optimizations", True)

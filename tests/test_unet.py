@@ -1,0 +1,294 @@
+"""Properties of the factorised space-time UNet (not just shapes)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mav_jax.models import SpaceTimeUNet, axes, inflate_image_params, is_temporal
+
+B, F, H, W = 2, 3, 8, 8
+EMB, CTX_LEN, CTX_DIM = 6, 5, 12
+
+
+def _make_test_model(**overrides) -> SpaceTimeUNet:
+  """A tiny UNet with every conditioning path on; override any attribute."""
+  kwargs = dict(
+    channels=16,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    head_dim=8,
+    conditioning_scalars=("fps",),
+    use_global_embedding=True,
+    use_cross_attention=True,
+  )
+  kwargs.update(overrides)
+  return SpaceTimeUNet(**kwargs)
+
+
+def _inputs(seed: int = 0, frames: int = F):
+  k = jax.random.split(jax.random.key(seed), 5)
+  return dict(
+    x=jax.random.normal(k[0], (B, frames, H, W, 3)),
+    t=jax.random.uniform(k[1], (B,)),
+    fps=jax.random.uniform(k[2], (B,), minval=1.0, maxval=30.0),
+    emb=jax.random.normal(k[3], (B, EMB)),
+    ctx=jax.random.normal(k[4], (B, CTX_LEN, CTX_DIM)),
+    ctx_mask=jnp.array([[True] * CTX_LEN, [True, True, False, False, False]]),
+  )
+
+
+def _init(model, inp, image_mode=False, seed=42):
+  scalars = {} if image_mode else {"fps": inp["fps"]}
+  return jax.jit(
+    lambda r: model.init(
+      r,
+      inp["x"],
+      inp["t"],
+      scalars=scalars,
+      global_embedding=inp["emb"],
+      context=inp["ctx"],
+      context_mask=inp["ctx_mask"],
+      image_mode=image_mode,
+    )
+  )(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(model, params, inp, image_mode=False):
+  scalars = {} if image_mode else {"fps": inp["fps"]}
+  return model.apply(
+    {"params": params},
+    inp["x"],
+    inp["t"],
+    scalars=scalars,
+    global_embedding=inp["emb"],
+    context=inp["ctx"],
+    context_mask=inp["ctx_mask"],
+    image_mode=image_mode,
+  )
+
+
+def _per_frame_image_model(model, params, inp):
+  """The image model applied to every frame as a separate example: [B, F, ...] -> [B*F, 1, ...]."""
+  b, f = inp["x"].shape[:2]
+  rep = lambda a: jnp.repeat(a, f, axis=0)  # noqa: E731
+  frames = dict(
+    x=inp["x"].reshape((b * f, 1) + inp["x"].shape[2:]),
+    t=rep(inp["t"]),
+    fps=rep(inp["fps"]),
+    emb=rep(inp["emb"]),
+    ctx=rep(inp["ctx"]),
+    ctx_mask=rep(inp["ctx_mask"]),
+  )
+  return _apply(model, params, frames, True).reshape(inp["x"].shape)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _make_test_model()
+
+
+@pytest.fixture(scope="module")
+def inp():
+  return _inputs()
+
+
+@pytest.fixture(scope="module")
+def video_params(model, inp):
+  return nn.unbox(_init(model, inp))["params"]
+
+
+def _perturb_temporal(params, scale=0.3, seed=7):
+  flat = traverse_util.flatten_dict(params)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  out = {
+    p: v + scale * jax.random.normal(k, v.shape, v.dtype) if is_temporal(p) else v
+    for (p, v), k in zip(flat.items(), keys, strict=True)
+  }
+  return traverse_util.unflatten_dict(out)
+
+
+def test_video_model_at_init_equals_image_model_per_frame(model, inp, video_params):
+  video_out = _apply(model, video_params, inp)
+  image_out = _per_frame_image_model(model, video_params, inp)
+  assert video_out.shape == (B, F, H, W, 3)
+  assert float(jnp.std(video_out)) > 1e-2, "a constant output would make this test vacuous"
+  np.testing.assert_allclose(video_out, image_out, atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_parameters_exist_and_start_as_identity(video_params):
+  flat = traverse_util.flatten_dict(video_params)
+  temporal = [p for p in flat if is_temporal(p)]
+  kinds = {p[-2] for p in temporal}
+  assert {"temporal_conv", "temporal_attn", "temporal_norm", "temporal_rel_pos"} <= kinds | {
+    p[-3] for p in temporal
+  }
+  for p in temporal:
+    if p[-2] == "temporal_conv" and p[-1] == "kernel":
+      taps, c_in, c_out = flat[p].shape
+      expected = np.zeros((taps, c_in, c_out)).astype(np.float32)
+      expected[taps // 2] = np.eye(c_in)
+      np.testing.assert_array_equal(flat[p], expected)
+    if p[-3:-1] == ("temporal_attn", "out"):
+      np.testing.assert_array_equal(flat[p], 0.0)
+
+
+def test_perturbed_temporal_layers_mix_frames_and_image_mode_does_not(model, inp, video_params):
+  params = _perturb_temporal(video_params)
+  changed = dict(inp, x=inp["x"].at[:, 0].add(1.0))  # change frame 0 only
+  video_delta = jnp.abs(_apply(model, params, changed) - _apply(model, params, inp))
+  image_delta = jnp.abs(_apply(model, params, changed, True) - _apply(model, params, inp, True))
+  # Video mode: frames 1.. react to a change of frame 0.
+  assert float(video_delta[:, 1:].max()) > 1e-3
+  # Image mode: only frame 0 changes, the temporal parameters are not used at all.
+  assert float(image_delta[:, 0].max()) > 1e-3
+  np.testing.assert_array_equal(image_delta[:, 1:], 0.0)
+  np.testing.assert_allclose(
+    _apply(model, params, inp, True), _per_frame_image_model(model, video_params, inp), atol=1e-5
+  )
+  # ... and the perturbed video model is no longer the per-frame image model.
+  assert float(jnp.abs(_apply(model, params, inp) - _apply(model, params, inp, True)).max()) > 1e-3
+
+
+def test_image_model_parameters_load_into_video_model(inp):
+  image_model = _make_test_model(conditioning_scalars=())  # an image model has no fps condition
+  video_model = _make_test_model()
+  image_params = nn.unbox(_init(image_model, inp, image_mode=True, seed=1))["params"]
+  fresh_video = nn.unbox(_init(video_model, inp))["params"]
+  params, new_paths = inflate_image_params(image_params, fresh_video)
+  assert new_paths, "the video model must add temporal layers"
+  assert all(is_temporal(p) or p[0] == "fps_embed" for p in new_paths), new_paths
+  video_out = _apply(video_model, params, inp)
+  image_out = _per_frame_image_model(image_model, image_params, inp)
+  np.testing.assert_allclose(video_out, image_out, atol=1e-5, rtol=1e-5)
+  # And the loaded weights really are the image model's, not the fresh video init.
+  assert float(jnp.abs(video_out - _apply(video_model, fresh_video, inp)).max()) > 1e-3
+
+
+def _abstract_params(model, inp, image_mode=False):
+  """Parameter shapes and dtypes only (jax.eval_shape: nothing is compiled or allocated)."""
+  return nn.unbox(jax.eval_shape(lambda: _init(model, inp, image_mode)))["params"]
+
+
+def test_inflate_rejects_mismatched_configs(inp):
+  small = _abstract_params(_make_test_model(conditioning_scalars=()), inp, True)
+  wide = _abstract_params(_make_test_model(channels=32, head_dim=16), inp)
+  with pytest.raises(ValueError, match="shapes differ"):
+    inflate_image_params(small, wide)
+  no_global = _abstract_params(_make_test_model(use_global_embedding=False), dict(inp, emb=None))
+  with pytest.raises(ValueError, match="missing from the video model"):
+    inflate_image_params(small, no_global)
+
+
+def test_parameters_keep_param_dtype_while_compute_runs_in_bf16(inp):
+  model = _make_test_model(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  params = _abstract_params(model, inp)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  out, state = jax.eval_shape(
+    lambda p: model.apply(
+      {"params": p},
+      inp["x"],
+      inp["t"],
+      scalars={"fps": inp["fps"]},
+      global_embedding=inp["emb"],
+      context=inp["ctx"],
+      context_mask=inp["ctx_mask"],
+      capture_intermediates=True,
+    ),
+    params,
+  )
+  assert out.dtype == jnp.float32
+  inter = traverse_util.flatten_dict(state["intermediates"])
+  # Every block's output (convs, attention, residual blocks) is computed in bfloat16.
+  blocks = {
+    p: v[0]
+    for p, v in inter.items()
+    if p[-1] == "__call__" and len(p) == 2 and p[0] != "time_embed"
+  }
+  assert len(blocks) > 10 and all(v.dtype == jnp.bfloat16 for v in blocks.values()), {
+    p: v.dtype for p, v in blocks.items()
+  }
+  bf16_params = _abstract_params(
+    _make_test_model(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), inp
+  )
+  assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_every_parameter_carries_logical_axis_names(model, inp):
+  variables = jax.eval_shape(lambda: _init(model, inp))
+  boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert boxed
+  for leaf in boxed:
+    assert isinstance(leaf, nn.Partitioned), f"unnamed parameter of shape {leaf.shape}"
+    assert len(leaf.names) == leaf.value.ndim
+    assert set(leaf.names) <= set(axes.PARAM_AXES), leaf.names
+  specs = nn.get_partition_spec(variables)
+  assert all(
+    isinstance(s, jax.sharding.PartitionSpec)
+    for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  )
+
+
+def test_remat_gives_the_same_outputs_and_gradients(inp):
+  # One level with a residual block and the middle attention: both kinds of remat-wrapped block.
+  small = dict(channel_mults=(1,), attention_levels=())
+  plain, remat = _make_test_model(**small), _make_test_model(remat=True, **small)
+  params = nn.unbox(_init(plain, inp))["params"]
+
+  def loss(model, p):
+    return jnp.mean(_apply(model, p, inp) ** 2)
+
+  g_plain = jax.jit(jax.grad(functools.partial(loss, plain)))(params)
+  g_remat = jax.jit(jax.grad(functools.partial(loss, remat)))(params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_plain, g_remat
+  )
+
+
+def test_extra_input_channels_start_as_the_base_model(inp):
+  base = _make_test_model(use_cross_attention=False, use_global_embedding=False)
+  extra = _make_test_model(
+    use_cross_attention=False, use_global_embedding=False, extra_input_channels=4
+  )
+  masked = jnp.concatenate([inp["x"] * 0.5, jnp.ones((B, F, H, W, 1))], axis=-1)
+  run = lambda m, v, **kw: m.apply(v, inp["x"], inp["t"], scalars={"fps": inp["fps"]}, **kw)  # noqa
+  v_extra = jax.jit(
+    lambda r: extra.init(r, inp["x"], inp["t"], scalars={"fps": inp["fps"]}, extra_inputs=masked)
+  )(jax.random.key(0))
+  v_base = {"params": {k: v for k, v in v_extra["params"].items() if k != "conv_in_extra"}}
+  np.testing.assert_allclose(
+    jax.jit(lambda v: run(extra, v, extra_inputs=masked))(v_extra),
+    jax.jit(lambda v: run(base, v))(v_base),
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize(
+  "bad, match",
+  [
+    (dict(x=jnp.zeros((B, H, W, 3))), "frames, height, width"),
+    (dict(x=jnp.zeros((B, F, 9, 9, 3))), "divisible by 2"),
+    (dict(fps=None), "missing scalar conditions"),
+    (dict(emb=None), "needs global_embedding"),
+    (dict(ctx=None), "needs context"),
+  ],
+)
+def test_bad_inputs_raise_clear_errors(model, video_params, inp, bad, match):
+  args = dict(inp, **bad)
+  scalars = {} if args["fps"] is None else {"fps": args["fps"]}
+  with pytest.raises(ValueError, match=match):
+    model.apply(
+      {"params": video_params},
+      args["x"],
+      args["t"],
+      scalars=scalars,
+      global_embedding=args["emb"],
+      context=args["ctx"],
+      context_mask=args["ctx_mask"],
+    )
