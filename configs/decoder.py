@@ -54,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_dim = 64
   # Scalar conditions; D^t is conditioned on the clip's frame rate.
   config.model.conditioning_scalars = ("fps",)
+  # Multiplier of each scalar before its sinusoidal features (1: fps in frames per second).
+  config.model.conditioning_scalar_scales = (1.0,)
   # Condition on a global embedding vector (the CLIP image embedding).
   config.model.use_global_embedding = True
   # Cross-attention to context tokens (off: D^t sees text only through the embedding).
@@ -66,6 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   # Rematerialise block activations in the backward pass.
   config.model.remat = False
+  # jax.checkpoint_policies name: what remat may keep instead of recomputing.
+  config.model.remat_policy = "nothing_saveable"
   # Compute dtype.
   config.model.dtype = "bfloat16"
   # Parameter dtype.

@@ -35,7 +35,9 @@ def gaussian_denoiser(schedule: NoiseSchedule, target: str):
   return fn
 
 
-def _draw(sampler, steps, target="eps", kind="cosine", eta=0.0, seed=2, noise_seed=1):
+def _draw(
+  sampler, steps, target="eps", kind="cosine", eta=0.0, seed=2, noise_seed=1, spacing="logsnr"
+):
   schedule = NoiseSchedule(kind)
   run = jax.jit(
     functools.partial(
@@ -46,6 +48,7 @@ def _draw(sampler, steps, target="eps", kind="cosine", eta=0.0, seed=2, noise_se
       num_steps=steps,
       target=target,
       eta=eta,
+      spacing=spacing,
     )
   )
   return run(jax.random.normal(jax.random.key(noise_seed), (N, 4)), jax.random.key(seed))
@@ -59,6 +62,29 @@ def test_sampler_with_the_exact_denoiser_reproduces_gaussian_data(sampler, steps
   assert bool(jnp.all(jnp.isfinite(x)))
   np.testing.assert_array_less(jnp.abs(x.mean(0) - MU), 5 * STD / np.sqrt(N))
   np.testing.assert_allclose(x.std(0) / STD, 1.0, atol=0.04)
+
+
+@pytest.mark.parametrize("steps, spacing, tol", [(10, "logsnr", 0.05), (100, "time", 0.04)])
+def test_dpm_solver_on_short_runs_and_uneven_steps(steps, spacing, tol):
+  """Few steps (first-order last step) and a grid uniform in t (step ratios r != 1)."""
+  x = _draw("dpm++2m", steps, "v", spacing=spacing)
+  np.testing.assert_array_less(jnp.abs(x.mean(0) - MU), 5 * STD / np.sqrt(N))
+  np.testing.assert_allclose(x.std(0) / STD, 1.0, atol=tol)
+
+
+def test_sampler_accepts_bfloat16_noise():
+  schedule = NoiseSchedule()
+  noise = jax.random.normal(jax.random.key(0), (8, 4), jnp.bfloat16)
+  for sampler in ("ddpm", "ddim", "dpm++2m"):
+    out = diffusion.sample(
+      gaussian_denoiser(schedule, "eps"),
+      schedule,
+      noise,
+      jax.random.key(1),
+      sampler=sampler,
+      num_steps=4,
+    )
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_ddim_error_shrinks_with_more_steps():

@@ -220,6 +220,16 @@ def test_parameters_keep_param_dtype_while_compute_runs_in_bf16(inp):
   assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+# Strategy tables of the kind the trainer keeps in its config: logical name -> mesh axis.
+_RULES = {
+  "data_parallel": [],
+  "fsdp": [(axes.CHANNELS_IN, "fsdp"), (axes.EMBED, "fsdp"), (axes.CONTEXT, "fsdp")],
+  "tensor": [(axes.HEADS, "tensor"), (axes.MLP, "tensor"), (axes.CHANNELS_OUT, "tensor")],
+}
+# Tensor first; then FSDP, with channels_out falling back to fsdp where tensor is already used.
+_RULES["fsdp_tensor"] = _RULES["tensor"] + _RULES["fsdp"] + [(axes.CHANNELS_OUT, "fsdp")]
+
+
 def test_every_parameter_carries_logical_axis_names(model, inp):
   variables = jax.eval_shape(lambda: _init(model, inp))
   boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -228,11 +238,26 @@ def test_every_parameter_carries_logical_axis_names(model, inp):
     assert isinstance(leaf, nn.Partitioned), f"unnamed parameter of shape {leaf.shape}"
     assert len(leaf.names) == leaf.value.ndim
     assert set(leaf.names) <= set(axes.PARAM_AXES), leaf.names
-  specs = nn.get_partition_spec(variables)
-  assert all(
-    isinstance(s, jax.sharding.PartitionSpec)
-    for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
-  )
+    assert len(set(leaf.names)) == len(leaf.names), f"repeated axis name: {leaf.names}"
+
+
+@pytest.mark.parametrize("strategy", sorted(_RULES))
+def test_logical_names_map_onto_an_8_device_mesh(model, inp, strategy):
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  variables = jax.eval_shape(lambda: _init(model, inp))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, _RULES[strategy])
+  flat = traverse_util.flatten_dict(shardings["params"])
+  query = flat[("mid_attn", "spatial_attn", "query", "kernel")].spec
+  ff_out = flat[("mid_attn", "ff", "wo", "kernel")].spec
+  if strategy == "data_parallel":
+    assert all(all(a is None for a in s.spec) for s in flat.values())
+  if "tensor" in strategy:
+    assert query[1] == "tensor"  # heads split over the tensor axis
+    assert ff_out == jax.sharding.PartitionSpec(
+      "tensor", "fsdp" if strategy == "fsdp_tensor" else None
+    )  # hidden split over tensor (the first rule wins over channels_out)
+  if strategy == "fsdp":
+    assert query[0] == "fsdp"
 
 
 def test_remat_gives_the_same_outputs_and_gradients(inp):
@@ -244,6 +269,8 @@ def test_remat_gives_the_same_outputs_and_gradients(inp):
   def loss(model, p):
     return jnp.mean(_apply(model, p, inp) ** 2)
 
+  assert "remat" in str(jax.make_jaxpr(jax.grad(functools.partial(loss, remat)))(params))
+  assert "remat" not in str(jax.make_jaxpr(jax.grad(functools.partial(loss, plain)))(params))
   g_plain = jax.jit(jax.grad(functools.partial(loss, plain)))(params)
   g_remat = jax.jit(jax.grad(functools.partial(loss, remat)))(params)
   jax.tree.map(
@@ -292,3 +319,11 @@ def test_bad_inputs_raise_clear_errors(model, video_params, inp, bad, match):
       context=args["ctx"],
       context_mask=args["ctx_mask"],
     )
+
+
+def test_scalar_scales_must_match_the_scalars_and_change_the_embedding(inp):
+  bad = _make_test_model(conditioning_scalar_scales=(1.0, 1000.0))
+  with pytest.raises(ValueError, match="one scale per"):
+    _abstract_params(bad, inp)
+  with pytest.raises(ValueError, match="unknown remat_policy"):
+    _abstract_params(_make_test_model(remat=True, remat_policy="save_all"), inp)

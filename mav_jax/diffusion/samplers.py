@@ -94,8 +94,6 @@ def sample(
   b = noise.shape[0]
   ts = schedule.time_grid(num_steps, spacing)
   expand = lambda a: jnp.reshape(a, (1,) * noise.ndim)  # noqa: E731
-  # DPM-Solver++ is first order on the first step and, for short runs, on the last (as in its paper).
-  lower_order_final = num_steps < 15
 
   def body(i, carry):
     z, x0_prev = carry
@@ -115,7 +113,9 @@ def sample(
       a_p, s_p = map(expand, schedule.alpha_sigma(t_prev))
       r = jnp.where(i == 0, 1.0, (lam(a_t, s_t) - lam(a_p, s_p)) / h)
       d2 = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-      first_order = (i == 0) | (is_last & lower_order_final)
+      # First order on the first step (no history) and on the last: the step into t=0 is the
+      # largest in log-SNR, and extrapolating the history over it amplifies its error.
+      first_order = (i == 0) | is_last
       d = jnp.where(first_order, x0, d2)
       z_next = (s_s / s_t) * z - a_s * jnp.expm1(-h) * d
     else:
@@ -126,5 +126,7 @@ def sample(
       z_next = step(z, x0, eps, a_t, s_t, a_s, s_s, step_noise, is_last)
     return z_next, x0
 
-  z, _ = jax.lax.fori_loop(0, num_steps, body, (noise.astype(jnp.float32), jnp.zeros_like(noise)))
+  z, _ = jax.lax.fori_loop(
+    0, num_steps, body, (noise.astype(jnp.float32), jnp.zeros(noise.shape, jnp.float32))
+  )
   return z

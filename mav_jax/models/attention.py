@@ -65,8 +65,6 @@ class MultiHeadAttention(nn.Module):
     k = self._proj(kv_axis, "key")(kv_source)
     v = self._proj(kv_axis, "value")(kv_source)
     mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
-    if bias is not None:
-      bias = bias.astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
     out_init = nn.initializers.zeros if self.zero_init_out else default_kernel_init
     return nn.DenseGeneral(
@@ -188,7 +186,7 @@ class Pseudo3DAttention(nn.Module):
 
     # Temporal attention: one sequence of f frames per (batch, y, x) position.
     t = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, f, c)
-    t = axes.constrain(t, tokens_axes)
+    t = axes.constrain(t, (axes.ACT_BATCH, axes.ACT_FRAMES, axes.ACT_CHANNELS))
     bias = RelativePositionBias(
       self.num_heads,
       self.max_temporal_distance,

@@ -9,14 +9,20 @@ Parameter axes:
   CHANNELS_IN, CHANNELS_OUT: input and output feature axes of trunk convolutions and projections.
   NORM: the channel axis of a normalisation scale or bias.
   EMBED: width of the conditioning embedding (time, fps, global embedding).
+  EMBED_IN: sinusoidal features that an embedding MLP reads.
   CONTEXT: feature width of cross-attention context tokens (e.g. text encoder width).
   HEADS, HEAD_DIM: attention heads and per-head features.
   MLP: hidden features of feed-forward blocks.
   REL_POS: buckets of the temporal relative-position bias.
 
+A parameter never repeats a name (Flax would reject the partition spec), so an axis that is
+mapped to a mesh axis by a strategy is split on exactly one dimension of each parameter. When two
+names of one parameter map to the same mesh axis, the rule listed first wins (Flax's rule order).
+
 Activation axes (used with `nn.with_logical_constraint`):
   ACT_BATCH, ACT_FRAMES, ACT_HEIGHT, ACT_WIDTH, ACT_CHANNELS for video tensors
-  [batch, frames, height, width, channels]; ACT_TOKENS for flattened token sequences.
+  [batch, frames, height, width, channels]; ACT_TOKENS for a frame's flattened H*W tokens (temporal
+  sequences use ACT_FRAMES).
 """
 
 from collections.abc import Callable
@@ -31,6 +37,7 @@ CHANNELS_IN = "channels_in"
 CHANNELS_OUT = "channels_out"
 NORM = "norm"
 EMBED = "embed"
+EMBED_IN = "embed_in"
 CONTEXT = "context"
 HEADS = "heads"
 HEAD_DIM = "head_dim"
@@ -52,6 +59,7 @@ PARAM_AXES = (
   CHANNELS_OUT,
   NORM,
   EMBED,
+  EMBED_IN,
   CONTEXT,
   HEADS,
   HEAD_DIM,

@@ -23,7 +23,7 @@ def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Ar
 
 
 class EmbeddingMLP(nn.Module):
-  """Two-layer SiLU MLP into the conditioning embedding width.
+  """Two-layer SiLU MLP into the conditioning embedding width (hidden axis MLP, output EMBED).
 
   Attributes:
     features: output width (the UNet's embedding width).
@@ -35,7 +35,7 @@ class EmbeddingMLP(nn.Module):
   """
 
   features: int
-  in_axis: str = axes.EMBED
+  in_axis: str = axes.EMBED_IN
   zero_init_out: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -43,8 +43,8 @@ class EmbeddingMLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.features, self.in_axis, axes.EMBED, name="fc1", **kw)(x)
+    h = dense(self.features, self.in_axis, axes.MLP, name="fc1", **kw)(x)
     h = nn.silu(h)
     return dense(
-      self.features, axes.EMBED, axes.EMBED, name="fc2", zero_init=self.zero_init_out, **kw
+      self.features, axes.MLP, axes.EMBED, name="fc2", zero_init=self.zero_init_out, **kw
     )(h)

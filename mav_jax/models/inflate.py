@@ -31,7 +31,9 @@ def inflate_image_params(image_params: Params, video_params: Params) -> tuple[Pa
 
   Returns:
     (params, new_paths): the video tree (plain arrays) with every image parameter copied in, and the
-    sorted paths that the image model did not have (to train, or to freeze the others).
+    sorted paths that the image model did not have (to train, or to freeze the others). The result
+    is placed like its inputs; a sharded trainer runs this inside `jax.jit` with the video model's
+    `out_shardings` (from `jax.eval_shape` of its init) so no host holds the whole model.
 
   Raises:
     ValueError: if the image tree has parameters the video model lacks, or shapes disagree; the

@@ -11,6 +11,7 @@ model frame by frame, and an image model's parameter tree loads into it unchange
 from collections.abc import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mav_jax.models import axes
@@ -38,6 +39,9 @@ class SpaceTimeUNet(nn.Module):
     embed_dim: width of the conditioning embedding; default 4 * channels.
     conditioning_scalars: names of scalar conditions, e.g. ("fps",) or ("frame_skip",) or
       ("noise_aug",), each embedded sinusoidally and added (zero-initialised) to the time embedding.
+    conditioning_scalar_scales: a multiplier per scalar applied before its sinusoidal features, so
+      that its useful range spans many periods: 1 for fps or frame skips (natural units), 1000 for
+      a level in [0, 1] such as a noise-augmentation time (as for t). Empty: all 1.
     use_global_embedding: condition on a global vector (e.g. a CLIP image embedding).
     use_cross_attention: attention blocks cross-attend to `context` tokens.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
@@ -47,6 +51,8 @@ class SpaceTimeUNet(nn.Module):
     max_temporal_distance: clip of the temporal attention's relative-position buckets.
     dropout: dropout rate inside residual blocks.
     remat: recompute each block's activations in the backward pass (`nn.remat`) to save memory.
+    remat_policy: name of a `jax.checkpoint_policies` policy deciding what remat may keep
+      (e.g. "nothing_saveable", "dots_with_no_batch_dims_saveable").
     dtype: compute dtype (e.g. bfloat16); the prediction is returned in float32.
     param_dtype: parameter dtype (float32 to train in mixed precision).
   """
@@ -60,6 +66,7 @@ class SpaceTimeUNet(nn.Module):
   head_dim: int = 64
   embed_dim: int | None = None
   conditioning_scalars: tuple[str, ...] = ()
+  conditioning_scalar_scales: tuple[float, ...] = ()
   use_global_embedding: bool = False
   use_cross_attention: bool = False
   extra_input_channels: int = 0
@@ -67,6 +74,7 @@ class SpaceTimeUNet(nn.Module):
   max_temporal_distance: int = 32
   dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -84,6 +92,13 @@ class SpaceTimeUNet(nn.Module):
       )
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [batch]={x.shape[:1]}, got {t.shape}")
+    if self.conditioning_scalar_scales and len(self.conditioning_scalar_scales) != len(
+      self.conditioning_scalars
+    ):
+      raise ValueError(
+        f"conditioning_scalar_scales {self.conditioning_scalar_scales} needs one scale per "
+        f"conditioning scalar {self.conditioning_scalars}"
+      )
     unknown = set(scalars) - set(self.conditioning_scalars)
     if unknown:
       raise ValueError(
@@ -121,10 +136,11 @@ class SpaceTimeUNet(nn.Module):
     emb = EmbeddingMLP(embed_dim, **kw, name="time_embed")(
       sinusoidal_embedding(t * TIME_SCALE, self.channels)
     )
-    for name in self.conditioning_scalars:
+    scales = self.conditioning_scalar_scales or (1.0,) * len(self.conditioning_scalars)
+    for name, scale in zip(self.conditioning_scalars, scales, strict=True):
       if name in scalars:
         emb = emb + EmbeddingMLP(embed_dim, zero_init_out=True, **kw, name=f"{name}_embed")(
-          sinusoidal_embedding(scalars[name], self.channels)
+          sinusoidal_embedding(scalars[name] * scale, self.channels)
         )
     if self.use_global_embedding:
       emb = emb + EmbeddingMLP(embed_dim, in_axis=axes.CONTEXT, **kw, name="global_embed")(
@@ -167,8 +183,13 @@ class SpaceTimeUNet(nn.Module):
     self._check_inputs(x, t, scalars, global_embedding, context, extra_inputs, image_mode)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mode = dict(image_mode=image_mode, temporal_kernel_size=self.temporal_kernel_size, **kw)
-    res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-    attn_cls = nn.remat(Pseudo3DAttention) if self.remat else Pseudo3DAttention
+    res_cls, attn_cls = ResBlock, Pseudo3DAttention
+    if self.remat:
+      if not hasattr(jax.checkpoint_policies, self.remat_policy):
+        raise ValueError(f"unknown remat_policy {self.remat_policy!r}: see jax.checkpoint_policies")
+      policy = getattr(jax.checkpoint_policies, self.remat_policy)
+      res_cls = nn.remat(ResBlock, policy=policy)
+      attn_cls = nn.remat(Pseudo3DAttention, policy=policy)
 
     emb = self._embedding(t, scalars, global_embedding)
 
@@ -232,7 +253,12 @@ def unet_from_config(model_config) -> SpaceTimeUNet:
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       kwargs[key] = jnp.dtype(kwargs[key])
-  for key in ("channel_mults", "attention_levels", "conditioning_scalars"):
+  for key in (
+    "channel_mults",
+    "attention_levels",
+    "conditioning_scalars",
+    "conditioning_scalar_scales",
+  ):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
   return SpaceTimeUNet(**kwargs)

@@ -1,4 +1,4 @@
-"""End to end: the demo entrypoint trains the tiny decoder a few steps and writes a sample."""
+"""Entrypoints end to end: the demo (train a few steps, write a sample) and count_params."""
 
 import os
 import subprocess
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import decoder
-from mav_jax import demo
+from mav_jax import demo_lib
+from mav_jax.models.summary import count_params
 from mav_jax.utils import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,17 +31,21 @@ def _frames(path):
 def test_demo_trains_and_writes_a_video_and_contact_sheet(tmp_path):
   config = _tiny_config()
   out = str(tmp_path / "sample.gif")
-  result = demo.run_demo(config, out)
+  result = demo_lib.run_demo(config, out)
   assert len(result["losses"]) == 3 and np.all(np.isfinite(result["losses"]))
   frames = _frames(out)
   scale = 128 // config.data.resolution
   assert len(frames) == config.data.num_frames
   assert frames[0].shape == (config.data.resolution * scale, config.data.resolution * scale, 3)
   assert os.path.getsize(result["sheet"]) > 0
+  # count_params (abstract shapes only) agrees with the model the demo really initialised.
+  counts = count_params(config)
+  assert counts["total"] == result["num_params"]
+  assert 0 < counts["temporal"] < counts["total"]
   # A second run must not overwrite what the first wrote.
   before = open(out, "rb").read()
   with pytest.raises(FileExistsError, match="--overwrite"):
-    demo.run_demo(config, out)
+    demo_lib.run_demo(config, out)
   assert open(out, "rb").read() == before
 
 
@@ -57,6 +62,23 @@ def test_demo_cli_refuses_to_overwrite_and_exits_non_zero(tmp_path):
   assert proc.returncode != 0
   assert "already exists" in proc.stderr
   assert out.read_bytes() == b"precious"
+
+
+def test_count_params_cli_prints_the_counts():
+  proc = subprocess.run(
+    [sys.executable, "-m", "mav_jax.count_params", "--config", "configs/decoder.py:tiny"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  counts = count_params(decoder.get_config("tiny"))
+  assert f"{counts['total']:,} parameters" in proc.stdout
+  missing = subprocess.run(
+    [sys.executable, "-m", "mav_jax.count_params"], cwd=REPO, capture_output=True, text=True
+  )
+  assert missing.returncode != 0 and "pass --config" in missing.stderr
 
 
 def test_decoder_config_variants_and_unknown_variant():
