@@ -43,35 +43,26 @@ def _inputs(seed: int = 0, frames: int = F):
   )
 
 
-def _init(model, inp, image_mode=False, seed=42):
-  scalars = {} if image_mode else {"fps": inp["fps"]}
-  return jax.jit(
-    lambda r: model.init(
-      r,
-      inp["x"],
-      inp["t"],
-      scalars=scalars,
-      global_embedding=inp["emb"],
-      context=inp["ctx"],
-      context_mask=inp["ctx_mask"],
-      image_mode=image_mode,
-    )
-  )(jax.random.key(seed))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _apply(model, params, inp, image_mode=False):
-  scalars = {} if image_mode else {"fps": inp["fps"]}
-  return model.apply(
-    {"params": params},
-    inp["x"],
-    inp["t"],
-    scalars=scalars,
+def _conditioning(inp, image_mode=False):
+  """The UNet's keyword arguments for inputs `inp` (an image model gets no fps)."""
+  return dict(
+    scalars={} if image_mode or inp["fps"] is None else {"fps": inp["fps"]},
     global_embedding=inp["emb"],
     context=inp["ctx"],
     context_mask=inp["ctx_mask"],
     image_mode=image_mode,
   )
+
+
+def _init(model, inp, image_mode=False, seed=42):
+  return jax.jit(lambda r: model.init(r, inp["x"], inp["t"], **_conditioning(inp, image_mode)))(
+    jax.random.key(seed)
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(model, params, inp, image_mode=False):
+  return model.apply({"params": params}, inp["x"], inp["t"], **_conditioning(inp, image_mode))
 
 
 def _per_frame_image_model(model, params, inp):
@@ -192,14 +183,7 @@ def test_parameters_keep_param_dtype_while_compute_runs_in_bf16(inp):
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   out, state = jax.eval_shape(
     lambda p: model.apply(
-      {"params": p},
-      inp["x"],
-      inp["t"],
-      scalars={"fps": inp["fps"]},
-      global_embedding=inp["emb"],
-      context=inp["ctx"],
-      context_mask=inp["ctx_mask"],
-      capture_intermediates=True,
+      {"params": p}, inp["x"], inp["t"], **_conditioning(inp), capture_intermediates=True
     ),
     params,
   )
@@ -308,20 +292,11 @@ def test_extra_input_channels_start_as_the_base_model(inp):
 )
 def test_bad_inputs_raise_clear_errors(model, video_params, inp, bad, match):
   args = dict(inp, **bad)
-  scalars = {} if args["fps"] is None else {"fps": args["fps"]}
   with pytest.raises(ValueError, match=match):
-    model.apply(
-      {"params": video_params},
-      args["x"],
-      args["t"],
-      scalars=scalars,
-      global_embedding=args["emb"],
-      context=args["ctx"],
-      context_mask=args["ctx_mask"],
-    )
+    model.apply({"params": video_params}, args["x"], args["t"], **_conditioning(args))
 
 
-def test_scalar_scales_must_match_the_scalars_and_change_the_embedding(inp):
+def test_bad_scalar_scales_and_remat_policy_are_rejected(inp):
   bad = _make_test_model(conditioning_scalar_scales=(1.0, 1000.0))
   with pytest.raises(ValueError, match="one scale per"):
     _abstract_params(bad, inp)
