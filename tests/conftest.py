@@ -13,3 +13,8 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 # Tiny models: XLA's compile time dominates the suite, and its optimisations buy little at these sizes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# Libraries that read absl flags (Grain's worker processes) need them parsed; pytest does not.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()

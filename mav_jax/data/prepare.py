@@ -1,0 +1,217 @@
+r"""Prepares real data as ArrayRecord shards for the input pipeline.
+
+  # WebVid layout: a captions CSV with columns `videoid,name`, videos named <videoid>.<ext>
+  python -m mav_jax.data.prepare videos --videos DIR --captions results.csv --output OUT
+  # Image-text pairs: a CSV with columns `image,caption` (image: a file name inside --images)
+  python -m mav_jax.data.prepare images --images DIR --captions captions.csv --output OUT
+
+Every file is checked (videos: PyAV opens it and decodes a frame; images: PIL verifies it);
+unreadable and missing files are skipped, counted and named in the report and in OUT/metadata.json.
+An existing OUT is never touched unless --overwrite is given, and even then the new dataset is
+written beside it first and swapped in only when complete.
+"""
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import shutil
+import sys
+import time
+
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from mav_jax.data import records, video
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+
+
+def _read_captions(path: str, id_column: str, caption_column: str) -> dict[str, str]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"captions file not found: {path}")
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    missing = {id_column, caption_column} - set(reader.fieldnames or ())
+    if missing:
+      raise ValueError(
+        f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}. Expected a "
+        f"header with {id_column!r} and {caption_column!r}"
+      )
+    return {row[id_column].strip(): row[caption_column] for row in reader if row[id_column].strip()}
+
+
+def _video_record(key: str, caption: str, path: str) -> dict:
+  with open(path, "rb") as f:
+    data = f.read()
+  info = video.probe(data)
+  return {"kind": "video", "id": key, "caption": caption, "video": data, **info}
+
+
+def _image_record(key: str, caption: str, path: str) -> dict:
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.verify()
+    with Image.open(io.BytesIO(data)) as img:
+      width, height = img.size
+  except Exception as e:  # PIL raises many types for bad files
+    raise ValueError(f"cannot decode image: {e}") from e
+  return {
+    "kind": "image",
+    "id": key,
+    "caption": caption,
+    "image": data,
+    "height": height,
+    "width": width,
+  }
+
+
+def _find_video(folder: str, key: str) -> str | None:
+  for ext in VIDEO_EXTENSIONS:
+    path = os.path.join(folder, key + ext)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def prepare(
+  kind: str,
+  inputs: str,
+  captions: str,
+  output: str,
+  shard_size: int = 1000,
+  overwrite: bool = False,
+  log=print,
+) -> dict:
+  """Writes the ArrayRecord dataset; returns the metadata it stored (counts and skipped files).
+
+  Raises:
+    FileExistsError: `output` exists and `overwrite` is False.
+    FileNotFoundError / ValueError: missing inputs, bad CSV, or no readable file at all.
+  """
+  if kind not in records.KINDS:
+    raise ValueError(f"unknown kind {kind!r}; choose one of {records.KINDS}")
+  if os.path.exists(output) and not overwrite:
+    raise FileExistsError(f"{output} already exists; choose another --output or pass --overwrite")
+  if not os.path.isdir(inputs):
+    raise FileNotFoundError(f"input folder not found: {inputs}")
+  if shard_size < 1:
+    raise ValueError(f"--shard_size must be positive, got {shard_size}")
+  if kind == "video":
+    table = _read_captions(captions, "videoid", "name")
+    entries = [(key, caption, _find_video(inputs, key)) for key, caption in table.items()]
+    make = _video_record
+  else:
+    table = _read_captions(captions, "image", "caption")
+    entries = [
+      (key, caption, p if os.path.isfile(p := os.path.join(inputs, key)) else None)
+      for key, caption in table.items()
+    ]
+    make = _image_record
+
+  staging = f"{output.rstrip(os.sep)}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  num_shards = max(1, -(-len(entries) // shard_size))
+  written, skipped, writer, shard = 0, [], None, -1
+  start = time.time()
+  try:
+    for i, (key, caption, path) in enumerate(entries):
+      if path is None:
+        skipped.append({"id": key, "reason": "file not found"})
+      else:
+        try:
+          record = make(key, caption, path)
+        except (ValueError, OSError) as e:
+          skipped.append({"id": key, "file": os.path.basename(path), "reason": str(e)})
+        else:
+          if written // shard_size != shard:
+            if writer is not None:
+              writer.close()
+            shard = written // shard_size
+            name = f"data-{shard:05d}-of-{num_shards:05d}.array_record"
+            writer = ArrayRecordWriter(os.path.join(staging, name), "group_size:1")
+          writer.write(records.encode_record(record))
+          written += 1
+      if (i + 1) % 100 == 0 or i + 1 == len(entries):
+        log(
+          f"[prepare] {i + 1}/{len(entries)} checked, {written} written, {len(skipped)} skipped "
+          f"({time.time() - start:.0f}s)"
+        )
+    if writer is not None:
+      writer.close()
+    if written == 0:
+      raise ValueError(
+        f"no readable {kind} among {len(entries)} captioned entries; first problems: {skipped[:5]}"
+      )
+    # Shards were named before the count of readable files was known: rename to the real count.
+    shards = sorted(n for n in os.listdir(staging) if n.endswith(".array_record"))
+    for j, name in enumerate(shards):
+      os.rename(
+        os.path.join(staging, name),
+        os.path.join(staging, f"data-{j:05d}-of-{len(shards):05d}.array_record"),
+      )
+    metadata = {
+      "kind": kind,
+      "count": written,
+      "skipped_count": len(skipped),
+      "skipped": skipped,
+      "inputs": os.path.abspath(inputs),
+      "captions": os.path.abspath(captions),
+      "created": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
+    with open(os.path.join(staging, records.METADATA), "w") as f:
+      json.dump(metadata, f, indent=2)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if os.path.exists(output):  # overwrite: swap only now that the new dataset is complete
+    backup = f"{output.rstrip(os.sep)}.old-{os.getpid()}"
+    os.rename(output, backup)
+    os.rename(staging, output)
+    shutil.rmtree(backup)
+  else:
+    os.rename(staging, output)
+  log(
+    f"[prepare] wrote {written} {kind} records in {len(shards)} shard(s) to {output}; "
+    f"skipped {len(skipped)}"
+  )
+  for item in skipped[:20]:
+    log(f"[prepare]   skipped {item['id']}: {item['reason']}")
+  if len(skipped) > 20:
+    log(f"[prepare]   ... and {len(skipped) - 20} more (see {records.METADATA})")
+  return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m mav_jax.data.prepare",
+    description="Prepare video-text or image-text data as ArrayRecord shards for mav_jax.",
+  )
+  sub = parser.add_subparsers(dest="kind", required=True)
+  videos = sub.add_parser("videos", help="a folder of videos + a WebVid-style CSV (videoid,name)")
+  videos.add_argument("--videos", required=True, help="folder of <videoid>.<ext> files")
+  images = sub.add_parser("images", help="a folder of images + a CSV with columns image,caption")
+  images.add_argument("--images", required=True, help="folder of image files")
+  for p in (videos, images):
+    p.add_argument("--captions", required=True, help="the captions CSV")
+    p.add_argument("--output", required=True, help="folder to create")
+    p.add_argument("--shard_size", type=int, default=1000, help="records per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  args = parser.parse_args(argv)
+  kind = "video" if args.kind == "videos" else "image"
+  inputs = args.videos if kind == "video" else args.images
+  try:
+    prepare(kind, inputs, args.captions, args.output, args.shard_size, args.overwrite)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

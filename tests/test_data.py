@@ -1,0 +1,165 @@
+"""The synthetic world, clip sampling, and the Grain pipelines (determinism, hosts, resume, skips)."""
+
+import jax
+import numpy as np
+import pytest
+
+from mav_jax.data import pipeline, synthetic, tokenizers, video
+
+SPEC = pipeline.ClipSpec(num_frames=6, resolution=16, fps_min=2.0, fps_max=8.0, max_tokens=32)
+
+
+def _synthetic_pipeline(spec=SPEC, n=40, **kwargs):
+  source = synthetic.SyntheticSource("train", n, spec.synthetic_duration, seed=0)
+  make = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())
+  return pipeline.make_pipeline(source, make, **{"batch_size": 4, "seed": 3, **kwargs})
+
+
+def _take(ds, n, state=None):
+  it = iter(ds)
+  if state is not None:
+    it.set_state(state)
+  return [next(it) for _ in range(n)], it
+
+
+def _centroid(frame):
+  """Centre of the pixels brighter than the background."""
+  ys, xs = np.nonzero(frame.astype(int).sum(-1) > 3 * 60)
+  return np.array([xs.mean(), ys.mean()])
+
+
+def test_synthetic_clips_move_in_the_captioned_direction_with_speed_per_second():
+  source = synthetic.SyntheticSource("eval", len(synthetic.COMBINATIONS), duration=10.0)
+  for index in range(len(synthetic.COMBINATIONS)):
+    record = source[index]
+    scene = record["scene"]
+    slow = synthetic.render(scene, synthetic.clip_times(scene, 1.0, 6), 48)
+    fast = synthetic.render(scene, synthetic.clip_times(scene, 4.0, 6), 48)
+    step_slow = (_centroid(slow[-1]) - _centroid(slow[0])) / 5
+    step_fast = (_centroid(fast[-1]) - _centroid(fast[0])) / 5
+    dx, dy = synthetic.DIRECTIONS[scene.direction]
+    assert np.dot(step_slow, [dx, dy]) > 0.5, record["video_caption"]
+    # The same motion at 4x the frame rate moves 4x less per frame.
+    np.testing.assert_allclose(
+      np.dot(step_slow, [dx, dy]) / np.dot(step_fast, [dx, dy]), 4.0, rtol=0.25
+    )
+    assert record["video_caption"].endswith(f"moving {scene.direction}")
+    assert "moving" not in record["image_caption"] and scene.shape in record["image_caption"]
+
+
+def test_eval_split_is_balanced_and_disjoint_from_train():
+  n = 2 * len(synthetic.COMBINATIONS)
+  evals = synthetic.SyntheticSource("eval", n, duration=5.0)
+  combos = [
+    (evals[i]["scene"].shape, evals[i]["scene"].colour, evals[i]["scene"].direction)
+    for i in range(n)
+  ]
+  assert sorted(combos) == sorted(list(synthetic.COMBINATIONS) * 2)
+  train = synthetic.SyntheticSource("train", n, duration=5.0)
+  assert {evals[i]["scene"] for i in range(n)}.isdisjoint({train[i]["scene"] for i in range(n)})
+  assert train[5] == synthetic.SyntheticSource("train", n, duration=5.0)[5]  # deterministic
+
+
+def test_pipeline_is_deterministic_for_a_seed():
+  a, _ = _take(_synthetic_pipeline()[0], 3)
+  b, _ = _take(_synthetic_pipeline()[0], 3)
+  c, _ = _take(_synthetic_pipeline(seed=4)[0], 3)
+  for x, y in zip(a, b, strict=True):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert not np.array_equal(a[0]["frames"], c[0]["frames"])
+  batch = a[0]
+  assert batch["frames"].shape == (4, 6, 16, 16, 3) and batch["frames"].dtype == np.uint8
+  assert batch["tokens"].shape == (4, 32) and batch["token_mask"].dtype == bool
+
+
+class _Index:
+  """A transform that only reports which record it saw."""
+
+  def __call__(self, record, rng):
+    return {"index": np.int64(record["index"])}
+
+
+def test_hosts_read_disjoint_shards_that_cover_the_data():
+  source = synthetic.SyntheticSource("train", 23, duration=5.0)
+  seen = []
+  for host in range(2):
+    ds, _ = pipeline.make_pipeline(
+      source,
+      _Index(),
+      batch_size=1,
+      num_epochs=1,
+      seed=0,
+      process_index=host,
+      process_count=2,
+      drop_remainder=False,
+    )
+    seen.append({int(b["index"][0]) for b in ds})
+  assert seen[0].isdisjoint(seen[1])
+  assert seen[0] | seen[1] == set(range(23))
+  with pytest.raises(ValueError, match="out of range"):
+    pipeline.make_pipeline(source, _Index(), batch_size=1, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("worker_count", [0, 1])
+def test_resume_from_a_saved_state_gives_the_same_next_batches(worker_count):
+  ds, _ = _synthetic_pipeline(n=10, worker_count=worker_count)  # 10 records: crosses epochs
+  _, it = _take(ds, 2)
+  state = it.get_state()
+  expected = [next(it) for _ in range(5)]
+  fresh, _ = _synthetic_pipeline(n=10, worker_count=worker_count)
+  resumed, _ = _take(fresh, 5, state)
+  for x, y in zip(expected, resumed, strict=True):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_fps_follows_the_configured_range_and_beta_shape():
+  spec = pipeline.ClipSpec(
+    num_frames=4, resolution=8, fps_min=3.0, fps_max=12.0, fps_alpha=2.0, fps_beta=5.0
+  )
+  batches, _ = _take(_synthetic_pipeline(spec, n=200, batch_size=50)[0], 8)
+  fps = np.concatenate([b["fps"] for b in batches])
+  assert fps.min() >= 3.0 and fps.max() <= 12.0
+  # Beta(2, 5) has mean 2/7: the fps mean is 3 + 9 * 2/7 = 5.57.
+  assert abs(fps.mean() - (3.0 + 9.0 * 2 / 7)) < 0.25
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="fps_min"):
+    video.sample_fps(rng, 0.0, 5.0)
+
+
+def test_frame_skip_and_frame_masks():
+  spec = pipeline.ClipSpec(
+    num_frames=6, resolution=8, fps_min=1.0, fps_max=8.0, frame_skip=2, frame_masks=True
+  )
+  (batch,), _ = _take(_synthetic_pipeline(spec, batch_size=8)[0], 1)
+  np.testing.assert_array_equal(batch["frame_skip"], 2)
+  np.testing.assert_allclose(batch["fps"], 4.0)
+  assert batch["frame_mask"].shape == (8, 6) and batch["frame_mask"].any(axis=1).all()
+  assert (~batch["frame_mask"]).any(axis=1).all()  # something is always left to generate
+  np.testing.assert_array_equal(video.frame_mask("interpolate", 7, 3), [1, 0, 0, 1, 0, 0, 1])
+  np.testing.assert_array_equal(video.frame_mask("first", 4, 1), [1, 0, 0, 0])
+  np.testing.assert_array_equal(video.frame_mask("last", 4, 2), [0, 0, 1, 1])
+
+
+def test_clip_indices_at_fps_and_with_skip():
+  # 30 fps source, 3 s long; 5 frames at 10 fps step 3 source frames.
+  idx, fps = video.indices_at_fps(91, 30.0, 10.0, 5)
+  np.testing.assert_array_equal(idx, [0, 3, 6, 9, 12])
+  assert fps == 10.0
+  # Too short for 1 fps: the fps rises to what fits (5 frames over 3 s -> 4/3 fps).
+  idx, fps = video.indices_at_fps(91, 30.0, 1.0, 5)
+  assert fps == pytest.approx(4 / 3) and idx[-1] == 90
+  np.testing.assert_array_equal(video.indices_with_skip(20, 4, 3), [0, 4, 8])
+  assert video.indices_with_skip(5, 4, 3)[-1] == 4  # clipped to the last frame
+
+
+def test_global_batch_spreads_the_host_batch_over_8_devices():
+  ds, _ = _synthetic_pipeline(batch_size=8)
+  (local,), _ = _take(ds, 1)
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+  batch = pipeline.global_batch(local, mesh)
+  assert batch["frames"].shape == local["frames"].shape
+  assert len(batch["frames"].addressable_shards) == 8
+  assert batch["frames"].addressable_shards[0].data.shape == (1, 6, 16, 16, 3)
+  np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])

@@ -1,0 +1,236 @@
+"""Real-data ingestion: mp4 files written here with PyAV -> prepare -> ArrayRecord -> pipeline."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from mav_jax.data import pipeline, prepare, records, synthetic, tokenizers
+from mav_jax.utils import video_io
+
+SPEC = pipeline.ClipSpec(num_frames=4, resolution=16, fps_min=2.0, fps_max=8.0, max_tokens=40)
+
+
+def _colour_name(frames):
+  """The synthetic colour nearest to the object's mean colour (pixels well above the background)."""
+  pixels = frames.reshape(-1, 3).astype(float)
+  mean = pixels[pixels.sum(-1) > 200].mean(0)
+  return min(synthetic.COLOURS, key=lambda c: np.sum((np.array(synthetic.COLOURS[c]) - mean) ** 2))
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+  """Eight 24-frame mp4 clips of synthetic scenes, one corrupt file, one captioned-but-missing id."""
+  root = tmp_path_factory.mktemp("webvid")
+  folder = root / "videos"
+  folder.mkdir()
+  source = synthetic.SyntheticSource("eval", len(synthetic.COMBINATIONS), duration=6.0)
+  rows = []
+  for i in range(8):
+    scene = source[i * 7]["scene"]  # varied shapes, colours and directions
+    frames = synthetic.render(scene, np.arange(24) / 4.0, 32)
+    video_io.write_video(str(folder / f"{1000 + i}.mp4"), frames, fps=4)
+    rows.append((str(1000 + i), scene.video_caption))
+  (folder / "2000.mp4").write_bytes(b"this is not a video")
+  rows += [("2000", "a broken file"), ("3000", "captioned but missing")]
+  (folder / "4000.mp4").write_bytes((folder / "1000.mp4").read_bytes())  # no caption: ignored
+  with open(root / "results.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
+    writer.writerows((vid, "http://x", "PT6S", "p", name) for vid, name in rows)
+  return root
+
+
+def _prepare_videos(root, output, *extra):
+  return prepare.main(
+    [
+      "videos",
+      "--videos",
+      str(root / "videos"),
+      "--captions",
+      str(root / "results.csv"),
+      "--output",
+      str(output),
+      *extra,
+    ]
+  )
+
+
+def test_prepare_round_trips_real_mp4_files(video_folder, tmp_path, capsys):
+  out = tmp_path / "prepared"
+  assert _prepare_videos(video_folder, out, "--shard_size", "3") == 0
+  meta = records.read_metadata(str(out))
+  assert meta["count"] == 8 and meta["skipped_count"] == 2
+  assert {s["id"] for s in meta["skipped"]} == {"2000", "3000"}
+  assert len(records.shard_paths(str(out))) == 3
+  report = capsys.readouterr().out
+  assert "skipped 2000" in report and "skipped 3000" in report and "8 written" in report
+
+  source = records.array_record_source(str(out))
+  assert len(source) == 8
+  make = pipeline.MakeExample(SPEC, tokenizers.ByteTokenizer())
+  ds, stats = pipeline.make_pipeline(
+    source, make, batch_size=4, num_epochs=1, shuffle=False, process_index=0, process_count=1
+  )
+  batches = list(ds)
+  assert len(batches) == 2 and stats.valid == 8 and stats.skipped == 0
+  byte = tokenizers.ByteTokenizer()
+  for batch in batches:
+    assert batch["frames"].shape == (4, 4, 16, 16, 3)
+    assert ((batch["fps"] >= 2.0) & (batch["fps"] <= 8.0)).all()
+    for frames, tokens in zip(batch["frames"], batch["tokens"], strict=True):
+      colour = byte.decode(tokens).split()[1]  # "a <colour> <shape> moving <direction>"
+      assert _colour_name(frames) == colour
+
+
+def test_prepare_never_overwrites_without_asking(video_folder, tmp_path, capsys):
+  out = tmp_path / "prepared"
+  assert _prepare_videos(video_folder, out) == 0
+  before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
+  assert _prepare_videos(video_folder, out) == 2
+  assert "already exists" in capsys.readouterr().err
+  assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
+  assert _prepare_videos(video_folder, out, "--overwrite") == 0
+  assert records.read_metadata(str(out))["count"] == 8
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or ".old-" in p]
+
+
+def test_prepare_reports_bad_inputs(video_folder, tmp_path, capsys):
+  bad_csv = tmp_path / "bad.csv"
+  bad_csv.write_text("id,text\n1,hello\n")
+  code = prepare.main(
+    [
+      "videos",
+      "--videos",
+      str(video_folder / "videos"),
+      "--captions",
+      str(bad_csv),
+      "--output",
+      str(tmp_path / "o"),
+    ]
+  )
+  assert code == 2 and "missing column" in capsys.readouterr().err
+  only_bad = tmp_path / "only_bad.csv"
+  only_bad.write_text("videoid,name\n2000,broken\n")
+  code = prepare.main(
+    [
+      "videos",
+      "--videos",
+      str(video_folder / "videos"),
+      "--captions",
+      str(only_bad),
+      "--output",
+      str(tmp_path / "o"),
+    ]
+  )
+  assert code == 2 and "no readable video" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_images_and_an_image_pipeline(tmp_path):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rows = []
+  for i, colour in enumerate(["red", "green", "blue"]):
+    img = np.zeros((24, 40, 3), np.uint8)
+    img[6:18, 14:26] = synthetic.COLOURS[colour]
+    Image.fromarray(img).save(folder / f"{i}.png")
+    rows.append(f"{i}.png,a {colour} square")
+  (folder / "bad.png").write_bytes(b"\x89PNG not really")
+  rows.append("bad.png,broken")
+  (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+  out = tmp_path / "prepared"
+  assert (
+    prepare.main(
+      [
+        "images",
+        "--images",
+        str(folder),
+        "--captions",
+        str(tmp_path / "captions.csv"),
+        "--output",
+        str(out),
+      ]
+    )
+    == 0
+  )
+  assert records.read_metadata(str(out))["skipped"][0]["id"] == "bad.png"
+  spec = pipeline.ClipSpec(kind="image", num_frames=1, resolution=16)
+  ds, _ = pipeline.make_pipeline(
+    records.array_record_source(str(out)),
+    pipeline.MakeExample(spec, tokenizers.ByteTokenizer()),
+    batch_size=3,
+    num_epochs=1,
+    shuffle=False,
+  )
+  (batch,) = list(ds)
+  assert batch["frames"].shape == (3, 1, 16, 16, 3) and "fps" not in batch
+  assert [_colour_name(f) for f in batch["frames"]] == ["red", "green", "blue"]
+
+
+def _write_records(path, payloads):
+  writer = ArrayRecordWriter(str(path), "group_size:1")
+  for payload in payloads:
+    writer.write(payload)
+  writer.close()
+
+
+def test_corrupt_records_are_skipped_and_counted(video_folder, tmp_path):
+  good = (video_folder / "videos" / "1000.mp4").read_bytes()
+  record = {
+    "kind": "video",
+    "id": "ok",
+    "caption": "a red circle moving left",
+    "video": good,
+    "fps": 4.0,
+    "frames": 24,
+    "height": 32,
+    "width": 32,
+  }
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  _write_records(
+    folder / "data-00000-of-00001.array_record",
+    [
+      records.encode_record(record),
+      b"\x00garbage that is not msgpack",
+      records.encode_record(
+        {
+          "kind": "video",
+          **{k: v for k, v in record.items() if k != "kind"},
+          "id": "bad-video",
+          "video": b"not an mp4",
+        }
+      ),
+      records.encode_record(record),
+    ],
+  )
+  make = pipeline.MakeExample(SPEC, tokenizers.ByteTokenizer())
+  ds, stats = pipeline.make_pipeline(
+    records.array_record_source(str(folder)), make, batch_size=1, num_epochs=1, shuffle=False
+  )
+  assert len(list(ds)) == 2
+  assert stats.valid == 2 and stats.skipped == 2
+  assert any(name == "bad-video" for name, _ in stats.last_skipped)
+
+  all_bad = tmp_path / "all_bad"
+  all_bad.mkdir()
+  _write_records(all_bad / "data-00000-of-00001.array_record", [b"junk"] * 3)
+  ds, _ = pipeline.make_pipeline(records.array_record_source(str(all_bad)), make, batch_size=1)
+  with pytest.raises(RuntimeError, match="could not make a single example"):
+    next(iter(ds))
+
+
+def test_prepare_help_exits_zero():
+  proc = subprocess.run(
+    [sys.executable, "-m", "mav_jax.data.prepare", "videos", "--help"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0 and "--captions" in proc.stdout
