@@ -27,12 +27,48 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Seed of parameter initialisation, data and sampling.
   config.seed = 0
 
-  # Video geometry.
+  # Data (mav_jax.data): what a clip is and where it comes from.
   config.data = ml_collections.ConfigDict()
+  # "synthetic" (the embedded shapes-in-motion world) or a folder made by mav_jax.data.prepare.
+  config.data.source = "synthetic"
+  # Prepared folder for evaluation when `source` is a folder ("" for none).
+  config.data.eval_source = ""
+  # "video" clips (temporal training) or "image" single frames (spatial training).
+  config.data.kind = "video"
   # Frames per clip (the paper's D^t makes 16).
   config.data.num_frames = 16
   # Height and width of each frame.
   config.data.resolution = 64
+  # Clip frame rate: fps_min + (fps_max - fps_min) * Beta(fps_alpha, fps_beta) per clip.
+  config.data.fps_min = 1.0
+  # Highest clip frame rate.
+  config.data.fps_max = 30.0
+  # Beta distribution of the clip frame rate (1, 1: uniform).
+  config.data.fps_alpha = 1.0
+  # Second shape parameter of the fps Beta distribution.
+  config.data.fps_beta = 1.0
+  # > 0: a fixed frame skip instead of a random fps.
+  config.data.frame_skip = 0
+  # Random interpolation / extrapolation frame masks (the interpolation stage).
+  config.data.frame_masks = False
+  # Random instead of centre crops of real videos.
+  config.data.random_crop = True
+  # Synthetic world: number of training scenes.
+  config.data.num_train = 100_000
+  # Synthetic world: number of evaluation scenes (every shape, colour, direction in turn).
+  config.data.num_eval = 600
+  # Seed of the synthetic world.
+  config.data.seed = 0
+  # Caption tokenizer: "byte", "sentencepiece" or "clip_bpe".
+  config.data.tokenizer = "byte"
+  # Tokenizer file (SentencePiece model or CLIP merges file); "" for "byte".
+  config.data.tokenizer_path = ""
+  # Caption length in tokens.
+  config.data.max_tokens = 77
+  # Threads reading and transforming records, per host.
+  config.data.num_threads = 4
+  # Worker processes per host for decoding (0: threads only).
+  config.data.worker_count = 0
   # Width of the global conditioning embedding (the CLIP image embedding in the full cascade).
   config.data.embedding_dim = 768
 
@@ -117,6 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "tiny":
     config.data.num_frames = 4
     config.data.resolution = 16
+    config.data.fps_min = 2.0
+    config.data.fps_max = 8.0
+    config.data.max_tokens = 32
+    config.data.num_threads = 1
     config.data.embedding_dim = 16
     config.model.channels = 16
     config.model.channel_mults = (1, 2)

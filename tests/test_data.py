@@ -163,3 +163,31 @@ def test_global_batch_spreads_the_host_batch_over_8_devices():
   assert len(batch["frames"].addressable_shards) == 8
   assert batch["frames"].addressable_shards[0].data.shape == (1, 6, 16, 16, 3)
   np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
+
+
+def test_pipeline_from_the_decoder_config():
+  from configs import decoder
+
+  config = decoder.get_config("tiny")
+  ds, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=2)
+  (batch,), _ = _take(ds, 1)
+  d = config.data
+  assert batch["frames"].shape == (2, d.num_frames, d.resolution, d.resolution, 3)
+  assert ((batch["fps"] >= d.fps_min) & (batch["fps"] <= d.fps_max)).all()
+  evals, _ = pipeline.pipeline_from_config(config.data, "eval", batch_size=100)
+  assert sum(len(b["fps"]) for b in evals) == d.num_eval  # read once, in full
+  config.data.kind = "image"
+  (images,), _ = _take(pipeline.pipeline_from_config(config.data, "train", batch_size=2)[0], 1)
+  assert images["frames"].shape[1] == 1 and "fps" not in images
+
+
+def test_data_benchmark_runs_both_sources():
+  from configs import decoder
+  from mav_jax.data import throughput
+
+  results = throughput.run(
+    decoder.get_config("tiny"), seconds=0.5, num_videos=2, video_size="64x48", video_seconds=1.0
+  )
+  for name in ("synthetic", "mp4"):
+    assert results[name]["clips"] > 0 and results[name]["clips_per_cpu_s"] > 0
+  assert results["mp4"]["input_mb_per_cpu_s"] > 0

@@ -268,3 +268,45 @@ def global_batch(
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
   }
+
+
+def spec_from_config(data_config) -> ClipSpec:
+  """The ClipSpec of a config's `data` section."""
+  d = data_config
+  return ClipSpec(
+    kind=d.kind,
+    num_frames=d.num_frames if d.kind == "video" else 1,
+    resolution=d.resolution,
+    fps_min=d.fps_min,
+    fps_max=d.fps_max,
+    fps_alpha=d.fps_alpha,
+    fps_beta=d.fps_beta,
+    frame_skip=d.frame_skip,
+    frame_masks=d.frame_masks,
+    random_crop=d.random_crop,
+    max_tokens=d.max_tokens,
+  )
+
+
+def pipeline_from_config(
+  data_config, split: str, batch_size: int, **kwargs
+) -> tuple[grain.IterDataset, PipelineStats]:
+  """This host's pipeline for `split` ("train" or "eval") as the config describes it.
+
+  Training data is shuffled and repeats forever; evaluation data is read once, in order.
+  `kwargs` go to `make_pipeline` (e.g. process_index / process_count in tests).
+  """
+  spec = spec_from_config(data_config)
+  tokenizer = tokenizers.make_tokenizer(data_config.tokenizer, data_config.tokenizer_path or None)
+  train = split == "train"
+  options = dict(
+    seed=data_config.seed,
+    shuffle=train,
+    num_epochs=None if train else 1,
+    drop_remainder=train,
+    num_threads=data_config.num_threads,
+    worker_count=data_config.worker_count,
+  )
+  options.update(kwargs)
+  source = make_source(data_config, split, spec)
+  return make_pipeline(source, MakeExample(spec, tokenizer), batch_size=batch_size, **options)
