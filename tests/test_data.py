@@ -90,6 +90,7 @@ def test_hosts_read_disjoint_shards_that_cover_the_data():
       batch_size=1,
       num_epochs=1,
       seed=0,
+      shuffle=True,
       process_index=host,
       process_count=2,
       drop_remainder=False,
@@ -129,15 +130,18 @@ def test_fps_follows_the_configured_range_and_beta_shape():
 
 
 def test_frame_skip_and_frame_masks():
+  # A skip slower than fps_min (8 / 5 = 1.6 fps < 2): the scenes last long enough for it.
   spec = pipeline.ClipSpec(
-    num_frames=6, resolution=8, fps_min=1.0, fps_max=8.0, frame_skip=2, frame_masks=True
+    num_frames=6, resolution=8, fps_min=2.0, fps_max=8.0, frame_skip=5, frame_masks=True
   )
   (batch,), _ = _take(_synthetic_pipeline(spec, batch_size=8)[0], 1)
-  np.testing.assert_array_equal(batch["frame_skip"], 2)
-  np.testing.assert_allclose(batch["fps"], 4.0)
+  np.testing.assert_array_equal(batch["frame_skip"], 5)
+  np.testing.assert_allclose(batch["fps"], 1.6)
   assert batch["frame_mask"].shape == (8, 6) and batch["frame_mask"].any(axis=1).all()
   assert (~batch["frame_mask"]).any(axis=1).all()  # something is always left to generate
   np.testing.assert_array_equal(video.frame_mask("interpolate", 7, 3), [1, 0, 0, 1, 0, 0, 1])
+  # The last frame is always given: frames after the last k-th one are interpolated too.
+  np.testing.assert_array_equal(video.frame_mask("interpolate", 6, 4), [1, 0, 0, 0, 1, 1])
   np.testing.assert_array_equal(video.frame_mask("first", 4, 1), [1, 0, 0, 0])
   np.testing.assert_array_equal(video.frame_mask("last", 4, 2), [0, 0, 1, 1])
 

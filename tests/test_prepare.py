@@ -23,6 +23,17 @@ def _colour_name(frames):
   return min(synthetic.COLOURS, key=lambda c: np.sum((np.array(synthetic.COLOURS[c]) - mean) ** 2))
 
 
+def _write_mkv(path, frames):
+  import av
+
+  with av.open(str(path), "w", format="matroska") as container:
+    stream = container.add_stream("libx264", rate=4)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+
+
 @pytest.fixture(scope="module")
 def video_folder(tmp_path_factory):
   """Eight 24-frame mp4 clips of synthetic scenes, one corrupt file, one captioned-but-missing id."""
@@ -36,13 +47,21 @@ def video_folder(tmp_path_factory):
     frames = synthetic.render(scene, np.arange(24) / 4.0, 32)
     video_io.write_video(str(folder / f"{1000 + i}.mp4"), frames, fps=4)
     rows.append((str(1000 + i), scene.video_caption))
+  # WebVid's downloader puts videos in <page_dir>/ subfolders; Matroska headers carry no frame count.
+  (folder / "p7").mkdir()
+  os.rename(folder / "1007.mp4", folder / "p7" / "1007.mp4")
+  _write_mkv(folder / "1006.mkv", synthetic.render(source[42]["scene"], np.arange(24) / 4.0, 32))
+  os.remove(folder / "1006.mp4")
+  rows[6] = ("1006", source[42]["scene"].video_caption)
   (folder / "2000.mp4").write_bytes(b"this is not a video")
   rows += [("2000", "a broken file"), ("3000", "captioned but missing")]
   (folder / "4000.mp4").write_bytes((folder / "1000.mp4").read_bytes())  # no caption: ignored
   with open(root / "results.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
-    writer.writerows((vid, "http://x", "PT6S", "p", name) for vid, name in rows)
+    writer.writerows(
+      (vid, "http://x", "PT6S", "p7" if vid == "1007" else "", name) for vid, name in rows
+    )
   return root
 
 
@@ -207,6 +226,7 @@ def test_corrupt_records_are_skipped_and_counted(video_folder, tmp_path):
           "video": b"not an mp4",
         }
       ),
+      records.encode_record({k: v for k, v in record.items() if k != "frames"} | {"id": "no-n"}),
       records.encode_record(record),
     ],
   )
@@ -215,7 +235,7 @@ def test_corrupt_records_are_skipped_and_counted(video_folder, tmp_path):
     records.array_record_source(str(folder)), make, batch_size=1, num_epochs=1, shuffle=False
   )
   assert len(list(ds)) == 2
-  assert stats.valid == 2 and stats.skipped == 2
+  assert stats.valid == 2 and stats.skipped == 3
   assert any(name == "bad-video" for name, _ in stats.last_skipped)
 
   all_bad = tmp_path / "all_bad"

@@ -69,6 +69,10 @@ def test_clip_bpe_matches_the_transformers_clip_tokenizer(merges_file):
   assert ours.vocab_size == 2 * 256 + len(MERGES) + 2
   for text in TEXTS:
     assert ours.encode(text) == theirs(text)["input_ids"], text
+  # Ids pinned to OpenAI's vocabulary order: printable bytes first, "!" is 0 and "a</w>" is 320;
+  # the specials follow the merges (49406 and 49407 with the full 48,894-merge file).
+  assert ours.encoder["!"] == 0 and ours.encoder["a</w>"] == 320
+  assert ours.encode("a") == [512 + len(MERGES), 320, 513 + len(MERGES)]
   # Like OpenAI's tokenizer (not transformers'), HTML entities are unescaped first.
   assert ours.encode("red &amp; blue") == ours.encode("red & blue")
   # Whole-word merges give one token per word of a synthetic caption.

@@ -1,8 +1,8 @@
 """Grain input pipelines for video-text clips and image-text pairs, per host, checkpointable.
 
   source (synthetic scenes or ArrayRecord shards)
-    -> this host's slice [process_index::process_count]   (hosts read disjoint records)
-    -> shuffle(seed) -> repeat (reshuffled every epoch)
+    -> shuffle(seed) -> repeat (reshuffled every epoch; the same permutation on every host)
+    -> this host's positions [process_index::process_count]   (hosts read disjoint records)
     -> random_map(make example)  (decode, random fps or frame skip, crop, tokenise; per-example RNG)
     -> to_iter_dataset (threads) -> [mp_prefetch (worker processes)]
     -> skip undecodable examples, counting them -> batch(per-host batch) -> prefetch
@@ -61,8 +61,9 @@ class ClipSpec:
 
   @property
   def synthetic_duration(self) -> float:
-    """Seconds of motion a synthetic scene needs so a clip at fps_min fits inside the frame."""
-    return max(self.num_frames - 1, 1) / self.fps_min
+    """Seconds of motion a synthetic scene needs so its slowest clip fits inside the frame."""
+    slowest = self.fps_max / self.frame_skip if self.frame_skip else self.fps_min
+    return max(self.num_frames - 1, 1) / min(self.fps_min, slowest)
 
 
 class MakeExample:
@@ -237,10 +238,11 @@ def make_pipeline(
     raise ValueError(f"process_index {index} out of range for process_count {count}")
   if len(source) < count:
     raise ValueError(f"{len(source)} records cannot be split over {count} hosts")
-  ds = grain.MapDataset.source(source)[index::count]
+  ds = grain.MapDataset.source(source)
   if shuffle:
-    ds = ds.shuffle(seed=seed)
+    ds = ds.shuffle(seed=seed)  # one global permutation (the same on every host) ...
   ds = ds.repeat(num_epochs)
+  ds = ds[index::count]  # ... of which each host takes every count-th position: disjoint shards
   # Each host draws its own per-example randomness (fps, crops) from its own stream.
   ds = ds.random_map(make_example, seed=seed * 1_000_003 + index)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))

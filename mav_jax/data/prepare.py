@@ -1,6 +1,7 @@
 r"""Prepares real data as ArrayRecord shards for the input pipeline.
 
-  # WebVid layout: a captions CSV with columns `videoid,name`, videos named <videoid>.<ext>
+  # WebVid layout: a CSV with columns `videoid,name` (and `page_dir`), videos named
+  # <videoid>.<ext> in the folder or in its <page_dir>/ subfolders
   python -m mav_jax.data.prepare videos --videos DIR --captions results.csv --output OUT
   # Image-text pairs: a CSV with columns `image,caption` (image: a file name inside --images)
   python -m mav_jax.data.prepare images --images DIR --captions captions.csv --output OUT
@@ -29,7 +30,10 @@ from mav_jax.data import records, video
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 
 
-def _read_captions(path: str, id_column: str, caption_column: str) -> dict[str, str]:
+def _read_captions(
+  path: str, id_column: str, caption_column: str, extra: str | None = None
+) -> dict[str, tuple[str, str]]:
+  """{id: (caption, extra column or "")} from a CSV with a header."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"captions file not found: {path}")
   with open(path, newline="", encoding="utf-8") as f:
@@ -40,13 +44,19 @@ def _read_captions(path: str, id_column: str, caption_column: str) -> dict[str, 
         f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}. Expected a "
         f"header with {id_column!r} and {caption_column!r}"
       )
-    return {row[id_column].strip(): row[caption_column] for row in reader if row[id_column].strip()}
+    return {
+      row[id_column].strip(): (row[caption_column], (row.get(extra) or "").strip() if extra else "")
+      for row in reader
+      if row[id_column].strip()
+    }
 
 
 def _video_record(key: str, caption: str, path: str) -> dict:
   with open(path, "rb") as f:
     data = f.read()
   info = video.probe(data)
+  if info["frames"] < 1:
+    raise ValueError("the video has no frames")
   return {"kind": "video", "id": key, "caption": caption, "video": data, **info}
 
 
@@ -70,11 +80,13 @@ def _image_record(key: str, caption: str, path: str) -> dict:
   }
 
 
-def _find_video(folder: str, key: str) -> str | None:
-  for ext in VIDEO_EXTENSIONS:
-    path = os.path.join(folder, key + ext)
-    if os.path.isfile(path):
-      return path
+def _find_video(folder: str, key: str, page_dir: str) -> str | None:
+  """<folder>/<key>.<ext>, or <folder>/<page_dir>/<key>.<ext> as WebVid's downloader writes."""
+  for sub in ([page_dir] if page_dir else []) + [""]:
+    for ext in VIDEO_EXTENSIONS:
+      path = os.path.join(folder, sub, key + ext)
+      if os.path.isfile(path):
+        return path
   return None
 
 
@@ -102,14 +114,14 @@ def prepare(
   if shard_size < 1:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
   if kind == "video":
-    table = _read_captions(captions, "videoid", "name")
-    entries = [(key, caption, _find_video(inputs, key)) for key, caption in table.items()]
+    table = _read_captions(captions, "videoid", "name", extra="page_dir")
+    entries = [(key, cap, _find_video(inputs, key, page)) for key, (cap, page) in table.items()]
     make = _video_record
   else:
     table = _read_captions(captions, "image", "caption")
     entries = [
       (key, caption, p if os.path.isfile(p := os.path.join(inputs, key)) else None)
-      for key, caption in table.items()
+      for key, (caption, _) in table.items()
     ]
     make = _image_record
 
@@ -172,7 +184,11 @@ def prepare(
   if os.path.exists(output):  # overwrite: swap only now that the new dataset is complete
     backup = f"{output.rstrip(os.sep)}.old-{os.getpid()}"
     os.rename(output, backup)
-    os.rename(staging, output)
+    try:
+      os.rename(staging, output)
+    except OSError:
+      os.rename(backup, output)  # put the old dataset back; the new one stays in `staging`
+      raise
     shutil.rmtree(backup)
   else:
     os.rename(staging, output)

@@ -18,6 +18,13 @@ METADATA = "metadata.json"
 KINDS = ("video", "image")
 
 
+# Required fields of each kind of record, with their accepted types.
+_FIELDS = {
+  "video": {"id": str, "caption": str, "video": bytes, "fps": (int, float), "frames": int},
+  "image": {"id": str, "caption": str, "image": bytes},
+}
+
+
 class CorruptRecord(ValueError):
   """A record whose bytes are not a valid msgpack map of the expected kind."""
 
@@ -33,6 +40,11 @@ def decode_record(data: bytes) -> dict:
     raise CorruptRecord(f"record is not valid msgpack: {e}") from e
   if not isinstance(record, dict) or record.get("kind") not in KINDS:
     raise CorruptRecord("record is not a mav_jax video or image record")
+  for field, types in _FIELDS[record["kind"]].items():
+    if not isinstance(record.get(field), types):
+      raise CorruptRecord(
+        f"{record['kind']} record {record.get('id', '?')!r} has a missing or invalid {field!r}"
+      )
   return record
 
 

@@ -93,16 +93,16 @@ class SentencePieceTokenizer:
 
 @functools.lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
-  """The reversible byte -> printable character table of GPT-2 / CLIP BPE."""
+  """The reversible byte -> printable character table of GPT-2 / CLIP BPE, in CLIP's order.
+
+  The 188 printable bytes come first (mapped to themselves), then the other 68 bytes (mapped to
+  chr(256 + n)); the vocabulary is built in this order, so the order fixes every token id.
+  """
   printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
   printable += range(ord("®"), ord("ÿ") + 1)
-  table, extra = {}, 0
-  for b in range(256):
-    if b in printable:
-      table[b] = chr(b)
-    else:
-      table[b] = chr(256 + extra)
-      extra += 1
+  table = {b: chr(b) for b in printable}
+  for n, b in enumerate(b for b in range(256) if b not in table):
+    table[b] = chr(256 + n)
   return table
 
 

@@ -27,9 +27,9 @@ def probe(data: bytes) -> dict:
       first = next(container.decode(stream))
       rate = stream.average_rate or stream.guessed_rate
       fps = float(rate) if rate else 0.0
-      frames = stream.frames or (
-        int(round(float(stream.duration * stream.time_base) * fps)) if stream.duration else 0
-      )
+      frames = stream.frames
+      if not frames:  # Matroska / WebM headers carry no frame count: count the frames instead.
+        frames = 1 + sum(1 for _ in container.decode(stream))
       return {"fps": fps, "frames": frames, "height": first.height, "width": first.width}
   except (av.FFmpegError, IndexError, StopIteration, ValueError) as e:
     raise UnreadableVideo(f"cannot decode video: {e}") from e
@@ -118,8 +118,9 @@ def resize_and_crop(
 def frame_mask(kind: str, num_frames: int, k: int) -> np.ndarray:
   """Boolean [num_frames], True where a frame is given to the interpolation model.
 
-  "interpolate": every k-th frame (0, k, 2k, ...); "first" / "last": the first / last k frames
-  (extrapolation forwards / backwards).
+  "interpolate": every k-th frame (0, k, 2k, ...) and the last frame, so every generated frame lies
+  between two given ones (with num_frames = (m - 1) k + 1 the last is itself a k-th frame);
+  "first" / "last": the first / last k frames (extrapolation forwards / backwards).
   """
   if kind not in MASK_KINDS:
     raise ValueError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")
@@ -128,6 +129,7 @@ def frame_mask(kind: str, num_frames: int, k: int) -> np.ndarray:
   mask = np.zeros(num_frames, bool)
   if kind == "interpolate":
     mask[::k] = True
+    mask[-1] = True
   elif kind == "first":
     mask[:k] = True
   else:
