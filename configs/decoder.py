@@ -4,6 +4,11 @@ Variants (the part after the colon):
   tiny: a ~0.3M-parameter model on 4 frames of 16x16 that trains and samples on one CPU core.
   base: 16 frames of 64x64 (the paper's D^t resolution), a mid-sized UNet for one accelerator.
 
+Train (images first, then video from that checkpoint with temporal layers added):
+  python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny_image \
+      --config.data.kind=image
+  python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny_video \
+      --config.train.init_from=workdirs/tiny_image
 Run the demo (a few training steps on random videos, then a DDIM sample written to a file):
   python -m mav_jax.demo --config configs/decoder.py:tiny --output outputs/demo.gif
 Override any field: --config.model.channels=32 (unknown fields are an error).
@@ -139,16 +144,68 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Frame rate the sample is conditioned on and written at.
   config.sampling.fps = 8.0
 
-  # Optimisation (the demo's short loop; the full trainer adds schedules and checkpoints).
+  # Optimisation: AdamW, linear warmup then cosine decay, global-norm clipping.
   config.optimizer = ml_collections.ConfigDict()
   # Peak learning rate.
   config.optimizer.learning_rate = 1e-4
+  # Steps of linear warmup.
+  config.optimizer.warmup_steps = 1000
+  # Final learning rate as a fraction of the peak.
+  config.optimizer.final_lr_ratio = 0.1
   # AdamW weight decay.
   config.optimizer.weight_decay = 0.0
-  # Examples per step.
+  # Adam beta1.
+  config.optimizer.b1 = 0.9
+  # Adam beta2.
+  config.optimizer.b2 = 0.99
+  # Global gradient-norm clip.
+  config.optimizer.grad_clip = 1.0
+  # Examples per step, over all hosts.
   config.batch_size = 8
-  # Training steps of the demo.
+  # Training steps of the demo (mav_jax.demo).
   config.demo_steps = 20
+
+  # Device mesh (mav_jax.parallel.mesh): axis names, sizes within a slice, sizes across slices.
+  config.mesh = ml_collections.ConfigDict()
+  # Mesh axis names.
+  config.mesh.axes = ("data", "fsdp", "tensor")
+  # Sizes inside one slice (one -1 is inferred from the device count).
+  config.mesh.ici = (1, -1, 1)
+  # Sizes across slices (multi-slice TPU); (1, 1, 1) on one slice.
+  config.mesh.dcn = (1, 1, 1)
+  # Sharding strategy: data_parallel, fsdp, tensor or fsdp_tensor (mav_jax.parallel.sharding).
+  config.sharding = ml_collections.ConfigDict()
+  # Name of the strategy (its logical-axis rule table).
+  config.sharding.strategy = "fsdp"
+
+  # Training loop (mav_jax.train).
+  config.train = ml_collections.ConfigDict()
+  # Total optimizer steps.
+  config.train.num_steps = 100_000
+  # Micro-batches per step (gradient accumulation); batch_size must divide by it.
+  config.train.grad_accum_steps = 1
+  # EMA decay of the parameters used for sampling.
+  config.train.ema_decay = 0.9999
+  # "all" parameters, or only the "temporal" layers (spatial layers frozen).
+  config.train.trainable = "all"
+  # Image-stage checkpoint (workdir or step folder) to start a video stage from ("" for none).
+  config.train.init_from = ""
+  # Log metrics every this many steps.
+  config.train.log_every = 100
+  # Save a checkpoint every this many steps (and at the end, and on SIGTERM).
+  config.train.checkpoint_every = 1000
+  # Checkpoints kept.
+  config.train.checkpoint_keep = 3
+  # Save checkpoints in the background.
+  config.train.async_checkpoints = True
+  # Write sample videos every this many steps (0: never).
+  config.train.sample_every = 5000
+  # Videos per sample write.
+  config.train.num_samples = 4
+  # Capture a profile (clu.periodic_actions.Profile) early in the run.
+  config.train.profile = False
+  # Testing only: SIGKILL the process right after the checkpoint at this step (0: never).
+  config.train.kill_at_step = 0
 
   if variant == "tiny":
     config.data.num_frames = 4
@@ -164,7 +221,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_levels = (1,)
     config.model.head_dim = 16
     config.model.dtype = "float32"
-    config.sampling.num_steps = 10
     config.optimizer.learning_rate = 1e-3
-    config.batch_size = 2
+    config.optimizer.warmup_steps = 10
+    config.batch_size = 8
+    config.demo_steps = 20
+    config.train.num_steps = 200
+    config.train.ema_decay = 0.99
+    config.train.log_every = 10
+    config.train.checkpoint_every = 50
+    config.train.sample_every = 100
+    config.train.num_samples = 2
+    config.sampling.num_steps = 10
   return config

@@ -1,0 +1,1 @@
+"""Device meshes and sharding strategies (tables of logical-axis rules)."""

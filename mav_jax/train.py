@@ -1,0 +1,61 @@
+r"""Trains a cascade stage: `python -m mav_jax.train --config configs/<stage>.py:<variant> --workdir DIR`.
+
+  python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny
+  python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny \
+      --config.sharding.strategy=data_parallel --config.train.num_steps=500
+
+Re-running the same command resumes from the workdir's latest checkpoint. Several processes (one
+per host) train together when `--num_processes` > 1 (with --coordinator_address and --process_id),
+or automatically on a Cloud TPU pod slice.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. decoder.py:tiny.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer(
+  "cpu_devices", None, "Fake this many CPU devices per process (for trying sharding on a laptop)."
+)
+
+
+def _is_tpu_pod() -> bool:
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("pass --config (e.g. configs/decoder.py:tiny) and --workdir")
+  if _CPU_DEVICES.value:
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
+    )
+  import jax
+
+  if (_NUM_PROCESSES.value or 1) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _is_tpu_pod():
+    jax.distributed.initialize()
+  logging.info(
+    "process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count()
+  )
+
+  from mav_jax import train_lib
+
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,91 @@
+"""The train state, its optimizer (AdamW, warmup + cosine, clipping, freezing) and EMA."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from mav_jax.models import is_temporal
+
+TRAINABLE = ("all", "temporal")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes, and so everything a checkpoint saves (with the data iterator).
+
+  Attributes:
+    step: steps taken.
+    params: model parameters (float32).
+    ema_params: exponential moving average of the parameters (used for sampling).
+    opt_state: optimizer state.
+    rng: the run's base key (as raw uint32 data); step i uses fold_in(rng, i).
+  """
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to `final_lr_ratio` of it at `num_steps`."""
+  peak = opt_config.learning_rate
+  warmup = min(opt_config.warmup_steps, max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+    0.0 if warmup else peak,
+    peak,
+    warmup,
+    max(num_steps, warmup + 1),
+    end_value=peak * opt_config.final_lr_ratio,
+  )
+
+
+def _labels(trainable: str):
+  def label(params):
+    def one(path, _):
+      names = tuple(str(getattr(p, "key", p)) for p in path)
+      return "train" if trainable == "all" or is_temporal(names) else "freeze"
+
+    return jax.tree_util.tree_map_with_path(
+      one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+  return label
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine decay and global-norm clipping; frozen parameters get no update.
+
+  `config.train.trainable`: "all", or "temporal" to train only the temporal layers (the video
+  fine-tuning of Make-A-Video with frozen spatial layers).
+  """
+  o, trainable = config.optimizer, config.train.trainable
+  if trainable not in TRAINABLE:
+    raise ValueError(f"unknown train.trainable {trainable!r}; choose one of {TRAINABLE}")
+  tx = optax.chain(
+    optax.clip_by_global_norm(o.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(o, config.train.num_steps),
+      b1=o.b1,
+      b2=o.b2,
+      weight_decay=o.weight_decay,
+    ),
+  )
+  if trainable == "all":
+    return tx
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, _labels(trainable))
+
+
+def ema_update(ema, params, step: jax.Array, decay: float):
+  """EMA with the usual warm start: the effective decay is min(decay, (1 + step) / (10 + step))."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)
