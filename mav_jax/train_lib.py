@@ -7,7 +7,6 @@ Sections: set-up (mesh, model, sharded state) | resume | the jitted train step |
 import functools
 import os
 import signal
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -18,8 +17,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax.experimental import multihost_utils
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from mav_jax import checkpointing, stages, train_state
 from mav_jax.data import pipeline as data_pipeline
@@ -118,8 +117,8 @@ def make_train_step(model, stage, config, tx):
 
       def body(carry, inputs):
         i, micro = inputs
-        (l, _), g = loss_and_grads(state.params, micro, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, g)), None
+        (micro_loss, _), g = loss_and_grads(state.params, micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (micro_loss, g)), None
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), _microbatches(batch, k)))
