@@ -77,9 +77,13 @@ def state_from_image_checkpoint(state: TrainState, shardings, path: str) -> Trai
   their identity init); EMA starts from the same values, the optimizer from scratch."""
   image_params = checkpointing.restore_params(path)
   params, new_paths = inflate_image_params(image_params, jax.device_get(state.params))
+  params = jax.tree.map(np.asarray, jax.device_get(params))  # host copies: fresh device buffers
   logging.info("initialised from %s; %d new parameter arrays", path, len(new_paths))
-  params = jax.device_put(params, shardings.params)
-  return state.replace(params=params, ema_params=params)
+  # Two copies: params and EMA are donated to the step separately, so they must not share buffers.
+  return state.replace(
+    params=jax.device_put(params, shardings.params),
+    ema_params=jax.device_put(params, shardings.ema_params),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +199,12 @@ def _write_samples(workdir, writer, step, videos, fps):
   writer.write_images(step, {"samples": np.stack(sheets)})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, devices=None
+) -> dict[str, Any]:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `devices` (default: all) are the devices the mesh is built over.
 
   Returns {"step": last step, "losses": {step: loss} of this process's run, "state": the state}.
   """
@@ -204,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = str(workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  mesh, model, stage, tx, shardings, abstract, create = setup(config)
+  mesh, model, stage, tx, shardings, abstract, create = setup(config, devices)
   logging.info("mesh %s, strategy %s", dict(mesh.shape), config.sharding.strategy)
 
   global_batch = config.batch_size

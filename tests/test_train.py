@@ -1,0 +1,283 @@
+"""The distributed trainer: strategies vs one device, exact resume after SIGKILL, SIGTERM, restore
+onto another mesh, image -> video initialisation and freezing, non-finite stops, two processes."""
+
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import decoder
+from mav_jax import checkpointing, train_lib
+from mav_jax.parallel import mesh as mesh_lib
+from mav_jax.parallel import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _test_config(**overrides):
+  """The tiny decoder, smaller still: 2 frames of 8x8, a few steps, no periodic samples."""
+  config = decoder.get_config("tiny")
+  config.data.num_frames = 2
+  config.data.resolution = 8
+  config.model.channels = 8
+  config.model.head_dim = 4  # two heads, so "tensor" can split them
+  config.model.channel_mults = (1,)  # one level: every kind of block, fewest layers to compile
+  config.model.attention_levels = (0,)
+  config.train.num_steps = 3
+  config.train.log_every = 1
+  config.train.checkpoint_every = 100
+  config.train.sample_every = 0
+  config.train.async_checkpoints = False
+  config.mesh.ici = (2, 2, 2)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _flags(config_overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in config_overrides.items()]
+
+
+_SUBPROCESS_OVERRIDES = {
+  "data.num_frames": 2,
+  "data.resolution": 8,
+  "model.channels": 8,
+  "model.head_dim": 4,
+  "model.channel_mults": "(1,)",
+  "model.attention_levels": "(0,)",
+  "train.log_every": 1,
+  "train.sample_every": 0,
+}
+
+
+# Subprocesses share one compilation cache: the same tiny program is compiled once per session.
+_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mav_jax_test_cache_{os.getuid()}")
+_SUBPROCESS_ENV = {
+  "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
+  "JAX_COMPILATION_CACHE_DIR": _CACHE,
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def _train_cli(workdir, *extra, cpu_devices=4, env=None, **popen):
+  env = {**os.environ, **_SUBPROCESS_ENV, **(env or {})}
+  env.pop("XLA_FLAGS", None)  # --cpu_devices sets the device count
+  cmd = [
+    sys.executable,
+    "-m",
+    "mav_jax.train",
+    "--config",
+    "configs/decoder.py:tiny",
+    f"--workdir={workdir}",
+    f"--cpu_devices={cpu_devices}",
+    *_flags(_SUBPROCESS_OVERRIDES),
+    *extra,
+  ]
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+  )
+
+
+def _losses(output: str) -> dict[int, float]:
+  return {
+    int(s): float(v) for s, v in re.findall(r"\[train\] step (\d+)/\d+ loss ([0-9.]+)", output)
+  }
+
+
+def _final_params(workdir) -> dict:
+  return traverse_util.flatten_dict(checkpointing.restore_params(str(workdir)))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  config = _test_config(**{"mesh.ici": (1, 1, 1), "sharding.strategy": "data_parallel"})
+  return train_lib.train_and_evaluate(config, tmp_path_factory.mktemp("one"), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("strategy", ["data_parallel", "fsdp", "tensor", "fsdp_tensor"])
+def test_every_strategy_on_8_devices_matches_one_device(strategy, one_device_run, tmp_path):
+  config = _test_config(**{"sharding.strategy": strategy})
+  run = train_lib.train_and_evaluate(config, tmp_path)
+  expected = one_device_run["losses"]
+  assert sorted(run["losses"]) == [1, 2, 3]
+  np.testing.assert_allclose(
+    [run["losses"][s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=2e-4
+  )
+  # (Parameters are not compared: Adam turns float-rounding noise in near-zero gradients into
+  # updates of the order of the learning rate, so they agree only to ~lr; the losses agree to 2e-4.)
+  flat = traverse_util.flatten_dict(run["state"].params)
+  # Each parameter is placed as the strategy says.
+  query = flat[("unet", "mid_attn", "spatial_attn", "query", "kernel")].sharding.spec
+  conv = flat[("unet", "mid_res_0", "conv1", "spatial", "kernel")].sharding.spec
+  if strategy == "data_parallel":
+    assert all(v.sharding.is_fully_replicated for v in flat.values())
+  if strategy == "fsdp":
+    assert "fsdp" in tuple(query) and "fsdp" in tuple(conv)
+  if strategy in ("tensor", "fsdp_tensor"):
+    assert query[1] == "tensor" and conv[3] == "tensor"
+  if strategy == "fsdp_tensor":
+    assert conv[2] == "fsdp"
+
+
+def test_restore_onto_another_mesh_and_strategy(tmp_path):
+  saved = train_lib.train_and_evaluate(_test_config(**{"train.num_steps": 2}), tmp_path)
+  config = _test_config(**{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1)})
+  devices = jax.devices()[:4]
+  mesh, *_, shardings, abstract, _ = train_lib.setup(config, devices)
+  restored = checkpointing.Checkpointer(str(tmp_path)).restore(
+    2, checkpointing.abstract_with_shardings(abstract, shardings)
+  )
+  assert int(restored.step) == 2
+  for a, b in zip(
+    jax.tree.leaves(saved["state"].params), jax.tree.leaves(restored.params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert b.sharding.mesh.devices.size == 4 and b.sharding.is_fully_replicated
+
+
+def test_image_checkpoint_starts_the_video_stage_and_temporal_only_training(tmp_path):
+  image = train_lib.train_and_evaluate(
+    _test_config(
+      **{
+        "data.kind": "image",
+        "model.conditioning_scalars": (),
+        "model.conditioning_scalar_scales": (),
+        "train.num_steps": 2,
+      }
+    ),
+    tmp_path / "image",
+  )
+  video = train_lib.train_and_evaluate(
+    _test_config(
+      **{
+        "train.init_from": str(tmp_path / "image"),
+        "train.trainable": "temporal",
+        "train.num_steps": 2,
+      }
+    ),
+    tmp_path / "video",
+  )
+  before = traverse_util.flatten_dict(jax.device_get(image["state"].params))
+  after = traverse_util.flatten_dict(jax.device_get(video["state"].params))
+  moved = [p for p in after if p in before and not np.array_equal(before[p], after[p])]
+  assert not moved, f"frozen spatial parameters changed: {moved[:3]}"
+  temporal = [p for p in after if p not in before]
+  assert temporal and any(
+    not np.allclose(after[p], 0) and "temporal_attn" in p and p[-2] == "out" for p in temporal
+  ), "temporal layers did not train"
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path):
+  config = _test_config(
+    **{
+      "optimizer.learning_rate": 1e12,
+      "optimizer.grad_clip": 1e12,
+      "optimizer.warmup_steps": 0,
+      "train.num_steps": 6,
+      "train.checkpoint_every": 1,
+    }
+  )
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train_lib.train_and_evaluate(config, tmp_path)
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps, "the finite steps before the blow-up were checkpointed"
+  for value in jax.tree.leaves(checkpointing.restore_params(str(tmp_path))):
+    assert np.isfinite(np.asarray(value)).all()
+
+
+def test_gradient_accumulation_and_mesh_sizes(tmp_path):
+  run = train_lib.train_and_evaluate(
+    _test_config(**{"train.grad_accum_steps": 2, "train.num_steps": 2}), tmp_path
+  )
+  assert all(math.isfinite(v) for v in run["losses"].values())
+  batch = {"x": np.arange(8)}
+  micro = train_lib._microbatches(batch, 2)["x"]
+  np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])
+  assert mesh_lib.resolve_sizes((2, -1, 1), 8, "ici") == (2, 4, 1)
+  with pytest.raises(ValueError, match="at most one"):
+    mesh_lib.resolve_sizes((-1, -1, 1), 8, "ici")
+  with pytest.raises(ValueError, match="do not divide"):
+    mesh_lib.resolve_sizes((3, -1, 1), 8, "ici")
+  with pytest.raises(ValueError, match="unknown sharding strategy"):
+    sharding.strategy_rules("zero3")
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  steps = ["--config.train.num_steps=6", "--config.train.checkpoint_every=3"]
+  straight = _train_cli(tmp_path / "straight", *steps)
+  out_straight = straight.communicate(timeout=300)[0]
+  assert straight.returncode == 0, out_straight
+  killed = _train_cli(tmp_path / "resumed", *steps, "--config.train.kill_at_step=3")
+  out_killed = killed.communicate(timeout=300)[0]
+  assert killed.returncode == -signal.SIGKILL, out_killed
+  resumed = _train_cli(tmp_path / "resumed", *steps)
+  out_resumed = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0 and "resumed at step 3" in out_resumed, out_resumed
+  a, b = _losses(out_straight), _losses(out_resumed)
+  assert sorted(b) == [4, 5, 6]
+  assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # exactly
+  pa, pb = _final_params(tmp_path / "straight"), _final_params(tmp_path / "resumed")
+  for path in pa:
+    np.testing.assert_array_equal(pa[path], pb[path], err_msg=str(path))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  proc = _train_cli(tmp_path, "--config.train.num_steps=100000")
+  lines = []
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    lines.append(line)
+    if re.search(r"\[train\] step 2/", line):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out
+  step = int(re.search(r"preempted at step (\d+)", out).group(1))
+  assert step >= 2 and os.path.isdir(tmp_path / "checkpoints" / str(step))
+  resumed = _train_cli(tmp_path, f"--config.train.num_steps={step + 1}")
+  out = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0 and f"resumed at step {step}" in out, out
+
+
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+
+  def run(num_steps):
+    procs = [
+      _train_cli(
+        tmp_path,
+        f"--config.train.num_steps={num_steps}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        f"--coordinator_address=127.0.0.1:{port}",
+      )
+      for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+      assert p.returncode == 0, out
+    return outs
+
+  outs = run(2)
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in outs[0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  outs = run(4)
+  assert all("resumed at step 2" in out for out in outs)
+  assert "4" in os.listdir(tmp_path / "checkpoints")
