@@ -6,6 +6,7 @@ would have. Restoring takes an abstract state whose leaves carry the *target* sh
 saved with one mesh and strategy restores onto another. Paths may be local or `gs://` (etils.epath).
 """
 
+import functools
 import json
 from typing import Any
 
@@ -20,6 +21,7 @@ from etils import epath
 _MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
 
 
+@functools.cache
 def _register_array_handler() -> None:
   ocp.type_handlers.register_type_handler(
     jax.Array,

@@ -7,15 +7,17 @@ Sections: set-up (mesh, model, sharded state) | resume | the jitted train step |
 import functools
 import os
 import signal
+import tempfile
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
@@ -169,6 +171,17 @@ def jit_train_step(train_step, mesh, state_shardings):
 # ---------------------------------------------------------------------------------------------
 
 
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  """Training metrics averaged over each logging interval."""
+
+  loss: metrics.Average.from_output("loss")
+  grad_norm: metrics.Average.from_output("grad_norm")
+  param_norm: metrics.LastValue.from_output("param_norm")
+  update_norm: metrics.Average.from_output("update_norm")
+  learning_rate: metrics.LastValue.from_output("learning_rate")
+
+
 class _Preemption:
   """Turns SIGTERM (what a preempted TPU VM or a scheduler sends) into a flag the loop reads."""
 
@@ -192,9 +205,10 @@ def _write_samples(workdir, writer, step, videos, fps):
   scale = max(1, 128 // frames.shape[2])
   sheets = []
   for i, clip in enumerate(frames):
-    path = str(folder / f"step_{step:07d}_{i}.gif")
-    if path.startswith("/") or "://" not in path:
-      video_io.write_video(path, clip, fps=fps, scale=scale)
+    with tempfile.TemporaryDirectory() as tmp:  # PyAV writes local files; epath copies anywhere
+      local = os.path.join(tmp, "sample.gif")
+      video_io.write_video(local, clip, fps=fps, scale=scale)
+      (folder / f"step_{step:07d}_{i}.gif").write_bytes(epath.Path(local).read_bytes())
     sheets.append(np.concatenate(list(clip), axis=1))
   writer.write_images(step, {"samples": np.stack(sheets)})
 
@@ -258,9 +272,9 @@ def train_and_evaluate(
   if t.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=3))
   preemption = _Preemption()
-  losses, pending, step = {}, None, int(state.step)
+  losses, pending, step, interval = {}, None, int(state.step), [None]
   try:
-    with mesh, nn.logical_axis_rules(sharding.activation_rules()):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
       while step < t.num_steps:
         batch = data_pipeline.global_batch(next(data_iter), mesh, sharding.BATCH_AXES)
         if sample_batch is None:
@@ -269,7 +283,7 @@ def train_and_evaluate(
         step += 1
         # The previous step's metrics are fetched now, so the host never waits on the device.
         if pending is not None:
-          _check_and_log(*pending, writer, losses, t)
+          _check_and_log(*pending, writer, losses, t, interval)
         pending = (step, metrics)
         for hook in hooks:
           hook(step)
@@ -280,7 +294,9 @@ def train_and_evaluate(
             _write_samples(workdir, writer, step, videos, config.sampling.fps)
         stop = preemption.requested or checkpointer.reached_preemption(step)
         if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
-          _check_and_log(*pending, writer, losses, t)  # never save after a non-finite step
+          _check_and_log(
+            *pending, writer, losses, t, interval
+          )  # never save after a non-finite step
           pending = None
           checkpointer.save(step, state, data_iter, config)
           if t.kill_at_step == step:  # crash-recovery tests: die the hardest way after saving
@@ -290,7 +306,7 @@ def train_and_evaluate(
           print(f"[train] preempted at step {step}: checkpoint saved", flush=True)
           break
       if pending is not None:
-        _check_and_log(*pending, writer, losses, t)
+        _check_and_log(*pending, writer, losses, t, interval)
   finally:
     preemption.restore()
     checkpointer.wait()
@@ -300,8 +316,9 @@ def train_and_evaluate(
   return {"step": step, "losses": losses, "state": state}
 
 
-def _check_and_log(step, metrics, writer, losses, t):
-  values = jax.device_get(metrics)
+def _check_and_log(step, step_metrics, writer, losses, t, interval):
+  """Stops on a non-finite step; averages metrics over the interval and writes them."""
+  values = jax.device_get(step_metrics)
   if not bool(values["finite"]):
     raise FloatingPointError(
       f"non-finite loss ({float(values['loss'])}) or gradient at step {step}; the state was left "
@@ -309,11 +326,17 @@ def _check_and_log(step, metrics, writer, losses, t):
       f"optimizer.grad_clip, or check the data."
     )
   losses[step] = float(values["loss"])
+  update = TrainMetrics.single_from_model_output(
+    **{k: v for k, v in values.items() if k != "finite"}
+  )
+  interval[0] = update if interval[0] is None else interval[0].merge(update)
   if step % t.log_every == 0 or step == t.num_steps:
-    scalars = {k: float(v) for k, v in values.items() if k != "finite"}
+    scalars = {k: float(v) for k, v in interval[0].compute().items()}
+    interval[0] = None
     writer.write_scalars(step, scalars)
+    # The loss printed is this step's, in full (runs can be compared); TensorBoard gets averages.
     print(
-      f"[train] step {step}/{t.num_steps} loss {scalars['loss']:.4f} "
+      f"[train] step {step}/{t.num_steps} loss {losses[step]!r} (avg {scalars['loss']:.4f}) "
       f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e}",
       flush=True,
     )

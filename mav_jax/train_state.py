@@ -88,4 +88,4 @@ def ema_update(ema, params, step: jax.Array, decay: float):
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

@@ -94,7 +94,7 @@ def _train_cli(workdir, *extra, cpu_devices=4, env=None, **popen):
 
 def _losses(output: str) -> dict[int, float]:
   return {
-    int(s): float(v) for s, v in re.findall(r"\[train\] step (\d+)/\d+ loss ([0-9.]+)", output)
+    int(s): float(v) for s, v in re.findall(r"\[train\] step (\d+)/\d+ loss ([0-9.e-]+)", output)
   }
 
 

@@ -11,7 +11,49 @@ import jax
 import jax.numpy as jnp
 
 from mav_jax.models import axes
-from mav_jax.models.common import Array, Dtype, default_kernel_init, dense, layer_norm
+from mav_jax.models.common import Array, Dtype, dense, layer_norm
+
+
+class _Projection(nn.Module):
+  """y = einsum(x, kernel) + bias over named axes: the kernel is initialised at its final shape
+  (unlike nn.DenseGeneral, which initialises a flattened kernel), so its logical names always match
+  its rank.
+
+  Attributes:
+    kernel_shape: the kernel's shape.
+    names: its logical axis names.
+    equation: einsum of (x, kernel).
+    in_dims: how many leading kernel dims are contracted (for the fan-in of the initialiser).
+    zero_init: zero kernel.
+  """
+
+  kernel_shape: tuple[int, ...]
+  names: tuple[str, ...]
+  equation: str
+  in_dims: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n = len(self.kernel_shape)
+    init = (
+      nn.initializers.zeros
+      if self.zero_init
+      else nn.initializers.lecun_normal(
+        in_axis=tuple(range(self.in_dims)), out_axis=tuple(range(self.in_dims, n))
+      )
+    )
+    kernel = self.param(
+      "kernel", axes.partitioned(init, *self.names), self.kernel_shape, self.param_dtype
+    )
+    out_shape, out_names = self.kernel_shape[self.in_dims :], self.names[self.in_dims :]
+    bias = self.param(
+      "bias", axes.partitioned(nn.initializers.zeros, *out_names), out_shape, self.param_dtype
+    )
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,13 +73,13 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _proj(self, in_axis: str, name: str) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-      (self.num_heads, self.head_dim),
+  def _proj(self, in_features: int, in_axis: str, name: str) -> _Projection:
+    return _Projection(
+      (in_features, self.num_heads, self.head_dim),
+      (in_axis, axes.HEADS, axes.HEAD_DIM),
+      "ntc,chd->nthd",
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=axes.partitioned(default_kernel_init, in_axis, axes.HEADS, axes.HEAD_DIM),
-      bias_init=axes.partitioned(nn.initializers.zeros, axes.HEADS, axes.HEAD_DIM),
       name=name,
     )
 
@@ -61,19 +103,19 @@ class MultiHeadAttention(nn.Module):
       [n, t, c] attention output.
     """
     kv_source, kv_axis = (x, axes.CHANNELS_IN) if context is None else (context, axes.CONTEXT)
-    q = self._proj(axes.CHANNELS_IN, "query")(x)
-    k = self._proj(kv_axis, "key")(kv_source)
-    v = self._proj(kv_axis, "value")(kv_source)
+    q = self._proj(x.shape[-1], axes.CHANNELS_IN, "query")(x)
+    k = self._proj(kv_source.shape[-1], kv_axis, "key")(kv_source)
+    v = self._proj(kv_source.shape[-1], kv_axis, "value")(kv_source)
     mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
-    out_init = nn.initializers.zeros if self.zero_init_out else default_kernel_init
-    return nn.DenseGeneral(
-      x.shape[-1],
-      axis=(-2, -1),
+    return _Projection(
+      (self.num_heads, self.head_dim, x.shape[-1]),
+      (axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
+      "nthd,hdc->ntc",
+      in_dims=2,
+      zero_init=self.zero_init_out,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=axes.partitioned(out_init, axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
-      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
       name="out",
     )(out)
 
