@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -106,5 +107,10 @@ def restore_params(path: str) -> Any:
     if not steps:
       raise FileNotFoundError(f"no checkpoint found under {path}")
     root = root / str(steps[-1])
-  restored = ocp.StandardCheckpointer().restore(root / "state")
-  return restored["params"]
+  checkpointer = ocp.StandardCheckpointer()
+  saved = checkpointer.metadata(root / "state").item_metadata
+  # Each array whole on this host's first device: independent of the mesh it was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+  restored = checkpointer.restore(root / "state", target)
+  return jax.tree.map(np.asarray, restored["params"])

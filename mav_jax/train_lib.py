@@ -5,6 +5,7 @@ Sections: set-up (mesh, model, sharded state) | resume | the jitted train step |
 """
 
 import functools
+import math
 import os
 import signal
 import tempfile
@@ -108,6 +109,8 @@ def _microbatches(batch, k: int):
 def make_train_step(model, stage, config, tx):
   """train_step(state, batch) -> (state, metrics); non-finite steps leave the state unchanged."""
   k = config.train.grad_accum_steps
+  if k < 1:
+    raise ValueError(f"train.grad_accum_steps must be >= 1, got {k}")
   schedule = train_state.learning_rate_schedule(config.optimizer, config.train.num_steps)
 
   def loss_and_grads(params, batch, rng):
@@ -141,8 +144,8 @@ def make_train_step(model, stage, config, tx):
       ),
       opt_state=opt_state,
     )
-    # A non-finite step changes nothing (but the step count): no checkpoint ever holds NaN.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=new.step))
+    # A non-finite step changes nothing (the host then stops the run): no checkpoint holds NaN.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -183,11 +186,18 @@ class TrainMetrics(metrics.Collection):
 
 
 class _Preemption:
-  """Turns SIGTERM (what a preempted TPU VM or a scheduler sends) into a flag the loop reads."""
+  """Turns SIGTERM (what a preempted VM or a scheduler sends) into a flag the loop reads.
+
+  Single-process runs only: with several processes, `jax.distributed` owns SIGTERM and its
+  preemption service makes every host agree on the step to stop at (`reached_preemption`), so all
+  of them save the same checkpoint; a per-host flag would let hosts stop at different steps.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -195,7 +205,8 @@ class _Preemption:
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _write_samples(workdir, writer, step, videos, fps):
@@ -220,7 +231,8 @@ def train_and_evaluate(
 
   `devices` (default: all) are the devices the mesh is built over.
 
-  Returns {"step": last step, "losses": {step: loss} of this process's run, "state": the state}.
+  Returns {"step": last step, "losses": {step: loss}, "grad_norms": {step: norm} of this run,
+  "state": the final state}.
   """
   t = config.train
   workdir = str(workdir)
@@ -230,8 +242,18 @@ def train_and_evaluate(
   logging.info("mesh %s, strategy %s", dict(mesh.shape), config.sharding.strategy)
 
   global_batch = config.batch_size
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} must divide over {jax.process_count()} hosts")
+  batch_sharding = sharding.batch_sharding(mesh)
+  shards = math.prod(mesh.shape[a] for a in batch_sharding.spec[0])
+  if shards % jax.process_count():
+    raise ValueError(
+      f"the batch is split over {shards} device groups ({batch_sharding.spec[0]}), which cannot "
+      f"be spread over {jax.process_count()} hosts; make data x fsdp a multiple of the host count"
+    )
+  if global_batch % (shards * t.grad_accum_steps):
+    raise ValueError(
+      f"batch_size {global_batch} must divide by data x fsdp ({shards}) x "
+      f"train.grad_accum_steps ({t.grad_accum_steps})"
+    )
   train_data, data_stats = data_pipeline.pipeline_from_config(
     config.data, "train", batch_size=global_batch // jax.process_count()
   )
@@ -272,18 +294,18 @@ def train_and_evaluate(
   if t.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=3))
   preemption = _Preemption()
-  losses, pending, step, interval = {}, None, int(state.step), [None]
+  losses, grad_norms, pending, step, interval = {}, {}, None, int(state.step), [None]
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
       while step < t.num_steps:
-        batch = data_pipeline.global_batch(next(data_iter), mesh, sharding.BATCH_AXES)
+        batch = data_pipeline.global_batch(next(data_iter), mesh, batch_sharding.spec[0])
         if sample_batch is None:
           sample_batch = batch  # samples are conditioned on the first batch's clips
         state, metrics = step_fn(state, batch)
         step += 1
         # The previous step's metrics are fetched now, so the host never waits on the device.
         if pending is not None:
-          _check_and_log(*pending, writer, losses, t, interval)
+          _check_and_log(*pending, writer, losses, grad_norms, t, interval)
         pending = (step, metrics)
         for hook in hooks:
           hook(step)
@@ -294,9 +316,8 @@ def train_and_evaluate(
             _write_samples(workdir, writer, step, videos, config.sampling.fps)
         stop = preemption.requested or checkpointer.reached_preemption(step)
         if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
-          _check_and_log(
-            *pending, writer, losses, t, interval
-          )  # never save after a non-finite step
+          # Never save after a non-finite step.
+          _check_and_log(*pending, writer, losses, grad_norms, t, interval)
           pending = None
           checkpointer.save(step, state, data_iter, config)
           if t.kill_at_step == step:  # crash-recovery tests: die the hardest way after saving
@@ -306,17 +327,17 @@ def train_and_evaluate(
           print(f"[train] preempted at step {step}: checkpoint saved", flush=True)
           break
       if pending is not None:
-        _check_and_log(*pending, writer, losses, t, interval)
+        _check_and_log(*pending, writer, losses, grad_norms, t, interval)
   finally:
     preemption.restore()
     checkpointer.wait()
     checkpointer.close()
     writer.flush()
   logging.info("data: %d examples made, %d skipped", data_stats.valid, data_stats.skipped)
-  return {"step": step, "losses": losses, "state": state}
+  return {"step": step, "losses": losses, "grad_norms": grad_norms, "state": state}
 
 
-def _check_and_log(step, step_metrics, writer, losses, t, interval):
+def _check_and_log(step, step_metrics, writer, losses, grad_norms, t, interval):
   """Stops on a non-finite step; averages metrics over the interval and writes them."""
   values = jax.device_get(step_metrics)
   if not bool(values["finite"]):
@@ -326,6 +347,7 @@ def _check_and_log(step, step_metrics, writer, losses, t, interval):
       f"optimizer.grad_clip, or check the data."
     )
   losses[step] = float(values["loss"])
+  grad_norms[step] = float(values["grad_norm"])
   update = TrainMetrics.single_from_model_output(
     **{k: v for k, v in values.items() if k != "finite"}
   )

@@ -45,11 +45,20 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
   )
 
 
+def is_video_only(path: tuple[str, ...]) -> bool:
+  """Parameters an image model does not have: temporal layers, scalar-condition embeddings (fps,
+  frame skip, ...) and the extra-input conv. `trainable=temporal` trains exactly these."""
+  return is_temporal(path) or any(
+    p == "conv_in_extra" or (p.endswith("_embed") and p not in ("time_embed", "global_embed"))
+    for p in path
+  )
+
+
 def _labels(trainable: str):
   def label(params):
     def one(path, _):
       names = tuple(str(getattr(p, "key", p)) for p in path)
-      return "train" if trainable == "all" or is_temporal(names) else "freeze"
+      return "train" if trainable == "all" or is_video_only(names) else "freeze"
 
     return jax.tree_util.tree_map_with_path(
       one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
@@ -61,8 +70,8 @@ def _labels(trainable: str):
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW with warmup + cosine decay and global-norm clipping; frozen parameters get no update.
 
-  `config.train.trainable`: "all", or "temporal" to train only the temporal layers (the video
-  fine-tuning of Make-A-Video with frozen spatial layers).
+  `config.train.trainable`: "all", or "temporal" to train only what video adds to an image model
+  (temporal layers, fps / frame-skip embeddings, extra-input conv), the spatial layers frozen.
   """
   o, trainable = config.optimizer, config.train.trainable
   if trainable not in TRAINABLE:
