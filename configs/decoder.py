@@ -204,7 +204,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_samples = 4
   # Capture a profile (clu.periodic_actions.Profile) early in the run.
   config.train.profile = False
-  # Testing only: SIGKILL the process right after the checkpoint at this step (0: never).
+  # Testing only: SIGKILL the process right after saving the checkpoint at this step (which must
+  # be a checkpoint step; 0: never).
   config.train.kill_at_step = 0
 
   if variant == "tiny":

@@ -76,8 +76,20 @@ class Checkpointer:
     """The state at `step`, placed as `abstract_state`'s shardings say; restores the iterator too."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
+      self._check_host_count(step)
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def _check_host_count(self, step: int) -> None:
+    """The data iterator was saved per host: resuming needs as many hosts as saved it."""
+    folder = self.directory / str(step) / "data"
+    saved = {p.name.split("-of-")[-1].split(".")[0] for p in folder.glob("process_*-of-*.json")}
+    if len(saved) == 1 and int(next(iter(saved))) != jax.process_count():
+      raise ValueError(
+        f"checkpoint {step} in {self.directory} holds the data-iterator state of "
+        f"{int(next(iter(saved)))} host(s) but this run has {jax.process_count()}; resume with the "
+        f"same number of hosts (the model state itself restores onto any mesh)"
+      )
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)

@@ -58,7 +58,7 @@ def setup(config, devices=None):
   """(mesh, model, stage, tx, state shardings, abstract state, create fn) for a config."""
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   stage = stages.get_stage(config.stage)
-  model = stage.DecoderModel(config)
+  model = stage.make_model(config)
   tx = train_state.make_optimizer(config)
   create = create_state_fn(model, stage, config, tx)
   boxed = jax.eval_shape(create, jax.random.key(config.seed))

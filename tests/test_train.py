@@ -143,6 +143,14 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path):
     2, checkpointing.abstract_with_shardings(abstract, shardings)
   )
   assert int(restored.step) == 2
+  # The data iterator's state is per host: another host count is refused with a clear message.
+  from unittest import mock
+
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  checkpointer._check_host_count(2)  # same count: fine
+  with mock.patch.object(jax, "process_count", return_value=2):
+    with pytest.raises(ValueError, match="same number of hosts"):
+      checkpointer._check_host_count(2)
   for a, b in zip(
     jax.tree.leaves(saved["state"].params), jax.tree.leaves(restored.params), strict=True
   ):

@@ -81,6 +81,10 @@ class DecoderModel(nn.Module):
     return self.denoise(z, t, self.embed(frame), fps, image_mode)
 
 
+def make_model(config) -> DecoderModel:
+  return DecoderModel(config)
+
+
 def to_model_space(frames: Array) -> Array:
   """uint8 [0, 255] -> float32 [-1, 1]."""
   return frames.astype(jnp.float32) / 127.5 - 1.0
