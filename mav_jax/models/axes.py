@@ -14,6 +14,7 @@ Parameter axes:
   HEADS, HEAD_DIM: attention heads and per-head features.
   MLP: hidden features of feed-forward blocks.
   REL_POS: buckets of the temporal relative-position bias.
+  POSITION: positions of a learned positional embedding (CLIP).
 
 A parameter never repeats a name (Flax would reject the partition spec), so an axis that is
 mapped to a mesh axis by a strategy is split on exactly one dimension of each parameter. When two
@@ -43,6 +44,7 @@ HEADS = "heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 REL_POS = "rel_pos"
+POSITION = "position"
 
 ACT_BATCH = "activation_batch"
 ACT_FRAMES = "activation_frames"
@@ -65,6 +67,7 @@ PARAM_AXES = (
   HEAD_DIM,
   MLP,
   REL_POS,
+  POSITION,
 )
 ACTIVATION_AXES = (ACT_BATCH, ACT_FRAMES, ACT_HEIGHT, ACT_WIDTH, ACT_CHANNELS, ACT_TOKENS)
 

@@ -1,0 +1,89 @@
+"""CLIP: numerical parity with transformers' PyTorch CLIPModel through the weight converter."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mav_jax.models import clip, clip_convert
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# float32 on both sides; the tolerance covers summation-order differences over a few layers.
+TOLERANCE = 1e-4
+
+
+def _tiny_hf_model():
+  config = transformers.CLIPConfig(
+    text_config=dict(
+      vocab_size=99,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=16,
+    ),
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=24,
+  )
+  # Special tokens inside the tiny vocabulary, so the text is pooled at a real end-of-text token.
+  config.text_config.bos_token_id, config.text_config.eos_token_id = 97, 98
+  config.text_config.pad_token_id = 0
+  torch.manual_seed(0)
+  return transformers.CLIPModel(config).eval()
+
+
+def test_converted_weights_match_the_pytorch_clip_model(tmp_path):
+  hf = _tiny_hf_model()
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  config, params = clip_convert.load_hf_checkpoint(str(tmp_path))
+  assert config.text.layers == 2 and config.patch_size == 8 and config.embed_dim == 24
+  assert config.eos_token_id == 98  # pooled at the first end-of-text token, as transformers does
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 97, size=(3, 16))
+  tokens[:, 0], tokens[0, 9], tokens[1, 15], tokens[2, 4] = 97, 98, 98, 98  # bos / eos positions
+  tokens[0, 10:], tokens[2, 5:] = 0, 0
+  images = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    ref_text = hf.get_text_features(input_ids=torch.tensor(tokens)).pooler_output.numpy()
+    ref_image = hf.get_image_features(pixel_values=torch.tensor(images)).pooler_output.numpy()
+
+  model = clip.CLIP(config)
+  ours_text, ours_image, scale = model.apply(
+    {"params": params}, jnp.asarray(tokens), jnp.asarray(images.transpose(0, 2, 3, 1))
+  )
+  np.testing.assert_allclose(ours_text, ref_text, atol=TOLERANCE, rtol=TOLERANCE)
+  np.testing.assert_allclose(ours_image, ref_image, atol=TOLERANCE, rtol=TOLERANCE)
+  np.testing.assert_allclose(scale, hf.logit_scale.item(), rtol=1e-6)
+  # Same tree as the module's own initialisation: nothing missing, nothing extra.
+  init = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.asarray(tokens), jnp.zeros((1, 32, 32, 3)))
+  )["params"]
+  from flax import linen as nn
+
+  assert jax.tree.structure(nn.unbox(init)) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(nn.unbox(init)), jax.tree.leaves(params), strict=True):
+    assert a.shape == b.shape
+
+
+def test_converter_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    clip_convert.load_hf_checkpoint(str(tmp_path))
+  hf = _tiny_hf_model()
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["text_config"]["num_hidden_layers"] = 1
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="not used by the conversion"):
+    clip_convert.load_hf_checkpoint(str(tmp_path))
