@@ -16,6 +16,8 @@ Override any field: --config.model.channels=32 (unknown fields are an error).
 
 import ml_collections
 
+from mav_jax import config_defaults
+
 VARIANTS = ("tiny", "base")
 
 
@@ -33,47 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   # Data (mav_jax.data): what a clip is and where it comes from.
-  config.data = ml_collections.ConfigDict()
-  # "synthetic" (the embedded shapes-in-motion world) or a folder made by mav_jax.data.prepare.
-  config.data.source = "synthetic"
-  # Prepared folder for evaluation when `source` is a folder ("" for none).
-  config.data.eval_source = ""
-  # "video" clips (temporal training) or "image" single frames (spatial training).
-  config.data.kind = "video"
-  # Frames per clip (the paper's D^t makes 16).
-  config.data.num_frames = 16
-  # Height and width of each frame.
-  config.data.resolution = 64
-  # Clip frame rate: fps_min + (fps_max - fps_min) * Beta(fps_alpha, fps_beta) per clip.
-  config.data.fps_min = 1.0
-  # Highest clip frame rate.
-  config.data.fps_max = 30.0
-  # Beta distribution of the clip frame rate (1, 1: uniform).
-  config.data.fps_alpha = 1.0
-  # Second shape parameter of the fps Beta distribution.
-  config.data.fps_beta = 1.0
-  # > 0: a fixed frame skip instead of a random fps.
-  config.data.frame_skip = 0
-  # Random interpolation / extrapolation frame masks (the interpolation stage).
-  config.data.frame_masks = False
-  # Random instead of centre crops of real videos.
-  config.data.random_crop = True
-  # Synthetic world: number of training scenes.
-  config.data.num_train = 100_000
-  # Synthetic world: number of evaluation scenes (every shape, colour, direction in turn).
-  config.data.num_eval = 600
-  # Seed of the synthetic world.
-  config.data.seed = 0
-  # Caption tokenizer: "byte", "sentencepiece" or "clip_bpe".
-  config.data.tokenizer = "byte"
-  # Tokenizer file (SentencePiece model or CLIP merges file); "" for "byte".
-  config.data.tokenizer_path = ""
-  # Caption length in tokens.
-  config.data.max_tokens = 77
-  # Threads reading and transforming records, per host.
-  config.data.num_threads = 4
-  # Worker processes per host for decoding (0: threads only).
-  config.data.worker_count = 0
+  config_defaults.add_data(config)
   # Width of the global conditioning embedding (the CLIP image embedding in the full cascade).
   config.data.embedding_dim = 768
 
@@ -145,68 +107,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sampling.fps = 8.0
 
   # Optimisation: AdamW, linear warmup then cosine decay, global-norm clipping.
-  config.optimizer = ml_collections.ConfigDict()
-  # Peak learning rate.
-  config.optimizer.learning_rate = 1e-4
-  # Steps of linear warmup.
-  config.optimizer.warmup_steps = 1000
-  # Final learning rate as a fraction of the peak.
-  config.optimizer.final_lr_ratio = 0.1
-  # AdamW weight decay.
-  config.optimizer.weight_decay = 0.0
-  # Adam beta1.
-  config.optimizer.b1 = 0.9
-  # Adam beta2.
-  config.optimizer.b2 = 0.99
-  # Global gradient-norm clip.
-  config.optimizer.grad_clip = 1.0
-  # Examples per step, over all hosts.
-  config.batch_size = 8
+  config_defaults.add_optimizer(config)
   # Training steps of the demo (mav_jax.demo).
   config.demo_steps = 20
 
-  # Device mesh (mav_jax.parallel.mesh): axis names, sizes within a slice, sizes across slices.
-  config.mesh = ml_collections.ConfigDict()
-  # Mesh axis names.
-  config.mesh.axes = ("data", "fsdp", "tensor")
-  # Sizes inside one slice (one -1 is inferred from the device count).
-  config.mesh.ici = (1, -1, 1)
-  # Sizes across slices (multi-slice TPU); (1, 1, 1) on one slice.
-  config.mesh.dcn = (1, 1, 1)
-  # Sharding strategy: data_parallel, fsdp, tensor or fsdp_tensor (mav_jax.parallel.sharding).
-  config.sharding = ml_collections.ConfigDict()
-  # Name of the strategy (its logical-axis rule table).
-  config.sharding.strategy = "fsdp"
-
-  # Training loop (mav_jax.train).
-  config.train = ml_collections.ConfigDict()
-  # Total optimizer steps.
-  config.train.num_steps = 100_000
-  # Micro-batches per step (gradient accumulation); batch_size must divide by it.
-  config.train.grad_accum_steps = 1
-  # EMA decay of the parameters used for sampling.
-  config.train.ema_decay = 0.9999
-  # "all" parameters, or only the "temporal" layers (spatial layers frozen).
-  config.train.trainable = "all"
-  # Image-stage checkpoint (workdir or step folder) to start a video stage from ("" for none).
-  config.train.init_from = ""
-  # Log metrics every this many steps.
-  config.train.log_every = 100
-  # Save a checkpoint every this many steps (and at the end, and on SIGTERM).
-  config.train.checkpoint_every = 1000
-  # Checkpoints kept.
-  config.train.checkpoint_keep = 3
-  # Save checkpoints in the background.
-  config.train.async_checkpoints = True
-  # Write sample videos every this many steps (0: never).
-  config.train.sample_every = 5000
-  # Videos per sample write.
-  config.train.num_samples = 4
-  # Capture a profile (clu.periodic_actions.Profile) early in the run.
-  config.train.profile = False
-  # Testing only: SIGKILL the process right after saving the checkpoint at this step (which must
-  # be a checkpoint step; 0: never).
-  config.train.kill_at_step = 0
+  # Device mesh, sharding strategy and training loop.
+  config_defaults.add_runtime(config)
 
   if variant == "tiny":
     config.data.num_frames = 4

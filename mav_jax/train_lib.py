@@ -309,7 +309,7 @@ def train_and_evaluate(
         pending = (step, metrics)
         for hook in hooks:
           hook(step)
-        if t.sample_every and step % t.sample_every == 0:
+        if t.sample_every and hasattr(stage, "sample") and step % t.sample_every == 0:
           videos = sample_fn(state.ema_params, sample_batch, jax.random.key(step))
           videos = multihost_utils.process_allgather(videos, tiled=True)
           if jax.process_index() == 0:

@@ -1,8 +1,8 @@
 """Cascade stages: what each stage feeds its model, how its loss is formed, how it samples."""
 
-from mav_jax.stages import decoder
+from mav_jax.stages import clip, decoder
 
-STAGES = {"decoder": decoder}
+STAGES = {"clip": clip, "decoder": decoder}
 
 
 def get_stage(name: str):
