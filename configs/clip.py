@@ -18,16 +18,7 @@ VARIANTS = ("tiny", "base")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the CLIP config for variant `arg` (default "tiny")."""
-  variant = arg or "tiny"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown clip variant {variant!r}; choose one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  # Name of the cascade stage this config trains.
-  config.stage = "clip"
-  # Which named variant this is.
-  config.variant = variant
-  # Seed of parameter initialisation, data and sampling.
-  config.seed = 0
+  config = config_defaults.new_config("clip", arg, VARIANTS)
 
   config_defaults.add_data(config)
   # CLIP trains on single images with captions of shape and colour.
@@ -73,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config_defaults.add_runtime(config)
   config.train.sample_every = 0  # CLIP has no samples to write
 
-  if variant == "tiny":
+  if config.variant == "tiny":
     config.data.resolution = 16
     config.data.tokenizer = "byte"
     config.data.max_tokens = 32

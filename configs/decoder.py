@@ -23,16 +23,7 @@ VARIANTS = ("tiny", "base")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the decoder config for variant `arg` (default "tiny")."""
-  variant = arg or "tiny"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown decoder variant {variant!r}; choose one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  # Name of the cascade stage this config trains.
-  config.stage = "decoder"
-  # Which named variant this is.
-  config.variant = variant
-  # Seed of parameter initialisation, data and sampling.
-  config.seed = 0
+  config = config_defaults.new_config("decoder", arg, VARIANTS)
 
   # Data (mav_jax.data): what a clip is and where it comes from.
   config_defaults.add_data(config)
@@ -114,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Device mesh, sharding strategy and training loop.
   config_defaults.add_runtime(config)
 
-  if variant == "tiny":
+  if config.variant == "tiny":
     config.data.num_frames = 4
     config.data.resolution = 16
     config.data.fps_min = 2.0

@@ -7,6 +7,21 @@ one-line comment here.
 import ml_collections
 
 
+def new_config(stage: str, arg: str | None, variants: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """A config for `stage` with the variant parsed from `arg` (the first variant when empty)."""
+  variant = arg or variants[0]
+  if variant not in variants:
+    raise ValueError(f"unknown {stage} variant {variant!r}; choose one of {variants}")
+  config = ml_collections.ConfigDict()
+  # Name of the cascade stage this config trains.
+  config.stage = stage
+  # Which named variant this is.
+  config.variant = variant
+  # Seed of parameter initialisation, data and sampling.
+  config.seed = 0
+  return config
+
+
 def add_data(config: ml_collections.ConfigDict) -> None:
   """`config.data`: what an example is and where it comes from (mav_jax.data)."""
   config.data = ml_collections.ConfigDict()
