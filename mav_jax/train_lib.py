@@ -77,16 +77,36 @@ def init_state(create, shardings, config) -> TrainState:
 
 def state_from_image_checkpoint(state: TrainState, shardings, path: str) -> TrainState:
   """Loads an image-stage checkpoint's params into a fresh video state (temporal layers stay at
-  their identity init); EMA starts from the same values, the optimizer from scratch."""
-  image_params = checkpointing.restore_params(path)
-  params, new_paths = inflate_image_params(image_params, jax.device_get(state.params))
-  params = jax.tree.map(np.asarray, jax.device_get(params))  # host copies: fresh device buffers
-  logging.info("initialised from %s; %d new parameter arrays", path, len(new_paths))
-  # Two copies: params and EMA are donated to the step separately, so they must not share buffers.
-  return state.replace(
-    params=jax.device_put(params, shardings.params),
-    ema_params=jax.device_put(params, shardings.ema_params),
+  their identity init); EMA starts from the same values, the optimizer from scratch.
+
+  The image parameters are read on each host (parameters only, not the optimizer state), each
+  array placed straight into the sharding of the video parameter it becomes; the merge runs under
+  jit with the video shardings, so the video model is never gathered onto one host.
+  """
+  image = traverse_util.flatten_dict(checkpointing.restore_params(path))
+  target = traverse_util.flatten_dict(shardings.params)
+  missing = sorted("/".join(p) for p in image if p not in target)
+  if missing:
+    raise ValueError(
+      f"{path}: image parameters missing from the video model (do the configs match?): "
+      f"{missing[:10]}"
+    )
+  placed = traverse_util.unflatten_dict(
+    {
+      p: jax.make_array_from_callback(a.shape, target[p], lambda i, a=a: np.asarray(a)[i])
+      for p, a in image.items()
+    }
   )
+
+  def merge(image_params, video_params):
+    return inflate_image_params(image_params, video_params)[0]
+
+  # Two outputs: params and EMA are donated to the step separately and must not share buffers.
+  params, ema = jax.jit(
+    lambda i, v: (merge(i, v), merge(i, v)), out_shardings=(shardings.params, shardings.ema_params)
+  )(placed, state.params)
+  logging.info("initialised the video model from the image checkpoint %s", path)
+  return state.replace(params=params, ema_params=ema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +382,3 @@ def _check_and_log(step, step_metrics, writer, losses, grad_norms, t, interval):
       f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e}",
       flush=True,
     )
-
-
-def flat_params(state: TrainState) -> dict:
-  """{path: array} of a state's params, on the host (for comparisons in tests and tools)."""
-  return traverse_util.flatten_dict(jax.device_get(state.params))
