@@ -44,6 +44,11 @@ def clip_config_from_hf(hf: dict) -> ClipConfig:
   )
 
 
+def _norm(take, name: str) -> dict:
+  """A LayerNorm's weight and bias -> our scale and bias."""
+  return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
+
+
 def _block(take, prefix: str, width: int, heads: int) -> dict:
   d = width // heads
   attn = {}
@@ -57,9 +62,6 @@ def _block(take, prefix: str, width: int, heads: int) -> dict:
     "bias": take(f"{prefix}.self_attn.out_proj.bias"),
   }
 
-  def norm(name):
-    return {"scale": take(f"{prefix}.{name}.weight"), "bias": take(f"{prefix}.{name}.bias")}
-
   def dense(name):
     return {
       "kernel": take(f"{prefix}.mlp.{name}.weight").T,
@@ -67,9 +69,9 @@ def _block(take, prefix: str, width: int, heads: int) -> dict:
     }
 
   return {
-    "ln_1": norm("layer_norm1"),
+    "ln_1": _norm(take, f"{prefix}.layer_norm1"),
     "attn": attn,
-    "ln_2": norm("layer_norm2"),
+    "ln_2": _norm(take, f"{prefix}.layer_norm2"),
     "fc1": dense("fc1"),
     "fc2": dense("fc2"),
   }
@@ -87,7 +89,7 @@ def convert_state_dict(state: dict[str, Any], config: ClipConfig) -> dict:
     return state[name]
 
   def norm(name):
-    return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
+    return _norm(take, name)
 
   t, v = "text_model", "vision_model"
   text = {
