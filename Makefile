@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m mav_jax.demo --output outputs/demo.gif --overwrite
+	$(VENV)/bin/python -m mav_jax.sample --prompt "a red circle moving left" --output outputs/demo.gif --overwrite
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(VENV)/bin/pip install --quiet -r requirements-test.txt

@@ -8,10 +8,12 @@ saved with one mesh and strategy restores onto another. Paths may be local or `g
 
 import functools
 import json
+import os
 from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -33,6 +35,12 @@ def _register_array_handler() -> None:
   )
 
 
+def _path(path) -> epath.Path:
+  """An absolute epath (Orbax rejects relative local paths); gs:// and other URLs as they are."""
+  text = str(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, config) by step.
 
@@ -44,7 +52,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     _register_array_handler()
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = _path(workdir) / "checkpoints"
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers={
@@ -108,21 +116,111 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   )
 
 
-def restore_params(path: str) -> Any:
-  """Only the `params` of a checkpoint (a step folder or a run's workdir: its latest step), as
-  host numpy arrays: for starting a video stage from an image stage."""
-  root = epath.Path(path)
+def _latest_step_dir(path: str) -> epath.Path:
+  """The step folder of a training checkpoint: `path` itself, or a workdir's latest step."""
+  root = _path(path)
   if (root / "checkpoints").exists():
     root = root / "checkpoints"
-  if not (root / "state").exists():
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint found under {path}")
-    root = root / str(steps[-1])
+  if (root / "state").exists():
+    return root
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  if not steps:
+    raise FileNotFoundError(
+      f"no checkpoint found under {path}: expected a training workdir (with checkpoints/<step>), "
+      f"a step folder, or a model exported by mav_jax.export"
+    )
+  return root / str(steps[-1])
+
+
+def _restore_host(directory: epath.Path, item: str | None = None) -> Any:
+  """Restores an Orbax tree whole onto this host as numpy arrays; `item` picks one entry of it."""
   checkpointer = ocp.StandardCheckpointer()
-  saved = checkpointer.metadata(root / "state").item_metadata
+  saved = checkpointer.metadata(directory).item_metadata
   # Each array whole on this host's first device: independent of the mesh it was saved from.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-  restored = checkpointer.restore(root / "state", target)
-  return jax.tree.map(np.asarray, restored["params"])
+  restored = jax.tree.map(np.asarray, checkpointer.restore(directory, target))
+  checkpointer.close()
+  return restored if item is None else restored[item]
+
+
+def is_exported_model(path: str) -> bool:
+  root = _path(path)
+  return (root / MODEL_CONFIG).exists() and (root / MODEL_PARAMS).exists()
+
+
+def restore_params(path: str, item: str = "params") -> Any:
+  """Parameters of a checkpoint as host numpy arrays, for starting one stage from another.
+
+  `path` is a training workdir (its latest step), a step folder (`item`: "params" or
+  "ema_params"), or a model exported by `mav_jax.export` (its only parameters).
+  """
+  if is_exported_model(path):
+    return _restore_host(_path(path) / MODEL_PARAMS)
+  return _restore_host(_latest_step_dir(path) / "state", item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checkpoints: the parameters a stage samples with, and the config that built them.
+# ---------------------------------------------------------------------------------------------
+
+MODEL_CONFIG = "config.json"
+MODEL_PARAMS = "params"
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs use (a JSON round trip turns tuples into lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_from_json(data: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(_tuples(data))
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """The stage config a model checkpoint or training workdir was made with."""
+  if is_exported_model(path):
+    return config_from_json(json.loads((_path(path) / MODEL_CONFIG).read_text()))
+  folder = _latest_step_dir(path) / "config"
+  files = [p for p in folder.iterdir() if p.is_file()] if folder.exists() else []
+  if not files:
+    raise FileNotFoundError(f"{folder}: the checkpoint holds no config")
+  return config_from_json(json.loads(files[0].read_text()))
+
+
+def load_model(path: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, host numpy params) of an exported model or of a training run's EMA parameters."""
+  if is_exported_model(path):
+    return load_config(path), restore_params(path)
+  return load_config(path), restore_params(path, "ema_params")
+
+
+def export_model(source: str, output: str, overwrite: bool = False, item: str = "ema_params"):
+  """Writes `source`'s (a training workdir or step folder) parameters and config as a model
+  checkpoint in `output`: `params/` (Orbax) and `config.json`, no optimizer state or data state.
+
+  The write goes to a staging folder first and is swapped in, so a failed export leaves `output`
+  as it was; an existing `output` is replaced only with `overwrite`.
+  """
+  out = _path(output)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{output} already exists; choose another output or pass --overwrite")
+  config = load_config(source)
+  params = restore_params(source, item)
+  staging = _path(f"{output}.staging")
+  if staging.exists():
+    staging.rmtree()
+  staging.mkdir(parents=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(staging / MODEL_PARAMS, params)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (staging / MODEL_CONFIG).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  if out.exists():
+    out.rmtree()
+  staging.rename(out)
+  return config, params

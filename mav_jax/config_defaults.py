@@ -47,6 +47,10 @@ def add_data(config: ml_collections.ConfigDict) -> None:
   config.data.frame_skip = 0
   # Random interpolation / extrapolation frame masks (the interpolation stage).
   config.data.frame_masks = False
+  # Largest interpolation skip of the random frame masks (capped at num_frames - 1).
+  config.data.mask_max_skip = 4
+  # Most given frames of a random extrapolation mask.
+  config.data.mask_max_context = 4
   # Random instead of centre crops of real videos.
   config.data.random_crop = True
   # Synthetic world: number of training scenes.
@@ -132,3 +136,131 @@ def add_runtime(config: ml_collections.ConfigDict) -> None:
   # Testing only: SIGKILL the process right after saving the checkpoint at this step (which must
   # be a checkpoint step; 0: never).
   config.train.kill_at_step = 0
+
+
+def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
+  """`config.conditioning`: the frozen CLIP a stage reads and the widths it produces."""
+  config.conditioning = ml_collections.ConfigDict()
+  # CLIP model checkpoint (training workdir or mav_jax.export folder; relative paths also resolve
+  # against the repository, so the shipped checkpoints work from anywhere).
+  config.conditioning.clip = clip
+  # Width of CLIP's joint embedding (the image embedding D^t and ↑F are conditioned on).
+  config.conditioning.embedding_dim = 512
+  # Width of CLIP's text tower (token features the prior reads).
+  config.conditioning.text_width = 512
+  # Super-resolution: side of the low-resolution input.
+  config.conditioning.low_resolution = 64
+  # Super-resolution: largest noise-augmentation level (diffusion time) in training.
+  config.conditioning.max_aug_level = 0.5
+
+
+def add_unet_stage(config: ml_collections.ConfigDict) -> None:
+  """`config.model` (SpaceTimeUNet), `config.diffusion` and `config.sampling` of a UNet stage, with
+  D^t's values; other stages override what differs."""
+  # SpaceTimeUNet attributes (mav_jax.models.unet.SpaceTimeUNet).
+  config.model = ml_collections.ConfigDict()
+  # Output channels (RGB).
+  config.model.out_channels = 3
+  # Base width; level i has channels * channel_mults[i] channels.
+  config.model.channels = 128
+  # Width multiplier per resolution level.
+  config.model.channel_mults = (1, 2, 3, 4)
+  # Residual blocks per level.
+  config.model.num_res_blocks = 2
+  # Levels with pseudo-3D attention (indices into channel_mults).
+  config.model.attention_levels = (1, 2, 3)
+  # Attention block in the middle of the UNet.
+  config.model.mid_attention = True
+  # Features per attention head.
+  config.model.head_dim = 64
+  # Scalar conditions; D^t is conditioned on the clip's frame rate.
+  config.model.conditioning_scalars = ("fps",)
+  # Multiplier of each scalar before its sinusoidal features (1: fps in frames per second).
+  config.model.conditioning_scalar_scales = (1.0,)
+  # Condition on a global embedding vector (the CLIP image embedding).
+  config.model.use_global_embedding = True
+  # Cross-attention to context tokens (off: D^t sees text only through the embedding).
+  config.model.use_cross_attention = False
+  # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
+  config.model.extra_input_channels = 0
+  # Taps of every temporal conv.
+  config.model.temporal_kernel_size = 3
+  # Dropout inside residual blocks.
+  config.model.dropout = 0.0
+  # Rematerialise block activations in the backward pass.
+  config.model.remat = False
+  # jax.checkpoint_policies name: what remat may keep instead of recomputing.
+  config.model.remat_policy = "nothing_saveable"
+  # Compute dtype.
+  config.model.dtype = "bfloat16"
+  # Parameter dtype.
+  config.model.param_dtype = "float32"
+
+  # Diffusion process and loss.
+  config.diffusion = ml_collections.ConfigDict()
+  # Noise schedule kind: "cosine" or "linear".
+  config.diffusion.schedule = "cosine"
+  # Resolution shift: resolution / base resolution (1.0: none).
+  config.diffusion.shift = 1.0
+  # Model parameterisation: "eps", "x0" or "v".
+  config.diffusion.target = "v"
+  # Loss weighting: "plain" or "min_snr".
+  config.diffusion.weighting = "min_snr"
+  # Gamma of min-SNR weighting.
+  config.diffusion.min_snr_gamma = 5.0
+  # Probability of dropping the conditioning (classifier-free guidance training).
+  config.diffusion.cond_dropout = 0.1
+
+  # Sampling.
+  config.sampling = ml_collections.ConfigDict()
+  # "ddpm", "ddim" or "dpm++2m".
+  config.sampling.sampler = "ddim"
+  # Model evaluations per sample.
+  config.sampling.num_steps = 50
+  # DDIM eta (0: deterministic).
+  config.sampling.eta = 0.0
+  # Classifier-free guidance scale (1: no guidance).
+  config.sampling.guidance_scale = 3.0
+  # Frame rate the sample is conditioned on and written at.
+  config.sampling.fps = 8.0
+  # Super-resolution: noise-augmentation level of the low-resolution input when sampling.
+  config.sampling.aug_level = 0.1
+  # Frame interpolation: frame skip when expanding a clip ((f - 1) * skip + 1 frames).
+  config.sampling.frame_skip = 5
+
+
+# The tiny cascade's shared CLIP (shipped with the repository; made by scripts/train_tiny_cascade.sh).
+TINY_CLIP = "checkpoints/tiny/clip"
+
+
+def make_tiny(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a UNet stage config to the tiny cascade's sizes (one CPU core trains and samples it):
+  a ~0.3M-parameter UNet, the tiny CLIP's widths, byte captions, short runs."""
+  config.data.num_frames = 4
+  config.data.resolution = 16
+  config.data.fps_min = 2.0
+  config.data.fps_max = 8.0
+  config.data.max_tokens = 32
+  config.data.num_threads = 1
+  config.conditioning.clip = TINY_CLIP
+  config.conditioning.embedding_dim = 32
+  config.conditioning.text_width = 32
+  config.conditioning.low_resolution = 16
+  config.model.channels = 16
+  config.model.channel_mults = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_levels = (1,)
+  config.model.head_dim = 16
+  config.model.dtype = "float32"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 10
+  config.batch_size = 8
+  config.train.num_steps = 200
+  config.train.ema_decay = 0.99
+  config.train.log_every = 10
+  config.train.checkpoint_every = 50
+  config.train.sample_every = 100
+  config.train.num_samples = 2
+  config.sampling.num_steps = 10
+  config.sampling.fps = 4.0
+  config.sampling.frame_skip = 3

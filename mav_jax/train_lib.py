@@ -133,20 +133,20 @@ def make_train_step(model, stage, config, tx):
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {k}")
   schedule = train_state.learning_rate_schedule(config.optimizer, config.train.num_steps)
 
-  def loss_and_grads(params, batch, rng):
-    return jax.value_and_grad(functools.partial(stage.loss_fn, model, config), has_aux=True)(
-      params, batch, rng
-    )
+  def loss_and_grads(params, batch, rng, frozen):
+    loss = functools.partial(stage.loss_fn, model, config, frozen=frozen)
+    return jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen=None):
+    """`frozen`: parameters of frozen models the loss reads (e.g. CLIP's), not trained."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if k == 1:
-      (loss, _), grads = loss_and_grads(state.params, batch, rng)
+      (loss, _), grads = loss_and_grads(state.params, batch, rng, frozen)
     else:
 
       def body(carry, inputs):
         i, micro = inputs
-        (micro_loss, _), g = loss_and_grads(state.params, micro, jax.random.fold_in(rng, i))
+        (micro_loss, _), g = loss_and_grads(state.params, micro, jax.random.fold_in(rng, i), frozen)
         return jax.tree.map(jnp.add, carry, (micro_loss, g)), None
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
@@ -179,11 +179,11 @@ def make_train_step(model, stage, config, tx):
   return train_step
 
 
-def jit_train_step(train_step, mesh, state_shardings):
+def jit_train_step(train_step, mesh, state_shardings, frozen_shardings=None):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(
     train_step,
-    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
@@ -299,12 +299,18 @@ def train_and_evaluate(
     flush=True,
   )
 
-  step_fn = jit_train_step(make_train_step(model, stage, config, tx), mesh, shardings)
+  # Frozen models the stage reads (CLIP for the prior, D^t and ↑F), sharded like trained params.
+  frozen = stage.load_frozen(model, config, mesh) if hasattr(stage, "load_frozen") else {}
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  step_fn = jit_train_step(
+    make_train_step(model, stage, config, tx), mesh, shardings, frozen_shardings
+  )
   n_samples = t.num_samples
 
   @jax.jit
-  def sample_fn(params, batch, rng):
-    return stage.sample(model, config, params, jax.tree.map(lambda x: x[:n_samples], batch), rng)
+  def sample_fn(params, batch, rng, frozen):
+    batch = jax.tree.map(lambda x: x[:n_samples], batch)
+    return stage.sample(model, config, params, batch, rng, frozen)
 
   sample_batch = None
   report = periodic_actions.ReportProgress(
@@ -321,7 +327,7 @@ def train_and_evaluate(
         batch = data_pipeline.global_batch(next(data_iter), mesh, batch_sharding.spec[0])
         if sample_batch is None:
           sample_batch = batch  # samples are conditioned on the first batch's clips
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, frozen)
         step += 1
         # The previous step's metrics are fetched now, so the host never waits on the device.
         if pending is not None:
@@ -330,7 +336,7 @@ def train_and_evaluate(
         for hook in hooks:
           hook(step)
         if t.sample_every and hasattr(stage, "sample") and step % t.sample_every == 0:
-          videos = sample_fn(state.ema_params, sample_batch, jax.random.key(step))
+          videos = sample_fn(state.ema_params, sample_batch, jax.random.key(step), frozen)
           videos = multihost_utils.process_allgather(videos, tiled=True)
           if jax.process_index() == 0:
             _write_samples(workdir, writer, step, videos, config.sampling.fps)

@@ -139,6 +139,13 @@ def test_frame_skip_and_frame_masks():
   np.testing.assert_allclose(batch["fps"], 1.6)
   assert batch["frame_mask"].shape == (8, 6) and batch["frame_mask"].any(axis=1).all()
   assert (~batch["frame_mask"]).any(axis=1).all()  # something is always left to generate
+  # "mask_skip" is the spacing of the given frames: k for interpolation, 1 for extrapolation.
+  for mask, skip in zip(batch["frame_mask"], batch["mask_skip"], strict=True):
+    given = np.flatnonzero(mask)
+    assert skip == (given[1] - given[0] if len(given) > 1 else 1)
+  rng = np.random.default_rng(0)
+  skips = {video.random_frame_mask(rng, 10, max_skip=9)[1] for _ in range(300)}
+  assert skips == set(range(1, 10))  # up to the two end frames alone (skip 9 of 10 frames)
   np.testing.assert_array_equal(video.frame_mask("interpolate", 7, 3), [1, 0, 0, 1, 0, 0, 1])
   # The last frame is always given: frames after the last k-th one are interpolated too.
   np.testing.assert_array_equal(video.frame_mask("interpolate", 6, 4), [1, 0, 0, 0, 1, 1])

@@ -1,4 +1,4 @@
-"""Entrypoints end to end: the demo (train a few steps, write a sample) and count_params."""
+"""Entrypoints end to end: `mav_jax.sample` (the README's main job) and count_params."""
 
 import os
 import subprocess
@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 
 from configs import decoder
-from mav_jax import demo_lib
 from mav_jax.models.summary import count_params
 from mav_jax.utils import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tiny_config():
-  config = decoder.get_config("tiny")
-  config.demo_steps = 3
-  config.sampling.num_steps = 3
-  return config
 
 
 def _frames(path):
@@ -28,40 +20,47 @@ def _frames(path):
     return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
-def test_demo_trains_and_writes_a_video_and_contact_sheet(tmp_path):
-  config = _tiny_config()
-  out = str(tmp_path / "sample.gif")
-  result = demo_lib.run_demo(config, out)
-  assert len(result["losses"]) == 3 and np.all(np.isfinite(result["losses"]))
-  frames = _frames(out)
-  scale = 128 // config.data.resolution
-  assert len(frames) == config.data.num_frames
-  assert frames[0].shape == (config.data.resolution * scale, config.data.resolution * scale, 3)
-  assert os.path.getsize(result["sheet"]) > 0
-  # count_params (abstract shapes only) agrees with the model the demo really initialised.
-  counts = count_params(config)
-  assert counts["total"] == result["num_params"]
-  assert 0 < counts["temporal"] < counts["total"]
-  # A second run must not overwrite what the first wrote.
-  before = open(out, "rb").read()
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    demo_lib.run_demo(config, out)
-  assert open(out, "rb").read() == before
-
-
-def test_demo_cli_refuses_to_overwrite_and_exits_non_zero(tmp_path):
-  out = tmp_path / "taken.gif"
-  out.write_bytes(b"precious")
-  proc = subprocess.run(
-    [sys.executable, "-m", "mav_jax.demo", f"--output={out}"],
+def _sample(*args, timeout=600):
+  return subprocess.run(
+    [sys.executable, "-m", "mav_jax.sample", *args],
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=timeout,
   )
-  assert proc.returncode != 0
-  assert "already exists" in proc.stderr
+
+
+def test_main_job_command_writes_video_and_contact_sheet(tmp_path):
+  """The README's main-job command with only the prompt and output (plus fewer sampler steps)."""
+  out = tmp_path / "out.gif"
+  proc = _sample("--prompt", "a red circle moving left", f"--output={out}", "--steps=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  frames = _frames(str(out))
+  # The tiny cascade: 4 frames -> ↑F (skip 3) 10 frames -> 16 px -> 32 px -> 64 px, upscaled x3.
+  assert len(frames) == 10 and frames[0].shape == (192, 192, 3)
+  assert (tmp_path / "out.png").exists()
+  for stage in ("prior", "decoder", "interp", "sr_low", "sr_high"):
+    assert f"[sample] {stage}" in proc.stderr
+
+
+def test_sample_cli_errors_exit_non_zero_and_touch_nothing(tmp_path):
+  out = tmp_path / "taken.gif"
+  out.write_bytes(b"precious")
+  proc = _sample("--prompt", "a red circle", f"--output={out}")
+  assert proc.returncode == 1 and "already exists" in proc.stderr
   assert out.read_bytes() == b"precious"
+  fresh = tmp_path / "new.gif"
+  for args, message in [
+    (["--prompt", "  "], "empty --prompt"),
+    (["--mode=image", f"--image={tmp_path / 'missing.png'}"], "does not exist"),
+    (["--prompt", "x", f"--decoder={tmp_path}"], "no decoder checkpoint there"),
+    (["--prompt", "x", f"--decoder={REPO}/checkpoints/tiny/prior"], "holds a 'prior' checkpoint"),
+    (["--mode=interpolate", f"--image={out}"], "needs two images"),
+  ]:
+    proc = _sample(*args, f"--output={fresh}")
+    assert proc.returncode == 1, (args, proc.stderr[-2000:])
+    assert message in proc.stderr, (args, proc.stderr[-2000:])
+    assert not fresh.exists()
 
 
 def test_count_params_cli_prints_the_counts():

@@ -42,7 +42,10 @@ class ClipSpec:
     resolution: height and width.
     fps_min, fps_max, fps_alpha, fps_beta: the clip fps is fps_min + (fps_max - fps_min) * Beta.
     frame_skip: > 0 takes every `frame_skip`-th source frame instead of a random fps.
-    frame_masks: add a random interpolation / extrapolation mask per clip ("frame_mask").
+    frame_masks: add a random interpolation / extrapolation mask per clip ("frame_mask") and the
+      spacing of its given frames ("mask_skip").
+    mask_max_skip: largest interpolation skip of the random masks.
+    mask_max_context: most given frames of an extrapolation mask.
     random_crop: random rather than centre crops of real data.
     max_tokens: caption length after tokenisation.
   """
@@ -56,6 +59,8 @@ class ClipSpec:
   fps_beta: float = 1.0
   frame_skip: int = 0
   frame_masks: bool = False
+  mask_max_skip: int = 4
+  mask_max_context: int = 4
   random_crop: bool = False
   max_tokens: int = 32
 
@@ -92,7 +97,10 @@ class MakeExample:
       if spec.frame_skip:
         example["frame_skip"] = np.int32(spec.frame_skip)
       if spec.frame_masks:
-        example["frame_mask"] = video.random_frame_mask(rng, spec.num_frames)
+        mask, skip = video.random_frame_mask(
+          rng, spec.num_frames, spec.mask_max_skip, spec.mask_max_context
+        )
+        example["frame_mask"], example["mask_skip"] = mask, np.float32(skip)
     return example
 
   def _synthetic(self, record, rng):
@@ -285,6 +293,8 @@ def spec_from_config(data_config) -> ClipSpec:
     fps_beta=d.fps_beta,
     frame_skip=d.frame_skip,
     frame_masks=d.frame_masks,
+    mask_max_skip=d.mask_max_skip,
+    mask_max_context=d.mask_max_context,
     random_crop=d.random_crop,
     max_tokens=d.max_tokens,
   )

@@ -139,10 +139,21 @@ def frame_mask(kind: str, num_frames: int, k: int) -> np.ndarray:
 
 def random_frame_mask(
   rng: np.random.Generator, num_frames: int, max_skip: int = 4, max_context: int = 4
-) -> np.ndarray:
-  """A mask for training the interpolation stage: interpolation with a random skip in
-  [2, max_skip], or extrapolation keeping the first / last 1..max_context frames."""
+) -> tuple[np.ndarray, int]:
+  """A mask for training the interpolation stage and the spacing of its given frames.
+
+  Interpolation with a random skip in [2, max_skip] (capped at num_frames - 1: the two end frames),
+  or extrapolation keeping the first / last 1..max_context frames (spacing 1).
+
+  Returns:
+    (mask [num_frames] bool, skip): skip is the frame distance between given frames, the "frame
+    skip" the interpolation model is conditioned on.
+  """
+  if num_frames < 2:
+    raise ValueError(f"frame masks need clips of at least 2 frames, got {num_frames}")
   kind = MASK_KINDS[rng.integers(len(MASK_KINDS))]
   if kind == "interpolate":
-    return frame_mask(kind, num_frames, int(rng.integers(2, max_skip + 1)))
-  return frame_mask(kind, num_frames, int(rng.integers(1, min(max_context, num_frames - 1) + 1)))
+    skip = int(rng.integers(2, max(2, min(max_skip, num_frames - 1)) + 1))
+    return frame_mask(kind, num_frames, skip), skip
+  context = int(rng.integers(1, min(max_context, num_frames - 1) + 1))
+  return frame_mask(kind, num_frames, context), 1

@@ -67,6 +67,8 @@ def sample(
   frame_axis: int = 1,
   clip_x0: float | None = None,
   spacing: str = "logsnr",
+  t_start: float = 1.0,
+  progress: Callable[[Array], None] | None = None,
 ) -> Array:
   """Integrates the reverse process from `noise` at t=1 to a sample at t=0.
 
@@ -83,6 +85,10 @@ def sample(
     frame_axis: the frames axis of z.
     clip_x0: clip predicted x0 to [-clip_x0, clip_x0] (None: no clipping).
     spacing: time grid, "logsnr" (uniform in log-SNR) or "time" (uniform in t).
+    t_start: the time `noise` is at: 1 for pure noise; < 1 for an input noised to that time with
+      `add_noise` (variations keep the input's layout and change its detail).
+    progress: called on the host with the step index after each step (`jax.debug.callback`), for
+      progress bars.
 
   Returns:
     The sample, shaped like `noise`.
@@ -92,7 +98,7 @@ def sample(
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   b = noise.shape[0]
-  ts = schedule.time_grid(num_steps, spacing)
+  ts = schedule.time_grid(num_steps, spacing, t_start)
   expand = lambda a: jnp.reshape(a, (1,) * noise.ndim)  # noqa: E731
 
   def body(i, carry):
@@ -124,6 +130,8 @@ def sample(
       )
       step = _ddpm_step if sampler == "ddpm" else functools.partial(_ddim_step, eta=eta)
       z_next = step(z, x0, eps, a_t, s_t, a_s, s_s, step_noise, is_last)
+    if progress is not None:
+      jax.debug.callback(progress, i)
     return z_next, x0
 
   z, _ = jax.lax.fori_loop(

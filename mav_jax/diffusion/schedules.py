@@ -73,19 +73,22 @@ class NoiseSchedule:
       t = (jnp.sqrt(_LINEAR_BETA_MIN**2 + 2.0 * slope * integral) - _LINEAR_BETA_MIN) / slope
     return jnp.clip(t, 0.0, 1.0)
 
-  def time_grid(self, num_steps: int, spacing: str = "logsnr") -> Array:
-    """num_steps + 1 decreasing times from 1 to 0 for a sampler.
+  def time_grid(self, num_steps: int, spacing: str = "logsnr", t_max: float = 1.0) -> Array:
+    """num_steps + 1 decreasing times from t_max (1: pure noise) to 0 for a sampler.
 
     "time" spaces them uniformly in t; "logsnr" uniformly in log-SNR between the schedule's end
     points, which resolves low-noise detail better and keeps multistep solvers' step ratios at 1.
+    t_max < 1 starts from a partly noised input (SDEdit-style variations).
     """
+    if not 0.0 < t_max <= 1.0:
+      raise ValueError(f"t_max must be in (0, 1], got {t_max}")
     if spacing == "time":
-      return jnp.linspace(1.0, 0.0, num_steps + 1)
+      return jnp.linspace(t_max, 0.0, num_steps + 1)
     if spacing != "logsnr":
       raise ValueError(f"unknown time spacing {spacing!r}; choose 'time' or 'logsnr'")
-    hi, lo = self.logsnr(jnp.array(0.0)), self.logsnr(jnp.array(1.0))
+    hi, lo = self.logsnr(jnp.array(0.0)), self.logsnr(jnp.array(t_max))
     ts = self.t_from_logsnr(jnp.linspace(lo, hi, num_steps + 1))
-    return ts.at[0].set(1.0).at[-1].set(0.0)
+    return ts.at[0].set(t_max).at[-1].set(0.0)
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
     """(alpha_t, sigma_t), each the shape of t."""

@@ -64,7 +64,7 @@ class ClipConfig:
   eos_token_id: int | None = None
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
   """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
   tower: TowerConfig
@@ -114,7 +114,7 @@ class TextTower(nn.Module):
     causal = jnp.tril(jnp.ones((length, length), bool))
     bias = jnp.where(causal, 0.0, -1e9)[None, None].astype(jnp.float32)
     for i in range(c.text.layers):
-      x = _Block(c.text, c.activation, name=f"block_{i}", **kw)(x, bias)
+      x = Block(c.text, c.activation, name=f"block_{i}", **kw)(x, bias)
     x = layer_norm("ln_final", **kw)(x)
     if c.eos_token_id is None:
       pool = jnp.argmax(tokens, axis=-1)  # OpenAI: the end-of-text token has the highest id
@@ -177,7 +177,7 @@ class VisionTower(nn.Module):
     )
     x = layer_norm("ln_pre", **kw)(x + pos.astype(self.dtype))
     for i in range(c.vision.layers):
-      x = _Block(c.vision, c.activation, name=f"block_{i}", **kw)(x)
+      x = Block(c.vision, c.activation, name=f"block_{i}", **kw)(x)
     x = layer_norm("ln_post", **kw)(x[:, 0])
     proj = self.param(
       "projection",

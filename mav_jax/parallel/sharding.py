@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mav_jax.models import axes
@@ -104,3 +105,14 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def activation_rules() -> list:
   """Rules for `nn.with_logical_constraint` inside the model (use with `nn.logical_axis_rules`)."""
   return list(ACTIVATION_RULES)
+
+
+def place_host_tree(host_tree: Any, shardings: Any) -> Any:
+  """Host numpy arrays -> global jax.Arrays with `shardings`, each process writing only the
+  slices its devices hold (nothing is gathered or broadcast)."""
+
+  def place(array, target):
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+  return jax.tree.map(place, host_tree, shardings)

@@ -11,10 +11,7 @@ import optax
 
 from mav_jax.models.clip import CLIP, ClipConfig, TowerConfig
 from mav_jax.models.common import Array
-
-# CLIP's input normalisation (OpenAI's image mean and std).
-IMAGE_MEAN = jnp.array([0.48145466, 0.4578275, 0.40821073])
-IMAGE_STD = jnp.array([0.26862954, 0.26130258, 0.27577711])
+from mav_jax.stages.common import IMAGE_MEAN, IMAGE_STD
 
 
 def clip_config(config) -> ClipConfig:
@@ -67,8 +64,8 @@ def contrastive_loss(text: Array, image: Array, logit_scale: Array) -> tuple[Arr
   return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
-def loss_fn(model: CLIP, config, params, batch, rng: Array):
-  del rng, config
+def loss_fn(model: CLIP, config, params, batch, rng: Array, frozen=None):
+  del rng, config, frozen
   text, image, scale = model.apply({"params": params}, batch["tokens"], preprocess(batch["frames"]))
   loss, accuracy = contrastive_loss(text, image, scale)
   return loss, {"loss": loss, "accuracy": accuracy}

@@ -1,0 +1,207 @@
+r"""Generates videos with the cascade: text -> video, and the paper's other applications.
+
+  python -m mav_jax.sample --prompt "a red circle moving left" --output out.gif
+
+With no checkpoint flags it uses the shipped tiny cascade (checkpoints/tiny/<stage>). Modes:
+  --mode=text         --prompt "..." (or --prompts_file, one caption per line)
+  --mode=image        --image photo.png                 animate an image (it stays the first frame)
+  --mode=variation    --video clip.mp4 [--strength 0.7]  variations of a video
+  --mode=interpolate  --image first.png,last.png        a clip between two images
+  --mode=extend       --video clip.mp4 --extend_times 2 continue a video forwards
+Any part of the cascade: --until=decoder|interp|sr_low|sr_high; stage checkpoints with --prior,
+--decoder, --interp, --sr_low, --sr_high (model folders from mav_jax.export or training workdirs).
+Per-stage sampling: --steps=20 or --steps=decoder=30,sr_high=8 (likewise --sampler, --guidance).
+Writes the video (.gif or .mp4) and a contact sheet of its frames (<output>.png).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+MODES = ("text", "image", "variation", "interpolate", "extend")
+STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
+
+_MODE = flags.DEFINE_enum("mode", "text", MODES, "What to generate from.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Caption (text mode).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File of captions, one per line.")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Caption that guidance steers away from.")
+_IMAGE = flags.DEFINE_list("image", None, "Image file (image mode), or two (interpolate mode).")
+_VIDEO = flags.DEFINE_string("video", None, "Video file (variation and extend modes).")
+_STRENGTH = flags.DEFINE_float("strength", 0.7, "Variation: how much of the video is re-drawn.")
+_EXTEND = flags.DEFINE_integer("extend_times", 1, "Extend: rounds of extrapolation.")
+_CONTEXT = flags.DEFINE_integer("context", None, "Extend: given frames per round.")
+_OUTPUT = flags.DEFINE_string("output", "outputs/sample.gif", "Video to write (.gif or .mp4).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_SHEET = flags.DEFINE_bool("contact_sheet", True, "Also write the frames side by side as a PNG.")
+_CHECKPOINTS = flags.DEFINE_string(
+  "checkpoints", "checkpoints/tiny", "Folder with one model checkpoint per stage."
+)
+_STAGE_PATHS = {
+  s: flags.DEFINE_string(s, None, f"{s} checkpoint (default <checkpoints>/{s}).") for s in STAGES
+}
+_CLIP = flags.DEFINE_string("clip", None, "CLIP checkpoint (default: the one the prior used).")
+_UNTIL = flags.DEFINE_enum("until", "sr_high", STAGES[1:], "Last cascade stage to run.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "ddpm, ddim or dpm++2m, or stage=name,...")
+_STEPS = flags.DEFINE_string("steps", None, "Sampler steps, or stage=n,... (default: configs).")
+_GUIDANCE = flags.DEFINE_string("guidance", None, "Guidance scale, or stage=scale,...")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_FRAMES = flags.DEFINE_integer("num_frames", None, "D^t frames (default: the decoder's).")
+_FPS = flags.DEFINE_float("fps", None, "D^t frame rate (default: the decoder's sampling fps).")
+_SKIP = flags.DEFINE_integer("frame_skip", None, "↑F expansion factor (1: no interpolation).")
+_STRATEGY = flags.DEFINE_enum(
+  "strategy",
+  "data_parallel",
+  ["data_parallel", "fsdp", "tensor", "fsdp_tensor"],
+  "How parameters are sharded over the devices.",
+)
+
+
+def _prompts() -> list[str]:
+  if _PROMPTS_FILE.value:
+    try:
+      with open(_PROMPTS_FILE.value) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+      raise FileNotFoundError(f"--prompts_file {_PROMPTS_FILE.value!r} does not exist") from None
+    if not prompts:
+      raise ValueError(f"--prompts_file {_PROMPTS_FILE.value!r} holds no captions")
+    return prompts
+  if _PROMPT.value is None:
+    raise ValueError("text mode needs --prompt 'a caption' or --prompts_file")
+  if not _PROMPT.value.strip():
+    raise ValueError("empty --prompt: pass a caption, e.g. --prompt 'a red circle moving left'")
+  return [_PROMPT.value]
+
+
+def _outputs(n: int) -> list[str]:
+  """Output paths for n videos (numbered when n > 1), all checked before any work is done."""
+  from mav_jax.utils import video_io
+
+  stem, ext = os.path.splitext(_OUTPUT.value)
+  paths = [_OUTPUT.value] if n == 1 else [f"{stem}_{i:03d}{ext}" for i in range(n)]
+  for p in paths:
+    video_io.check_output_path(p, _OVERWRITE.value)
+    sheet = os.path.splitext(p)[0] + ".png"
+    if _SHEET.value and os.path.exists(sheet) and not _OVERWRITE.value:
+      raise FileExistsError(f"{sheet} already exists; choose another --output or pass --overwrite")
+  return paths
+
+
+def run() -> list[str]:
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mav_jax import sample_lib
+  from mav_jax.utils import video_io
+
+  mode = _MODE.value
+  prompts = _prompts() if mode == "text" else None
+  images = _IMAGE.value or []
+  if mode == "image" and len(images) != 1:
+    raise ValueError("image mode needs one --image")
+  if mode == "interpolate" and len(images) != 2:
+    raise ValueError("interpolate mode needs two images: --image first.png,last.png")
+  if mode in ("variation", "extend") and not _VIDEO.value:
+    raise ValueError(f"{mode} mode needs --video")
+  outputs = _outputs(len(prompts) if prompts else 1)
+  # Inputs are read before any model is loaded, so a bad file fails fast.
+  pictures = [sample_lib.read_image(p) for p in images]
+  video = sample_lib.read_video(_VIDEO.value)[0] if mode in ("variation", "extend") else None
+
+  last = STAGES.index(_UNTIL.value)
+  if mode not in ("text", "variation") and last < STAGES.index("interp"):
+    raise ValueError(f"{mode} mode runs ↑F: --until must be interp or later")
+  first = {"text": ["prior", "decoder"], "variation": ["decoder"], "image": ["decoder"]}
+  needed = first.get(mode, []) + [s for s in STAGES[2:] if STAGES.index(s) <= last]
+  checkpoints = {s: _STAGE_PATHS[s].value or f"{_CHECKPOINTS.value}/{s}" for s in needed}
+
+  start = time.time()
+  cascade = sample_lib.Cascade(
+    checkpoints,
+    clip=_CLIP.value,
+    strategy=_STRATEGY.value,
+    steps=sample_lib._per_stage(_STEPS.value, "steps", int),
+    samplers=sample_lib._per_stage(_SAMPLER.value, "sampler", str),
+    guidance=sample_lib._per_stage(_GUIDANCE.value, "guidance", float),
+  )
+  print(
+    f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s), "
+    f"loaded in {time.time() - start:.1f}s",
+    file=sys.stderr,
+  )
+  rng = jax.random.key(_SEED.value)
+  base = cascade.base_resolution
+  until = _UNTIL.value
+  if mode == "text":
+    clip, fps = cascade.text_to_video(
+      prompts,
+      rng,
+      fps=_FPS.value,
+      num_frames=_FRAMES.value,
+      frame_skip=_SKIP.value,
+      negative_prompt=_NEGATIVE.value,
+      until=until,
+    )
+  elif mode == "image":
+    image = jnp.asarray(sample_lib.to_model_frames(pictures[0][None], base))
+    clip, fps = cascade.image_to_video(
+      image, rng, fps=_FPS.value, num_frames=_FRAMES.value, frame_skip=_SKIP.value, until=until
+    )
+  elif mode == "interpolate":
+    first, last_image = (jnp.asarray(sample_lib.to_model_frames(p[None], base)) for p in pictures)
+    clip, fps = cascade.interpolate(first, last_image, rng, fps=_FPS.value, until=until)
+  elif mode == "variation":
+    frames = _FRAMES.value or int(cascade.stages["decoder"].config.data.num_frames)
+    clip, fps = cascade.variation(
+      jnp.asarray(sample_lib.to_model_frames(video, base, frames))[None],
+      rng,
+      strength=_STRENGTH.value,
+      fps=_FPS.value,
+      frame_skip=_SKIP.value,
+      until=until,
+    )
+  else:
+    clip, fps = cascade.extend(
+      jnp.asarray(sample_lib.to_model_frames(video, base))[None],
+      rng,
+      times=_EXTEND.value,
+      context=_CONTEXT.value,
+      fps=_FPS.value,
+      until=until,
+    )
+  frames = video_io.to_uint8(np.asarray(clip))
+  scale = sample_lib.scale_for(frames.shape[2])
+  for path, video_frames in zip(outputs, frames, strict=True):
+    video_io.write_video(path, video_frames, fps=fps, scale=scale)
+    if _SHEET.value:
+      video_io.contact_sheet(video_frames, os.path.splitext(path)[0] + ".png", scale=scale)
+    print(
+      f"[sample] wrote {path} ({len(video_frames)} frames, {frames.shape[2]}x{frames.shape[3]}, "
+      f"{fps:g} fps) in {time.time() - start:.1f}s",
+      file=sys.stderr,
+    )
+  return outputs
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging
+
+  from mav_jax import sample_lib
+
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs would bury the progress lines
+    logging.set_verbosity(logging.WARNING)
+  try:
+    run()
+  except (ValueError, FileNotFoundError, FileExistsError, sample_lib.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

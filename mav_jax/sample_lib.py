@@ -1,0 +1,520 @@
+"""The cascade at sampling time: load stage checkpoints, run any part of
+SR_h ∘ SR_l^t ∘ ↑F ∘ D^t ∘ P ∘ C_x, and the applications of the paper as modes of one `Cascade`.
+
+  text        caption -> CLIP text -> prior -> image embedding -> D^t -> ↑F -> SR_l^t -> SR_h
+  image       animate an image: ↑F with the image as the given first frame (extrapolation), CLIP
+              embedding of the image as the condition -> SR_l^t -> SR_h
+  variation   a video's frames noised part-way (`strength`) and denoised by D^t conditioned on the
+              CLIP embedding of its middle frame -> ↑F -> SR_l^t -> SR_h
+  interpolate two images as the given first and last frames of ↑F -> SR_l^t -> SR_h
+  extend      a video continued forwards: ↑F given its last frames, repeatedly -> SR_l^t -> SR_h
+
+Every stage runs as one jitted function with its parameters placed on the mesh by the stage's
+sharding rules (any device count); videos are [b, f, h, w, 3] in [-1, 1].
+"""
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mav_jax import checkpointing, diffusion, paths, stages
+from mav_jax.data import tokenizers
+from mav_jax.data import video as video_lib
+from mav_jax.diffusion.schedules import schedule_from_config
+from mav_jax.parallel import sharding
+from mav_jax.stages import common, video
+
+CASCADE = ("prior", "decoder", "interp", "sr_low", "sr_high")
+MODES = ("text", "image", "variation", "interpolate", "extend")
+# The shipped tiny cascade (made by scripts/train_tiny_cascade.sh).
+DEFAULT_ROOT = "checkpoints/tiny"
+
+
+class CheckpointError(ValueError):
+  """A stage checkpoint that is missing, of the wrong stage, or incompatible with its neighbours."""
+
+
+@dataclasses.dataclass
+class LoadedStage:
+  """A stage's config, model, and parameters placed on the mesh."""
+
+  name: str
+  path: str
+  config: Any
+  model: Any
+  params: Any
+
+  @property
+  def stage(self):
+    return stages.get_stage(self.name)
+
+
+def _place(stage, model, config, host_params, mesh, strategy: str, path: str):
+  boxed = jax.eval_shape(lambda: stage.init(model, config, jax.random.key(0)))
+  shardings = sharding.tree_shardings(boxed, sharding.strategy_rules(strategy), mesh)
+  want = {"/".join(p): s.shape for p, s in traverse_util.flatten_dict(nn.unbox(boxed)).items()}
+  have = {"/".join(p): np.shape(a) for p, a in traverse_util.flatten_dict(host_params).items()}
+  if want != have:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise CheckpointError(
+      f"{path}: its parameters do not fit the model its config describes "
+      f"(first differences: {diff[:5]}); re-export the checkpoint with mav_jax.export"
+    )
+  return sharding.place_host_tree(host_params, shardings)
+
+
+def load_stage(name: str, path: str, mesh, strategy: str = "data_parallel") -> LoadedStage:
+  """Loads stage `name` from a model checkpoint or training workdir, with clear errors."""
+  given = path
+  path = paths.resolve(path)
+  try:
+    config, host = checkpointing.load_model(path)
+  except FileNotFoundError as e:
+    raise CheckpointError(
+      f"--{name}={given!r}: no {name} checkpoint there ({e}). Train it with "
+      f"`python -m mav_jax.train --config configs/{name}.py:tiny --workdir W` (or the whole tiny "
+      f"cascade with scripts/train_tiny_cascade.sh) and pass --{name}=W"
+    ) from None
+  if config.get("stage") != name:
+    raise CheckpointError(
+      f"--{name}={given!r} holds a {config.get('stage')!r} checkpoint, not {name}"
+    )
+  stage = stages.get_stage(name)
+  model = stage.make_model(config)
+  params = _place(stage, model, config, host, mesh, strategy, given)
+  return LoadedStage(name, path, config, model, params)
+
+
+class Progress:
+  """A per-stage progress line: `[sample] decoder  12/20 steps  3.1s` (redrawn on a terminal)."""
+
+  def __init__(self, name: str, total: int, batches: int = 1, stream=None):
+    self.name, self.total, self.count, self.start = name, total * batches, 0, time.time()
+    self.stream = stream or sys.stderr
+    self.tty = getattr(self.stream, "isatty", lambda: False)()
+
+  def __call__(self, step):
+    del step
+    self.count += 1
+    if self.tty or self.count == self.total or self.count % max(1, self.total // 4) == 0:
+      end = "\n" if (self.count >= self.total or not self.tty) else ""
+      bar = "#" * int(20 * self.count / self.total)
+      print(
+        f"\r[sample] {self.name:8s} [{bar:20s}] {self.count}/{self.total} steps "
+        f"{time.time() - self.start:6.1f}s",
+        end=end,
+        file=self.stream,
+        flush=True,
+      )
+
+
+def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
+  s = config.sampling.copy_and_resolve_references()
+  with s.unlocked():
+    if name in steps:
+      s.num_steps = int(steps[name])
+    if name in samplers:
+      s.sampler = samplers[name]
+    if name in guidance:
+      s.guidance_scale = float(guidance[name])
+  return s
+
+
+def _per_stage(value, name: str, cast) -> dict:
+  """'20' -> {every stage: 20}; 'decoder=20,sr_high=8' -> those stages."""
+  if value is None or value == "":
+    return {}
+  out = {}
+  for part in str(value).split(","):
+    if "=" in part:
+      key, v = part.split("=", 1)
+      if key.strip() not in CASCADE:
+        raise ValueError(f"--{name}: unknown stage {key.strip()!r}; stages are {CASCADE}")
+      out[key.strip()] = cast(v)
+    else:
+      out.update({s: cast(part) for s in CASCADE})
+  return out
+
+
+class Cascade:
+  """The loaded stages and the functions that run them.
+
+  Args:
+    checkpoints: {stage: path} for the stages to load (missing stages cannot be used).
+    clip: CLIP checkpoint (default: the prior's or the decoder's conditioning.clip).
+    devices: devices for the mesh (default: all).
+    strategy: sharding strategy for the parameters (data_parallel replicates them).
+    steps, samplers, guidance: per-stage overrides ({stage: value}).
+  """
+
+  def __init__(
+    self,
+    checkpoints: dict[str, str],
+    clip: str | None = None,
+    devices=None,
+    strategy: str = "data_parallel",
+    steps: dict | None = None,
+    samplers: dict | None = None,
+    guidance: dict | None = None,
+  ):
+    devices = devices if devices is not None else jax.devices()
+    self.mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+    self.strategy = strategy
+    self.stages = {n: load_stage(n, p, self.mesh, strategy) for n, p in checkpoints.items() if p}
+    self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
+    self._check_chain()
+    self.clip, self.clip_params = None, None
+    clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
+    if clip or clip_user:
+      cfg = self.stages[clip_user].config if clip_user else None
+      path = clip or cfg.conditioning.clip
+      try:
+        self.clip = common.FrozenClip(
+          paths.resolve(path), checkpointing.load_config(paths.resolve(path))
+        )
+      except FileNotFoundError as e:
+        raise CheckpointError(f"CLIP checkpoint {path!r}: {e}") from None
+      for s in ("prior", "decoder", "interp"):
+        if s in self.stages:
+          want = self.stages[s].config.conditioning.embedding_dim
+          if want != self.clip.embed_dim:
+            raise CheckpointError(
+              f"the {s} checkpoint was trained on {want}-dimensional CLIP embeddings, the CLIP "
+              f"at {path!r} makes {self.clip.embed_dim}: pass the CLIP it was trained with (--clip)"
+            )
+      for s in ("prior", "decoder", "interp"):
+        if s in self.stages:  # one CLIP for the whole cascade (overrides each model's lazy one)
+          self.stages[s].model.__dict__["clip"] = self.clip
+      self.clip_params = self.clip.load(self.mesh, strategy)
+      d = self.clip.config.data
+      self.tokenizer = tokenizers.make_tokenizer(d.tokenizer, d.tokenizer_path or None)
+
+  # -- consistency ---------------------------------------------------------------------------------
+
+  def _check_chain(self):
+    s = self.stages
+    if "sr_low" in s:
+      low, base = s["sr_low"].config.conditioning.low_resolution, self.base_resolution
+      if base is not None and low != base:
+        raise CheckpointError(
+          f"sr_low upsamples {low}px video but the decoder makes {base}px: use checkpoints of one "
+          f"cascade"
+        )
+    if "sr_high" in s and "sr_low" in s:
+      low, mid = s["sr_high"].config.conditioning.low_resolution, s["sr_low"].config.data.resolution
+      if low != mid:
+        raise CheckpointError(f"sr_high upsamples {low}px frames but sr_low makes {mid}px")
+
+  @property
+  def base_resolution(self) -> int | None:
+    for n in ("decoder", "interp"):
+      if n in self.stages:
+        return int(self.stages[n].config.data.resolution)
+    return None
+
+  def require(self, *names):
+    missing = [n for n in names if n not in self.stages]
+    if missing:
+      raise CheckpointError(
+        f"this needs the {', '.join(missing)} checkpoint(s): pass --{missing[0]}"
+      )
+    if self.clip is None and any(n in ("prior", "decoder", "interp") for n in names):
+      raise CheckpointError("this needs a CLIP checkpoint: pass --clip")
+
+  # -- stage runners -------------------------------------------------------------------------------
+
+  def _run(self, name: str, fn, *args, batches: int = 1):
+    """Runs jitted `fn(progress, *args)` under the mesh with a progress line."""
+    loaded = self.stages[name]
+    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name)
+    progress = Progress(name, s.num_steps, batches)
+    with jax.set_mesh(self.mesh):
+      out = jax.jit(functools.partial(fn, s, progress))(*args)
+      return jax.block_until_ready(out)
+
+  def tokenize(self, prompts: list[str]):
+    for p in prompts:
+      if not p.strip():
+        raise ValueError("empty prompt: pass a caption, e.g. --prompt 'a red circle moving left'")
+    ids, mask = tokenizers.tokenize_batch(
+      self.tokenizer, prompts, int(self.clip.config.data.max_tokens)
+    )
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+  def prior(self, prompts: list[str], rng, negative_prompt: str | None = None):
+    """Scaled-unit image embeddings [b, d] for the prompts."""
+    self.require("prior")
+    p = self.stages["prior"]
+    tokens, mask = self.tokenize(prompts)
+    negative = None
+    if negative_prompt:
+      neg_ids, neg_mask = self.tokenize([negative_prompt] * len(prompts))
+      negative = (neg_ids, neg_mask)
+
+    def fn(s, progress, params, clip_params, tokens, mask, negative, rng):
+      return stages.prior.generate(
+        p.model,
+        p.config,
+        params,
+        clip_params,
+        tokens,
+        mask,
+        rng,
+        negative=negative,
+        sampling=s,
+        progress=progress,
+      )
+
+    return self._run("prior", fn, p.params, self.clip_params, tokens, mask, negative, rng)
+
+  def image_embedding(self, frames):
+    """Scaled-unit CLIP image embeddings of model-space images [b, h, w, 3]."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self.clip.image_embedding)(self.clip_params, frames)
+
+  def decoder(
+    self, embedding, fps: float, num_frames: int, rng, *, negative=None, init=None, strength=1.0
+  ):
+    self.require("decoder")
+    d = self.stages["decoder"]
+    r = int(d.config.data.resolution)
+    b = embedding.shape[0]
+    shape = (b, num_frames, r, r, 3)
+    cond = {"embedding": embedding, "scalars": {"fps": jnp.full((b,), fps, jnp.float32)}}
+
+    def fn(s, progress, params, cond, negative, init, rng):
+      return video.DECODER.generate(
+        d.model,
+        d.config,
+        params,
+        cond,
+        shape,
+        rng,
+        sampling=s,
+        negative_embedding=negative,
+        init=init,
+        strength=strength,
+        progress=progress,
+      )
+
+    return self._run("decoder", fn, d.params, cond, negative, init, rng)
+
+  def interp(self, given, mask, skip: float, fps: float, embedding, rng):
+    """↑F: fills in the frames of `given` [b, f, h, w, 3] where `mask` [f] is False."""
+    self.require("interp")
+    it = self.stages["interp"]
+    b = given.shape[0]
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), given.shape[:2])
+    cond = {
+      "embedding": embedding,
+      "scalars": {
+        "fps": jnp.full((b,), fps, jnp.float32),
+        "frame_skip": jnp.full((b,), skip, jnp.float32),
+      },
+      "extra": video.masked_video_inputs(given, mask),
+    }
+
+    def fn(s, progress, params, cond, rng):
+      out = video.INTERP.generate(
+        it.model, it.config, params, cond, given.shape, rng, sampling=s, progress=progress
+      )
+      # The given frames are kept exactly.
+      return jnp.where(mask[:, :, None, None, None], given, out)
+
+    return self._run("interp", fn, it.params, cond, rng)
+
+  def expand(self, clip, skip: int, fps: float, embedding, rng):
+    """↑F interpolation: f frames at `fps` -> (f - 1) * skip + 1 frames at fps * skip."""
+    b, f = clip.shape[:2]
+    n = (f - 1) * skip + 1
+    given = jnp.zeros((b, n) + clip.shape[2:]).at[:, ::skip].set(clip)
+    mask = video_lib.frame_mask("interpolate", n, skip)
+    return self.interp(given, mask, skip, fps * skip, embedding, rng)
+
+  def super_resolve(self, name: str, clip, rng):
+    """SR_l^t (whole clips) or SR_h (frame by frame, shared noise) of `clip` [b, f, h, w, 3]."""
+    self.require(name)
+    sr = self.stages[name]
+    c = sr.config
+    if clip.shape[2] != c.conditioning.low_resolution:
+      raise CheckpointError(
+        f"{name} upsamples {c.conditioning.low_resolution}px frames, got {clip.shape[2]}px"
+      )
+    r = int(c.data.resolution)
+    b, f = clip.shape[:2]
+    stage = stages.get_stage(name)
+
+    def fn(s, progress, params, clip, rng):
+      aug_rng, rng = jax.random.split(rng)
+      aug, level = diffusion.noise_augment(
+        aug_rng, clip, schedule_from_config(c.diffusion), s.aug_level
+      )
+      cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r)}
+      return stage.generate(
+        sr.model, c, params, cond, (b, f, r, r, 3), rng, sampling=s, progress=progress
+      )
+
+    return self._run(name, fn, sr.params, clip, rng)
+
+  def finish(self, clip, rng, until: str = "sr_high"):
+    """SR_l^t then SR_h, each only if `until` is that stage or later."""
+    for name in ("sr_low", "sr_high"):
+      if CASCADE.index(name) <= CASCADE.index(until):
+        rng, sub = jax.random.split(rng)
+        clip = self.super_resolve(name, clip, sub)
+    return clip
+
+  # -- applications --------------------------------------------------------------------------------
+
+  def text_to_video(
+    self,
+    prompts,
+    rng,
+    *,
+    fps=None,
+    num_frames=None,
+    frame_skip=None,
+    negative_prompt=None,
+    until="sr_high",
+  ):
+    """Captions -> videos through the whole cascade (or up to `until`)."""
+    self.require("prior", "decoder")
+    dc = self.stages["decoder"].config
+    fps = float(fps or dc.sampling.fps)
+    num_frames = int(num_frames or dc.data.num_frames)
+    r = jax.random.split(rng, 4)
+    embedding = self.prior(prompts, r[0])
+    negative = self.prior([negative_prompt] * len(prompts), r[1]) if negative_prompt else None
+    clip = self.decoder(embedding, fps, num_frames, r[2], negative=negative)
+    return self._after_decoder(clip, fps, embedding, r[3], frame_skip, until)
+
+  def _after_decoder(self, clip, fps, embedding, rng, frame_skip, until):
+    if until == "decoder":
+      return clip, fps
+    skip = int(frame_skip or self.stages["interp"].config.sampling.frame_skip)
+    rng, sub = jax.random.split(rng)
+    clip = self.expand(clip, skip, fps, embedding, sub) if skip > 1 else clip
+    return self.finish(clip, rng, until), fps * skip
+
+  def image_to_video(
+    self, image, rng, *, fps=None, num_frames=None, frame_skip=None, until="sr_high"
+  ):
+    """Animates model-space images [b, h, w, 3]: ↑F extrapolates from them as the first frame."""
+    self.require("decoder", "interp")
+    dc = self.stages["decoder"].config
+    skip = int(frame_skip or self.stages["interp"].config.sampling.frame_skip)
+    fps = float(fps or dc.sampling.fps) * skip
+    n = (int(num_frames or dc.data.num_frames) - 1) * skip + 1
+    b = image.shape[0]
+    given = jnp.zeros((b, n) + image.shape[1:]).at[:, 0].set(image)
+    embedding = self.image_embedding(image)
+    rng, sub = jax.random.split(rng)
+    clip = self.interp(given, video_lib.frame_mask("first", n, 1), 1.0, fps, embedding, sub)
+    return (clip if until == "interp" else self.finish(clip, rng, until)), fps
+
+  def variation(self, clip, rng, *, strength=0.7, fps=None, frame_skip=None, until="sr_high"):
+    """Variations of model-space clips [b, f, h, w, 3] (at D^t's resolution and frame count)."""
+    self.require("decoder")
+    fps = float(fps or self.stages["decoder"].config.sampling.fps)
+    embedding = self.image_embedding(clip[:, clip.shape[1] // 2])
+    r = jax.random.split(rng, 2)
+    out = self.decoder(embedding, fps, clip.shape[1], r[0], init=clip, strength=strength)
+    return self._after_decoder(out, fps, embedding, r[1], frame_skip, until)
+
+  def interpolate(self, first, last, rng, *, num_frames=None, fps=None, until="sr_high"):
+    """A clip from image `first` to image `last` [b, h, w, 3]: ↑F given both end frames."""
+    self.require("interp")
+    ic = self.stages["interp"].config
+    n = int(num_frames or ic.data.num_frames)
+    fps = float(fps or ic.sampling.fps)
+    b = first.shape[0]
+    given = jnp.zeros((b, n) + first.shape[1:]).at[:, 0].set(first).at[:, -1].set(last)
+    embedding = self.image_embedding(first)
+    rng, sub = jax.random.split(rng)
+    clip = self.interp(
+      given, video_lib.frame_mask("interpolate", n, n - 1), n - 1, fps, embedding, sub
+    )
+    return (clip if until == "interp" else self.finish(clip, rng, until)), fps
+
+  def extend(self, clip, rng, *, times=1, context=None, fps=None, until="sr_high"):
+    """Continues model-space clips [b, f, h, w, 3] forwards: each round ↑F is given the last
+    `context` frames as its first frames and generates the rest."""
+    self.require("interp")
+    ic = self.stages["interp"].config
+    n = int(ic.data.num_frames)
+    context = int(context or ic.data.mask_max_context)
+    if not 1 <= context < n:
+      raise ValueError(f"--context must be in [1, {n - 1}], got {context}")
+    fps = float(fps or ic.sampling.fps)
+    embedding = self.image_embedding(clip[:, -1])
+    mask = video_lib.frame_mask("first", n, context)
+    for _ in range(times):
+      rng, sub = jax.random.split(rng)
+      given = jnp.zeros((clip.shape[0], n) + clip.shape[2:]).at[:, :context].set(clip[:, -context:])
+      new = self.interp(given, mask, 1.0, fps, embedding, sub)
+      clip = jnp.concatenate([clip, new[:, context:]], axis=1)
+    return (clip if until == "interp" else self.finish(clip, rng, until)), fps
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: images and videos from files, in model space at the base resolution.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file -> uint8 [h, w, 3], with a clear error for a missing or unreadable file."""
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except FileNotFoundError:
+    raise FileNotFoundError(f"input image {path!r} does not exist") from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"cannot read image {path!r}: {e}") from None
+
+
+def read_video(path: str) -> tuple[np.ndarray, float]:
+  """A video file -> (uint8 [n, h, w, 3], fps), with a clear error for an unreadable file."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"input video {path!r} does not exist") from None
+  try:
+    return video_lib.decode(data)
+  except video_lib.UnreadableVideo as e:
+    raise ValueError(f"cannot read video {path!r}: {e}") from None
+
+
+def to_model_frames(frames: np.ndarray, resolution: int, num_frames: int | None = None):
+  """uint8 frames [n, h, w, 3] -> model space [n', r, r, 3] (centre crop; `num_frames` evenly
+  spaced frames when given)."""
+  if num_frames is not None:
+    frames = frames[np.round(np.linspace(0, len(frames) - 1, num_frames)).astype(int)]
+  frames = video_lib.resize_and_crop(frames, resolution)
+  return frames.astype(np.float32) / 127.5 - 1.0
+
+
+def default_checkpoints(root: str = DEFAULT_ROOT) -> dict[str, str]:
+  return {name: f"{root}/{name}" for name in CASCADE}
+
+
+def frames_for_display(clip) -> np.ndarray:
+  from mav_jax.utils import video_io
+
+  return video_io.to_uint8(np.asarray(clip))
+
+
+def scale_for(resolution: int) -> int:
+  """Nearest-neighbour upscale so small outputs are visible (at least ~192 px)."""
+  return max(1, math.ceil(192 / resolution))

@@ -1,0 +1,132 @@
+"""Pieces every cascade stage shares: model-space frames and the frozen CLIP that conditions them.
+
+Stages that condition on CLIP (prior, D^t, ↑F) read a CLIP model checkpoint named by
+`config.conditioning.clip` (a training workdir or a model exported by `mav_jax.export`). CLIP is
+frozen: its parameters are not part of the train state; the trainer places them on the mesh with the
+same sharding rules as the trained model and passes them to the loss as `frozen["clip"]`.
+
+Embeddings are L2-normalised and scaled by sqrt(width), so each component has unit variance: the
+prior's diffusion target and the UNet's conditioning input are then on the scale of the noise.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mav_jax import checkpointing, paths
+from mav_jax.models.common import Array
+from mav_jax.parallel import sharding
+
+# CLIP's input normalisation (OpenAI's image mean and std).
+IMAGE_MEAN = jnp.array([0.48145466, 0.4578275, 0.40821073])
+IMAGE_STD = jnp.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def to_model_space(frames: Array) -> Array:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return frames.astype(jnp.float32) / 127.5 - 1.0
+
+
+def scaled_unit(x: Array) -> Array:
+  """x / |x| * sqrt(width): unit-variance components."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12) * x.shape[-1] ** 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenClip:
+  """A CLIP model definition and where its parameters are (they are loaded and placed separately).
+
+  Attributes:
+    path: the checkpoint (resolved).
+    config: the CLIP stage config the checkpoint was trained with.
+  """
+
+  path: str
+  config: Any
+
+  @functools.cached_property
+  def module(self):
+    from mav_jax.stages import clip as clip_stage
+
+    return clip_stage.make_model(self.config)
+
+  @property
+  def embed_dim(self) -> int:
+    return int(self.config.model.embed_dim)
+
+  def load(self, mesh: jax.sharding.Mesh, strategy: str) -> Any:
+    """The parameters on `mesh`, sharded by `strategy`'s rules like a trained model's."""
+    from mav_jax.stages import clip as clip_stage
+
+    boxed = jax.eval_shape(lambda: clip_stage.init(self.module, self.config, jax.random.key(0)))
+    shardings = sharding.tree_shardings(boxed, sharding.strategy_rules(strategy), mesh)
+    host = checkpointing.restore_params(self.path)
+    if jax.tree.structure(host) != jax.tree.structure(shardings):
+      raise ValueError(f"{self.path}: the parameters do not match the CLIP config saved with them")
+    return sharding.place_host_tree(host, shardings)
+
+  def image_embedding(self, params: Any, images: Array) -> Array:
+    """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d]."""
+    size = int(self.config.data.resolution)
+    images = (images.astype(jnp.float32) + 1.0) / 2.0
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear")
+    images = (images - IMAGE_MEAN) / IMAGE_STD
+    embedding = self.module.apply({"params": params}, images, method=type(self.module).encode_image)
+    return scaled_unit(embedding)
+
+  def text(self, params: Any, tokens: Array) -> tuple[Array, Array]:
+    """Token ids [b, l] -> (scaled-unit text embeddings [b, d], token features [b, l, width])."""
+    embedding, features = self.module.apply({"params": params}, tokens, method=_text_tower)
+    return scaled_unit(embedding), features.astype(jnp.float32)
+
+
+def _text_tower(module, tokens):
+  return module.text(tokens)
+
+
+def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
+  """The CLIP named by `config.conditioning.clip`, with a clear error when it is missing or unfit.
+
+  `check_tokens`: the stage feeds its own caption tokens to CLIP (the prior), so the tokenizer and
+  length must match CLIP's.
+  """
+  given = config.conditioning.clip
+  path = paths.resolve(given)
+  hint = (
+    "train one with `python -m mav_jax.train --config configs/clip.py:tiny --workdir W` (or "
+    "convert pretrained weights with mav_jax.models.clip_convert) and pass "
+    "--config.conditioning.clip=W"
+  )
+  if not path:
+    raise ValueError(f"stage {config.stage} is conditioned on CLIP: set conditioning.clip; {hint}")
+  try:
+    clip_config = checkpointing.load_config(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"conditioning.clip = {given!r}: {e}; {hint}") from None
+  if clip_config.get("stage") != "clip":
+    raise ValueError(
+      f"conditioning.clip = {given!r} holds a {clip_config.get('stage')!r} checkpoint, not CLIP"
+    )
+  clip = FrozenClip(path, clip_config)
+  want = config.conditioning.embedding_dim
+  if clip.embed_dim != want:
+    raise ValueError(
+      f"conditioning.clip = {given!r} embeds into {clip.embed_dim} dimensions but "
+      f"conditioning.embedding_dim is {want}; set --config.conditioning.embedding_dim="
+      f"{clip.embed_dim} (and retrain this stage) or use a matching CLIP"
+    )
+  if check_tokens and (
+    clip.config.data.max_tokens != config.data.max_tokens
+    or clip.config.data.tokenizer != config.data.tokenizer
+  ):
+    raise ValueError(
+      f"conditioning.clip = {given!r} reads {clip.config.data.tokenizer} tokens of length "
+      f"{clip.config.data.max_tokens}, this stage's data makes {config.data.tokenizer} tokens of "
+      f"length {config.data.max_tokens}; make data.tokenizer and data.max_tokens match"
+    )
+  return clip

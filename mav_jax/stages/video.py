@@ -1,0 +1,295 @@
+"""The four UNet stages of the cascade, one `VideoStage` each: D^t, ↑F, SR_l^t and SR_h.
+
+Every stage is a SpaceTimeUNet trained with the same denoising loss; they differ in what they are
+conditioned on (see `VideoStage.condition`):
+
+  decoder (D^t)  CLIP image embedding of a random frame of the clip (so unlabelled video trains it:
+                 at sampling time the prior's embedding takes its place) and the clip's fps.
+  interp (↑F)    the masked clip and the mask as 4 extra input channels, the spacing of the given
+                 frames ("frame_skip") and fps, and the CLIP embedding of the first given frame.
+                 Random masks cover interpolation (every k-th frame given) and extrapolation (the
+                 first or last frames given), so one model interpolates, animates and extends.
+  sr_low (SR_l^t) the clip downsampled to `conditioning.low_resolution`, noise-augmented at a random
+                 level (fed as the "noise_level" scalar) and upsampled back, as 3 extra channels.
+  sr_high (SR_h) the same per frame: an image model (no temporal layers). At sampling time every
+                 frame of a clip starts from the same noise, so hallucinated detail is consistent.
+
+`data.kind == "image"` trains a stage's spatial layers on single frames (image mode); the video
+stage then starts from that checkpoint (`train.init_from`) with its temporal layers at identity.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mav_jax import diffusion
+from mav_jax.diffusion.schedules import add_noise, schedule_from_config
+from mav_jax.models import unet_from_config
+from mav_jax.models.common import Array
+from mav_jax.stages.common import frozen_clip, to_model_space
+
+Batch = dict[str, Array]
+NAMES = ("decoder", "interp", "sr_low", "sr_high")
+
+
+class StageModel:
+  """The stage's UNet (`net`) and, for CLIP-conditioned stages, the frozen CLIP (`clip`), whose
+  checkpoint is read only when first used (counting parameters needs no CLIP)."""
+
+  def __init__(self, config, uses_clip: bool):
+    self.config = config
+    self.net = unet_from_config(config.model)
+    self.uses_clip = uses_clip
+
+  @functools.cached_property
+  def clip(self):
+    return frozen_clip(self.config) if self.uses_clip else None
+
+
+def resize_frames(video: Array, size: int, method: str = "linear") -> Array:
+  """[..., h, w, c] -> [..., size, size, c] (antialiased when shrinking)."""
+  if video.shape[-3:-1] == (size, size):
+    return video
+  return jax.image.resize(video, video.shape[:-3] + (size, size, video.shape[-1]), method)
+
+
+def masked_video_inputs(video: Array, mask: Array) -> Array:
+  """The interpolation model's 4 extra channels: the given frames (others zeroed) and the mask."""
+  m = mask.astype(jnp.float32)[:, :, None, None, None]
+  m = jnp.broadcast_to(m, video.shape[:4] + (1,))
+  return jnp.concatenate([video * m, m], axis=-1)
+
+
+class VideoStage:
+  """One UNet stage: its model, initialisation, loss, and conditional generation.
+
+  Attributes:
+    name: one of NAMES.
+  """
+
+  def __init__(self, name: str):
+    if name not in NAMES:
+      raise ValueError(f"unknown video stage {name!r}; choose one of {NAMES}")
+    self.name = name
+
+  def __repr__(self):
+    return f"VideoStage({self.name!r})"
+
+  # -- what the stage is -------------------------------------------------------------------------
+
+  @property
+  def uses_clip(self) -> bool:
+    return self.name in ("decoder", "interp")
+
+  @property
+  def is_super_resolution(self) -> bool:
+    return self.name in ("sr_low", "sr_high")
+
+  def image_mode(self, config) -> bool:
+    """Whether the UNet runs as an image model (no temporal layers) in training."""
+    return self.name == "sr_high" or config.data.kind == "image"
+
+  def make_model(self, config) -> StageModel:
+    return StageModel(config, self.uses_clip)
+
+  def load_frozen(self, model: StageModel, config, mesh) -> dict[str, Any]:
+    """Frozen parameters the loss needs (CLIP's), placed on `mesh`."""
+    if model.clip is None:
+      return {}
+    return {"clip": model.clip.load(mesh, config.sharding.strategy)}
+
+  def init(self, model: StageModel, config, rng: Array) -> Any:
+    d, m = config.data, config.model
+    frames = 1 if self.image_mode(config) else d.num_frames
+    b = 1
+    z = jnp.zeros((b, frames, d.resolution, d.resolution, m.out_channels))
+    cond = {
+      "scalars": {name: jnp.ones((b,)) for name in m.conditioning_scalars},
+      "embedding": (
+        jnp.zeros((b, config.conditioning.embedding_dim)) if m.use_global_embedding else None
+      ),
+      "extra": (
+        jnp.zeros(z.shape[:4] + (m.extra_input_channels,)) if m.extra_input_channels else None
+      ),
+    }
+    return model.net.init(
+      rng, z, jnp.zeros((b,)), **self._net_kwargs(cond, self.image_mode(config))
+    )["params"]
+
+  @staticmethod
+  def _net_kwargs(cond: dict, image_mode: bool) -> dict:
+    return dict(
+      scalars=cond["scalars"],
+      global_embedding=cond["embedding"],
+      extra_inputs=cond["extra"],
+      image_mode=image_mode,
+    )
+
+  # -- training ----------------------------------------------------------------------------------
+
+  def condition(self, model: StageModel, config, x0: Array, batch: Batch, frozen, rng) -> dict:
+    """The training condition of clean clips `x0` [b, f, h, w, 3]: {embedding, scalars, extra}."""
+    b, f = x0.shape[:2]
+    cond = {"embedding": None, "scalars": {}, "extra": None}
+    if self.name == "decoder":
+      pick = jax.random.randint(rng, (b,), 0, f)
+      frame = jnp.take_along_axis(x0, pick[:, None, None, None, None], axis=1)[:, 0]
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
+      if not self.image_mode(config):
+        cond["scalars"] = {"fps": batch["fps"]}
+    elif self.name == "interp":
+      mask = batch["frame_mask"]
+      first = jnp.argmax(mask, axis=1)
+      frame = jnp.take_along_axis(x0, first[:, None, None, None, None], axis=1)[:, 0]
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
+      cond["scalars"] = {"fps": batch["fps"], "frame_skip": batch["mask_skip"]}
+      cond["extra"] = masked_video_inputs(x0, mask)
+    else:
+      low = resize_frames(x0, config.conditioning.low_resolution)
+      aug, level = diffusion.noise_augment(
+        rng,
+        low,
+        schedule_from_config(config.diffusion),
+        max_level=config.conditioning.max_aug_level,
+      )
+      cond["extra"] = resize_frames(aug, x0.shape[2])
+      cond["scalars"] = {"noise_level": level}
+    return cond
+
+  def loss_fn(self, model: StageModel, config, params, batch: Batch, rng: Array, frozen=None):
+    """The denoising loss of one batch: (loss, aux metrics)."""
+    cond_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 4)
+    x0 = to_model_space(batch["frames"])
+    cond = self.condition(model, config, x0, batch, frozen, cond_rng)
+    if cond["embedding"] is not None:
+      cond["embedding"] = diffusion.drop_conditioning(
+        drop_rng, cond["embedding"], config.diffusion.cond_dropout
+      )
+    image_mode = self.image_mode(config)
+
+    def predict(z, t):
+      return model.net.apply(
+        {"params": params},
+        z,
+        t,
+        **self._net_kwargs(cond, image_mode),
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+      )
+
+    d = config.diffusion
+    loss, _ = diffusion.diffusion_loss(
+      predict,
+      x0,
+      loss_rng,
+      schedule_from_config(d),
+      target=d.target,
+      weighting=d.weighting,
+      min_snr_gamma=d.min_snr_gamma,
+    )
+    return loss, {"loss": loss}
+
+  # -- sampling ----------------------------------------------------------------------------------
+
+  def generate(
+    self,
+    model: StageModel,
+    config,
+    params,
+    cond: dict,
+    shape: tuple[int, ...],
+    rng: Array,
+    *,
+    sampling=None,
+    negative_embedding: Array | None = None,
+    init: Array | None = None,
+    strength: float = 1.0,
+    image_mode: bool = False,
+    progress=None,
+  ) -> Array:
+    """Samples clips of `shape` [b, f, h, w, 3] in [-1, 1] given `cond` {embedding, scalars, extra}.
+
+    Args:
+      sampling: the `sampling` config section to use (default: the stage config's).
+      negative_embedding: [b, d] embedding guidance steers away from (default: the null, zeros).
+      init: a clip to vary: it is noised to time `strength` and denoised from there.
+      strength: how much of `init` is replaced (1: none of it is kept).
+      image_mode: frames are independent images (image-stage samples); SR_h always is.
+      progress: host callback after each sampler step.
+    """
+    s, d = sampling or config.sampling, config.diffusion
+    per_frame = self.name == "sr_high"
+    b, f = shape[:2]
+    cond = {
+      "embedding": cond.get("embedding"),
+      "scalars": cond.get("scalars", {}),
+      "extra": cond.get("extra"),
+    }
+
+    def model_fn(z, t, c):
+      if per_frame:  # [n, f, ...] -> [n*f, 1, ...]: each frame an image
+        n = z.shape[0]
+        flat = lambda x: None if x is None else x.reshape((n * f, 1) + x.shape[2:])  # noqa: E731
+        rep = lambda x: None if x is None else jnp.repeat(x, f, axis=0)  # noqa: E731
+        c = {
+          "embedding": rep(c["embedding"]),
+          "scalars": {k: rep(v) for k, v in c["scalars"].items()},
+          "extra": flat(c["extra"]),
+        }
+        out = model.net.apply(
+          {"params": params}, flat(z), jnp.repeat(t, f), **self._net_kwargs(c, True)
+        )
+        return out.reshape(z.shape)
+      return model.net.apply({"params": params}, z, t, **self._net_kwargs(c, image_mode))
+
+    guided = cond["embedding"] is not None and s.guidance_scale != 1.0
+    if guided:
+      uncond = dict(cond)
+      uncond["embedding"] = (
+        jnp.zeros_like(cond["embedding"]) if negative_embedding is None else negative_embedding
+      )
+      denoise = diffusion.guided_model(model_fn, cond, uncond, s.guidance_scale)
+    else:
+      denoise = functools.partial(model_fn, c=cond)
+    schedule = schedule_from_config(d)
+    noise_rng, step_rng = jax.random.split(rng)
+    noise = diffusion.gaussian_noise(noise_rng, shape, share_across_frames=per_frame)
+    if init is not None:
+      noise = add_noise(schedule, init.astype(jnp.float32), noise, jnp.full((b,), strength))
+    return diffusion.sample(
+      denoise,
+      schedule,
+      noise,
+      step_rng,
+      sampler=s.sampler,
+      num_steps=s.num_steps,
+      target=d.target,
+      eta=s.eta,
+      share_noise_across_frames=per_frame,
+      clip_x0=1.0,
+      t_start=strength if init is not None else 1.0,
+      progress=progress,
+    )
+
+  def sample(self, model: StageModel, config, params, batch: Batch, rng: Array, frozen=None):
+    """Training-time samples conditioned like the first clips of `batch` (written to the workdir)."""
+    x0 = to_model_space(batch["frames"])
+    cond = self.condition(model, config, x0, batch, frozen, jax.random.key(0))
+    if self.name == "decoder":  # condition on the first frame, as at sampling time
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], x0[:, 0])
+    if self.is_super_resolution:  # a fixed, small augmentation level
+      low = resize_frames(x0, config.conditioning.low_resolution)
+      level = config.sampling.aug_level
+      aug, lv = diffusion.noise_augment(rng, low, schedule_from_config(config.diffusion), level)
+      cond = {
+        "embedding": None,
+        "scalars": {"noise_level": lv},
+        "extra": resize_frames(aug, x0.shape[2]),
+      }
+    image_mode = self.image_mode(config) and self.name != "sr_high"
+    return self.generate(model, config, params, cond, x0.shape, rng, image_mode=image_mode)
+
+
+DECODER, INTERP, SR_LOW, SR_HIGH = (VideoStage(n) for n in NAMES)

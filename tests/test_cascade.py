@@ -1,0 +1,160 @@
+"""The cascade: every stage trains with mav_jax.train, and the shipped tiny checkpoints sample every
+application mode through `sample_lib.Cascade`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import decoder, interp, prior, sr_high, sr_low
+from mav_jax import checkpointing, sample_lib, train_lib
+from mav_jax.data import synthetic
+from mav_jax.stages import common
+
+SHIPPED = sample_lib.default_checkpoints()
+
+
+def _short(config, steps):
+  config.train.num_steps = steps
+  config.train.checkpoint_every = steps
+  config.train.log_every = steps
+  config.train.sample_every = steps
+  config.train.async_checkpoints = False
+  config.batch_size = 4
+  config.train.num_samples = 1
+  config.sampling.num_steps = 2
+  return config
+
+
+@pytest.mark.parametrize(
+  "module,overrides",
+  [
+    (prior, {}),
+    (interp, {"init_from": SHIPPED["decoder"]}),
+    (sr_low, {}),
+    (sr_high, {}),
+  ],
+  ids=["prior", "interp", "sr_low", "sr_high"],
+)
+def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
+  config = _short(module.get_config("tiny"), 2)
+  for key, value in overrides.items():
+    config.train[key] = value
+  result = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert result["step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
+  exported = checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))[0]
+  assert exported.stage == config.stage
+  if config.train.sample_every and config.stage != "prior":
+    assert list((tmp_path / "samples").glob("*.gif"))
+  if module is interp:  # started from D^t: its spatial weights, not a fresh init
+    shipped = checkpointing.restore_params(SHIPPED["decoder"])
+    first = checkpointing.restore_params(str(tmp_path), "params")
+    k = ("conv_in", "spatial", "kernel")
+    a, b = shipped, first
+    for key in k:
+      a, b = a[key], b[key]
+    assert np.abs(a - b).max() < 0.1  # two small Adam steps away from D^t's weights
+
+
+@pytest.mark.parametrize("module", [prior, decoder], ids=["prior", "decoder"])
+def test_prior_and_decoder_losses_fall(tmp_path, module):
+  config = _short(module.get_config("tiny"), 80)
+  config.train.sample_every = 0
+  config.batch_size = 8
+  losses = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])["losses"]
+  values = [losses[s] for s in sorted(losses)]
+  assert np.mean(values[-20:]) < 0.6 * np.mean(values[:10]), values
+
+
+@pytest.fixture(scope="module")
+def cascade():
+  return sample_lib.Cascade(SHIPPED, steps={s: 2 for s in sample_lib.CASCADE})
+
+
+def _check_video(clip, frames, size):
+  clip = np.asarray(clip)
+  assert clip.shape == (clip.shape[0], frames, size, size, 3)
+  assert np.isfinite(clip).all() and np.abs(clip).max() <= 1.0 + 1e-5
+
+
+def test_text_to_video_runs_the_whole_cascade(cascade):
+  video, fps = cascade.text_to_video(
+    ["a red circle moving left", "a blue square"], jax.random.key(0)
+  )
+  _check_video(video, 10, 64)
+  assert video.shape[0] == 2 and fps == 12.0
+  # Any part of it: stop after D^t.
+  clip, fps = cascade.text_to_video(["a red circle"], jax.random.key(0), until="decoder")
+  _check_video(clip, 4, 16)
+  assert fps == 4.0
+
+
+def _scene_frames(resolution=16, frames=4):
+  scene = synthetic.sample_scene(np.random.default_rng(0), duration=2.0)
+  rendered = synthetic.render(scene, np.linspace(0, 1, frames), resolution)
+  return jnp.asarray(rendered.astype(np.float32) / 127.5 - 1.0)[None]
+
+
+def test_image_to_video_holds_the_image_as_first_frame(cascade):
+  image = _scene_frames()[:, 0]
+  clip, _ = cascade.image_to_video(image, jax.random.key(1), until="interp")
+  _check_video(clip, 10, 16)
+  np.testing.assert_array_equal(np.asarray(clip[:, 0]), np.asarray(image))
+  video, _ = cascade.image_to_video(image, jax.random.key(1))
+  _check_video(video, 10, 64)
+
+
+def test_interpolation_between_two_images_keeps_both_ends(cascade):
+  frames = _scene_frames()
+  clip, _ = cascade.interpolate(frames[:, 0], frames[:, -1], jax.random.key(2), until="interp")
+  _check_video(clip, 10, 16)
+  np.testing.assert_array_equal(np.asarray(clip[:, 0]), np.asarray(frames[:, 0]))
+  np.testing.assert_array_equal(np.asarray(clip[:, -1]), np.asarray(frames[:, -1]))
+
+
+def test_variation_and_extension(cascade):
+  frames = _scene_frames()
+  varied, _ = cascade.variation(frames, jax.random.key(3), strength=0.5, until="decoder")
+  _check_video(varied, 4, 16)
+  assert not np.allclose(np.asarray(varied), np.asarray(frames), atol=1e-3)
+  longer, _ = cascade.extend(frames, jax.random.key(4), times=2, context=2, until="interp")
+  # Each round keeps 2 given frames of the 10 ↑F makes and adds 8.
+  _check_video(longer, 4 + 2 * 8, 16)
+  np.testing.assert_array_equal(np.asarray(longer[:, :4]), np.asarray(frames))
+
+
+def test_sr_high_gives_every_frame_the_same_noise(cascade):
+  """A clip of one repeated frame stays one repeated frame through the per-frame SR_h."""
+  frame = jax.image.resize(_scene_frames()[:, :1], (1, 1, 32, 32, 3), "linear")
+  clip = jnp.repeat(frame, 3, axis=1)
+  out = np.asarray(cascade.super_resolve("sr_high", clip, jax.random.key(5)))
+  _check_video(out, 3, 64)
+  np.testing.assert_allclose(out[:, 1:], np.broadcast_to(out[:, :1], out[:, 1:].shape), atol=1e-5)
+
+
+def test_incompatible_checkpoints_are_named(tmp_path):
+  with pytest.raises(sample_lib.CheckpointError, match="holds a 'prior' checkpoint"):
+    sample_lib.Cascade({"decoder": SHIPPED["prior"]})
+  with pytest.raises(sample_lib.CheckpointError, match="no sr_low checkpoint"):
+    sample_lib.Cascade({"sr_low": str(tmp_path)})
+  # A decoder config whose CLIP has another width: named, with the fix.
+  config = decoder.get_config("tiny")
+  config.conditioning.embedding_dim = 64
+  with pytest.raises(ValueError, match="embedding_dim"):
+    common.frozen_clip(config)
+
+
+COLOURS = {"red": 0, "green": 1, "blue": 2}
+
+
+def test_shipped_cascade_draws_the_prompted_colour():
+  """Prior + D^t of the shipped tiny cascade: the object's dominant channel is the prompted one."""
+  cascade = sample_lib.Cascade(
+    {"prior": SHIPPED["prior"], "decoder": SHIPPED["decoder"]}, steps={"prior": 16, "decoder": 10}
+  )
+  prompts = [f"a {colour} square" for colour in COLOURS]
+  clips, _ = cascade.text_to_video(prompts, jax.random.key(0), until="decoder")
+  for colour, clip in zip(COLOURS, np.asarray(clips), strict=True):
+    pixels = clip.reshape(-1, 3)
+    bright = pixels[np.argsort(pixels.max(axis=1))[-16:]]  # the object: the brightest pixels
+    assert np.argmax(bright.mean(axis=0)) == COLOURS[colour], (colour, bright.mean(axis=0))
