@@ -185,11 +185,11 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   """The stage config a model checkpoint or training workdir was made with."""
   if is_exported_model(path):
     return config_from_json(json.loads((_path(path) / MODEL_CONFIG).read_text()))
-  folder = _latest_step_dir(path) / "config"
-  files = [p for p in folder.iterdir() if p.is_file()] if folder.exists() else []
-  if not files:
-    raise FileNotFoundError(f"{folder}: the checkpoint holds no config")
-  return config_from_json(json.loads(files[0].read_text()))
+  # JsonCheckpointHandler's file; the folder also holds Orbax's commit marker.
+  file = _latest_step_dir(path) / "config" / "metadata"
+  if not file.exists():
+    raise FileNotFoundError(f"{file.parent}: the checkpoint holds no config")
+  return config_from_json(json.loads(file.read_text()))
 
 
 def load_model(path: str) -> tuple[ml_collections.ConfigDict, Any]:
@@ -211,7 +211,7 @@ def export_model(source: str, output: str, overwrite: bool = False, item: str = 
     raise FileExistsError(f"{output} already exists; choose another output or pass --overwrite")
   config = load_config(source)
   params = restore_params(source, item)
-  staging = _path(f"{output}.staging")
+  staging = out.parent / f"{out.name}.staging"  # beside the output, never inside it
   if staging.exists():
     staging.rmtree()
   staging.mkdir(parents=True)

@@ -47,7 +47,12 @@ _STEPS = flags.DEFINE_string("steps", None, "Sampler steps, or stage=n,... (defa
 _GUIDANCE = flags.DEFINE_string("guidance", None, "Guidance scale, or stage=scale,...")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "D^t frames (default: the decoder's).")
-_FPS = flags.DEFINE_float("fps", None, "D^t frame rate (default: the decoder's sampling fps).")
+_FPS = flags.DEFINE_float(
+  "fps",
+  None,
+  "Frame rate: D^t's in text, image and variation modes (default: the decoder's sampling fps, or "
+  "the input video's); the output's in interpolate and extend modes.",
+)
 _SKIP = flags.DEFINE_integer("frame_skip", None, "↑F expansion factor (1: no interpolation).")
 _STRATEGY = flags.DEFINE_enum(
   "strategy",
@@ -107,16 +112,30 @@ def run() -> list[str]:
     raise ValueError("interpolate mode needs two images: --image first.png,last.png")
   if mode in ("variation", "extend") and not _VIDEO.value:
     raise ValueError(f"{mode} mode needs --video")
+  for name, value, ok, rule in [
+    ("frame_skip", _SKIP.value, lambda v: v >= 1, ">= 1 (1: no interpolation)"),
+    ("num_frames", _FRAMES.value, lambda v: v >= 2, ">= 2"),
+    ("strength", _STRENGTH.value, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("extend_times", _EXTEND.value, lambda v: v >= 1, ">= 1"),
+    ("context", _CONTEXT.value, lambda v: v >= 1, ">= 1"),
+    ("fps", _FPS.value, lambda v: v > 0, "> 0"),
+  ]:
+    if value is not None and not ok(value):
+      raise ValueError(f"--{name} must be {rule}, got {value}")
   outputs = _outputs(len(prompts) if prompts else 1)
   # Inputs are read before any model is loaded, so a bad file fails fast.
   pictures = [sample_lib.read_image(p) for p in images]
-  video = sample_lib.read_video(_VIDEO.value)[0] if mode in ("variation", "extend") else None
+  video, video_fps = (None, None)
+  if mode in ("variation", "extend"):
+    video, video_fps = sample_lib.read_video(_VIDEO.value)
 
   last = STAGES.index(_UNTIL.value)
   if mode not in ("text", "variation") and last < STAGES.index("interp"):
     raise ValueError(f"{mode} mode runs ↑F: --until must be interp or later")
   first = {"text": ["prior", "decoder"], "variation": ["decoder"], "image": ["decoder"]}
   needed = first.get(mode, []) + [s for s in STAGES[2:] if STAGES.index(s) <= last]
+  if _SKIP.value == 1 and mode in ("text", "variation"):
+    needed.remove("interp")  # no interpolation: ↑F is not needed
   checkpoints = {s: _STAGE_PATHS[s].value or f"{_CHECKPOINTS.value}/{s}" for s in needed}
 
   start = time.time()
@@ -156,11 +175,13 @@ def run() -> list[str]:
     clip, fps = cascade.interpolate(first, last_image, rng, fps=_FPS.value, until=until)
   elif mode == "variation":
     frames = _FRAMES.value or int(cascade.stages["decoder"].config.data.num_frames)
+    # Frames evenly spaced over the whole video: their rate, unless --fps says otherwise.
+    spaced_fps = video_fps * (frames - 1) / max(len(video) - 1, 1)
     clip, fps = cascade.variation(
       jnp.asarray(sample_lib.to_model_frames(video, base, frames))[None],
       rng,
       strength=_STRENGTH.value,
-      fps=_FPS.value,
+      fps=_FPS.value or spaced_fps,
       frame_skip=_SKIP.value,
       until=until,
     )
@@ -170,7 +191,7 @@ def run() -> list[str]:
       rng,
       times=_EXTEND.value,
       context=_CONTEXT.value,
-      fps=_FPS.value,
+      fps=_FPS.value or video_fps,
       until=until,
     )
   frames = video_io.to_uint8(np.asarray(clip))

@@ -88,6 +88,11 @@ def load_stage(name: str, path: str, mesh, strategy: str = "data_parallel") -> L
     raise CheckpointError(
       f"--{name}={given!r} holds a {config.get('stage')!r} checkpoint, not {name}"
     )
+  if name not in ("prior", "sr_high") and config.data.kind == "image":
+    raise CheckpointError(
+      f"--{name}={given!r} is an image-stage checkpoint (trained with data.kind=image); sampling "
+      f"needs the video stage trained from it (train.init_from)"
+    )
   stage = stages.get_stage(name)
   model = stage.make_model(config)
   params = _place(stage, model, config, host, mesh, strategy, given)
@@ -130,19 +135,26 @@ def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
 
 
 def _per_stage(value, name: str, cast) -> dict:
-  """'20' -> {every stage: 20}; 'decoder=20,sr_high=8' -> those stages."""
-  if value is None or value == "":
+  """'20' -> {every stage: 20}; 'decoder=20,sr_high=8' -> those stages; '20,decoder=30' -> 30 for
+  the decoder, 20 for the rest (named stages win over a bare value wherever it stands)."""
+  if value is None or str(value).strip() == "":
     return {}
-  out = {}
-  for part in str(value).split(","):
-    if "=" in part:
-      key, v = part.split("=", 1)
-      if key.strip() not in CASCADE:
-        raise ValueError(f"--{name}: unknown stage {key.strip()!r}; stages are {CASCADE}")
-      out[key.strip()] = cast(v)
+  bare, named = {}, {}
+  for part in (p.strip() for p in str(value).split(",")):
+    if not part:
+      continue
+    key, _, v = part.rpartition("=")
+    try:
+      cast_v = cast(v.strip())
+    except ValueError:
+      raise ValueError(f"--{name}: cannot read {v.strip()!r} in {value!r}") from None
+    if not key:
+      bare = {s: cast_v for s in CASCADE}
+    elif key.strip() not in CASCADE:
+      raise ValueError(f"--{name}: unknown stage {key.strip()!r}; stages are {CASCADE}")
     else:
-      out.update({s: cast(part) for s in CASCADE})
-  return out
+      named[key.strip()] = cast_v
+  return {**bare, **named}
 
 
 class Cascade:
@@ -166,37 +178,46 @@ class Cascade:
     samplers: dict | None = None,
     guidance: dict | None = None,
   ):
-    devices = devices if devices is not None else jax.devices()
-    self.mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    # All devices on the axis the strategy shards parameters over (data_parallel: replicated).
+    shape = {"data_parallel": (-1, 1, 1), "tensor": (1, 1, -1)}.get(strategy, (1, -1, 1))
+    self.mesh = jax.sharding.Mesh(devices.reshape(shape), ("data", "fsdp", "tensor"))
     self.strategy = strategy
     self.stages = {n: load_stage(n, p, self.mesh, strategy) for n, p in checkpoints.items() if p}
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
     self._check_chain()
     self.clip, self.clip_params = None, None
     clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
-    if clip or clip_user:
-      cfg = self.stages[clip_user].config if clip_user else None
-      path = clip or cfg.conditioning.clip
-      try:
-        self.clip = common.FrozenClip(
-          paths.resolve(path), checkpointing.load_config(paths.resolve(path))
-        )
-      except FileNotFoundError as e:
-        raise CheckpointError(f"CLIP checkpoint {path!r}: {e}") from None
+    if clip_user:
+      # One CLIP for the whole cascade: --clip, else the one the first CLIP-reading stage names;
+      # frozen_clip checks it is a CLIP of the right width (and tokens, for the prior).
+      config = self.stages[clip_user].config.copy_and_resolve_references()
+      if clip:
+        with config.unlocked():
+          config.conditioning.clip = clip
+      self.clip = common.frozen_clip(config, check_tokens=clip_user == "prior")
       for s in ("prior", "decoder", "interp"):
         if s in self.stages:
           want = self.stages[s].config.conditioning.embedding_dim
           if want != self.clip.embed_dim:
             raise CheckpointError(
-              f"the {s} checkpoint was trained on {want}-dimensional CLIP embeddings, the CLIP "
-              f"at {path!r} makes {self.clip.embed_dim}: pass the CLIP it was trained with (--clip)"
+              f"the {s} checkpoint was trained on {want}-dimensional CLIP embeddings, the CLIP at "
+              f"{self.clip.path!r} makes {self.clip.embed_dim}: pass the CLIP it was trained with "
+              f"(--clip)"
             )
-      for s in ("prior", "decoder", "interp"):
-        if s in self.stages:  # one CLIP for the whole cascade (overrides each model's lazy one)
-          self.stages[s].model.__dict__["clip"] = self.clip
+          self.stages[s].model.__dict__["clip"] = self.clip  # replaces the model's lazy CLIP
+      if "prior" in self.stages:
+        width = self.stages["prior"].config.conditioning.text_width
+        if width != self.clip.config.model.text_width:
+          raise CheckpointError(
+            f"the prior reads {width}-wide CLIP token features, the CLIP at {self.clip.path!r} "
+            f"makes {self.clip.config.model.text_width}: pass the CLIP it was trained with (--clip)"
+          )
       self.clip_params = self.clip.load(self.mesh, strategy)
       d = self.clip.config.data
-      self.tokenizer = tokenizers.make_tokenizer(d.tokenizer, d.tokenizer_path or None)
+      self.tokenizer = tokenizers.make_tokenizer(
+        d.tokenizer, paths.resolve(d.tokenizer_path) or None
+      )
 
   # -- consistency ---------------------------------------------------------------------------------
 
@@ -356,7 +377,11 @@ class Cascade:
     def fn(s, progress, params, clip, rng):
       aug_rng, rng = jax.random.split(rng)
       aug, level = diffusion.noise_augment(
-        aug_rng, clip, schedule_from_config(c.diffusion), s.aug_level
+        aug_rng,
+        clip,
+        schedule_from_config(c.diffusion),
+        s.aug_level,
+        share_across_frames=name == "sr_high",
       )
       cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r)}
       return stage.generate(
@@ -400,7 +425,12 @@ class Cascade:
   def _after_decoder(self, clip, fps, embedding, rng, frame_skip, until):
     if until == "decoder":
       return clip, fps
-    skip = int(frame_skip or self.stages["interp"].config.sampling.frame_skip)
+    if frame_skip is None:
+      self.require("interp")
+      frame_skip = self.stages["interp"].config.sampling.frame_skip
+    skip = int(frame_skip)
+    if skip < 1:
+      raise ValueError(f"frame_skip must be >= 1 (1: no interpolation), got {skip}")
     rng, sub = jax.random.split(rng)
     clip = self.expand(clip, skip, fps, embedding, sub) if skip > 1 else clip
     return self.finish(clip, rng, until), fps * skip
@@ -412,6 +442,8 @@ class Cascade:
     self.require("decoder", "interp")
     dc = self.stages["decoder"].config
     skip = int(frame_skip or self.stages["interp"].config.sampling.frame_skip)
+    if skip < 1:
+      raise ValueError(f"frame_skip must be >= 1, got {skip}")
     fps = float(fps or dc.sampling.fps) * skip
     n = (int(num_frames or dc.data.num_frames) - 1) * skip + 1
     b = image.shape[0]
@@ -424,6 +456,8 @@ class Cascade:
   def variation(self, clip, rng, *, strength=0.7, fps=None, frame_skip=None, until="sr_high"):
     """Variations of model-space clips [b, f, h, w, 3] (at D^t's resolution and frame count)."""
     self.require("decoder")
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength must be in (0, 1], got {strength}")
     fps = float(fps or self.stages["decoder"].config.sampling.fps)
     embedding = self.image_embedding(clip[:, clip.shape[1] // 2])
     r = jax.random.split(rng, 2)
@@ -454,8 +488,16 @@ class Cascade:
     context = int(context or ic.data.mask_max_context)
     if not 1 <= context < n:
       raise ValueError(f"--context must be in [1, {n - 1}], got {context}")
+    if clip.shape[1] < context:
+      raise ValueError(
+        f"the video has {clip.shape[1]} frames, fewer than the {context} given frames per round "
+        f"(--context)"
+      )
+    if times < 1:
+      raise ValueError(f"extend_times must be >= 1, got {times}")
     fps = float(fps or ic.sampling.fps)
-    embedding = self.image_embedding(clip[:, -1])
+    # As in training: the CLIP embedding of the first given frame.
+    embedding = self.image_embedding(clip[:, -context])
     mask = video_lib.frame_mask("first", n, context)
     for _ in range(times):
       rng, sub = jax.random.split(rng)

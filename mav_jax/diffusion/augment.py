@@ -9,6 +9,7 @@ fed to the model as a scalar condition.
 import jax
 import jax.numpy as jnp
 
+from mav_jax.diffusion.samplers import gaussian_noise
 from mav_jax.diffusion.schedules import NoiseSchedule, add_noise
 
 Array = jax.Array
@@ -20,6 +21,7 @@ def noise_augment(
   schedule: NoiseSchedule,
   level: float | Array | None = None,
   max_level: float = 0.5,
+  share_across_frames: bool = False,
 ) -> tuple[Array, Array]:
   """Noises a conditioning input at diffusion time `level` (per example).
 
@@ -30,6 +32,8 @@ def noise_augment(
     level: fixed level in [0, 1] (a scalar or [b]) at sampling time; None samples U(0, max_level)
       per example, for training.
     max_level: upper bound of the sampled level.
+    share_across_frames: one noise draw for every frame of a clip [b, f, ...] (per-frame SR_h:
+      identical frames must get identical conditioning inputs).
 
   Returns:
     (x_aug, level): the noised input and the [b] levels, to pass to the model as a condition.
@@ -39,5 +43,5 @@ def noise_augment(
   if level is None:
     level = jax.random.uniform(level_rng, (b,), maxval=max_level)
   level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (b,))
-  noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
+  noise = gaussian_noise(noise_rng, x.shape, share_across_frames)
   return add_noise(schedule, x, noise, level), level

@@ -221,7 +221,7 @@ class VideoStage:
     """
     s, d = sampling or config.sampling, config.diffusion
     per_frame = self.name == "sr_high"
-    b, f = shape[:2]
+    b = shape[0]
     cond = {
       "embedding": cond.get("embedding"),
       "scalars": cond.get("scalars", {}),
@@ -229,19 +229,17 @@ class VideoStage:
     }
 
     def model_fn(z, t, c):
-      if per_frame:  # [n, f, ...] -> [n*f, 1, ...]: each frame an image
-        n = z.shape[0]
-        flat = lambda x: None if x is None else x.reshape((n * f, 1) + x.shape[2:])  # noqa: E731
-        rep = lambda x: None if x is None else jnp.repeat(x, f, axis=0)  # noqa: E731
-        c = {
-          "embedding": rep(c["embedding"]),
-          "scalars": {k: rep(v) for k, v in c["scalars"].items()},
-          "extra": flat(c["extra"]),
-        }
-        out = model.net.apply(
-          {"params": params}, flat(z), jnp.repeat(t, f), **self._net_kwargs(c, True)
-        )
-        return out.reshape(z.shape)
+      if per_frame:  # each frame an image [n, 1, h, w, c], one frame at a time (bounded memory)
+
+        def one_frame(inputs):
+          z_f, extra_f = inputs
+          frame_cond = dict(c, extra=extra_f[:, None])
+          return model.net.apply(
+            {"params": params}, z_f[:, None], t, **self._net_kwargs(frame_cond, True)
+          )[:, 0]
+
+        frames = jax.lax.map(one_frame, (jnp.swapaxes(z, 0, 1), jnp.swapaxes(c["extra"], 0, 1)))
+        return jnp.swapaxes(frames, 0, 1)
       return model.net.apply({"params": params}, z, t, **self._net_kwargs(c, image_mode))
 
     guided = cond["embedding"] is not None and s.guidance_scale != 1.0
@@ -258,7 +256,7 @@ class VideoStage:
     noise = diffusion.gaussian_noise(noise_rng, shape, share_across_frames=per_frame)
     if init is not None:
       noise = add_noise(schedule, init.astype(jnp.float32), noise, jnp.full((b,), strength))
-    return diffusion.sample(
+    out = diffusion.sample(
       denoise,
       schedule,
       noise,
@@ -272,6 +270,8 @@ class VideoStage:
       t_start=strength if init is not None else 1.0,
       progress=progress,
     )
+    # The last step leaves sigma_min * eps of noise: clip to the pixel range.
+    return jnp.clip(out, -1.0, 1.0)
 
   def sample(self, model: StageModel, config, params, batch: Batch, rng: Array, frozen=None):
     """Training-time samples conditioned like the first clips of `batch` (written to the workdir)."""
@@ -282,7 +282,13 @@ class VideoStage:
     if self.is_super_resolution:  # a fixed, small augmentation level
       low = resize_frames(x0, config.conditioning.low_resolution)
       level = config.sampling.aug_level
-      aug, lv = diffusion.noise_augment(rng, low, schedule_from_config(config.diffusion), level)
+      aug, lv = diffusion.noise_augment(
+        rng,
+        low,
+        schedule_from_config(config.diffusion),
+        level,
+        share_across_frames=self.name == "sr_high",
+      )
       cond = {
         "embedding": None,
         "scalars": {"noise_level": lv},
