@@ -122,8 +122,8 @@ def test_every_strategy_on_8_devices_matches_one_device(strategy, one_device_run
   # updates of the order of the learning rate, so they agree only to ~lr; the losses agree to 2e-4.)
   flat = traverse_util.flatten_dict(run["state"].params)
   # Each parameter is placed as the strategy says.
-  query = flat[("unet", "mid_attn", "spatial_attn", "query", "kernel")].sharding.spec
-  conv = flat[("unet", "mid_res_0", "conv1", "spatial", "kernel")].sharding.spec
+  query = flat[("mid_attn", "spatial_attn", "query", "kernel")].sharding.spec
+  conv = flat[("mid_res_0", "conv1", "spatial", "kernel")].sharding.spec
   if strategy == "data_parallel":
     assert all(v.sharding.is_fully_replicated for v in flat.values())
   if strategy == "fsdp":
