@@ -44,6 +44,9 @@ def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
   assert result["step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
   exported = checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))[0]
   assert exported.stage == config.stage
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))
+  assert checkpointing.load_config(str(tmp_path / "model")).to_dict() == exported.to_dict()
   if config.train.sample_every and config.stage != "prior":
     assert list((tmp_path / "samples").glob("*.gif"))
   if module is interp:  # started from D^t: its spatial weights, not a fresh init
@@ -158,3 +161,15 @@ def test_shipped_cascade_draws_the_prompted_colour():
     pixels = clip.reshape(-1, 3)
     bright = pixels[np.argsort(pixels.max(axis=1))[-16:]]  # the object: the brightest pixels
     assert np.argmax(bright.mean(axis=0)) == COLOURS[colour], (colour, bright.mean(axis=0))
+
+
+def test_per_stage_flag_values():
+  parse = sample_lib._per_stage
+  assert parse("20", "steps", int) == {s: 20 for s in sample_lib.CASCADE}
+  mixed = parse("sr_high=8, 20,decoder=30,", "steps", int)
+  assert mixed == {**{s: 20 for s in sample_lib.CASCADE}, "sr_high": 8, "decoder": 30}
+  assert parse(None, "steps", int) == {}
+  with pytest.raises(ValueError, match="unknown stage 'sr'"):
+    parse("sr=3", "steps", int)
+  with pytest.raises(ValueError, match="--steps: cannot read 'x'"):
+    parse("decoder=x", "steps", int)
