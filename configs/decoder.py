@@ -35,14 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config_defaults.add_unet_stage(config)
   # Optimisation: AdamW, linear warmup then cosine decay, global-norm clipping.
   config_defaults.add_optimizer(config)
-  # Training steps of the demo (mav_jax.demo).
-  config.demo_steps = 20
   # Device mesh, sharding strategy and training loop.
   config_defaults.add_runtime(config)
 
   if config.variant == "tiny":
     config_defaults.make_tiny(config)
-    config.demo_steps = 20
   elif config.variant == "paper":
     config.model.channels = 320
     config.model.num_res_blocks = 3
