@@ -91,11 +91,9 @@ def state_from_image_checkpoint(state: TrainState, shardings, path: str) -> Trai
       f"{path}: image parameters missing from the video model (do the configs match?): "
       f"{missing[:10]}"
     )
-  placed = traverse_util.unflatten_dict(
-    {
-      p: jax.make_array_from_callback(a.shape, target[p], lambda i, a=a: np.asarray(a)[i])
-      for p, a in image.items()
-    }
+  placed = sharding.place_host_tree(
+    traverse_util.unflatten_dict(image),
+    traverse_util.unflatten_dict({p: target[p] for p in image}),
   )
 
   def merge(image_params, video_params):
