@@ -205,7 +205,7 @@ class Cascade:
               f"{self.clip.path!r} makes {self.clip.embed_dim}: pass the CLIP it was trained with "
               f"(--clip)"
             )
-          self.stages[s].model.__dict__["clip"] = self.clip  # replaces the model's lazy CLIP
+          common.use_clip(self.stages[s].model, self.clip)
       if "prior" in self.stages:
         width = self.stages["prior"].config.conditioning.text_width
         if width != self.clip.config.model.text_width:

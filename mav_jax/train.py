@@ -6,7 +6,7 @@ r"""Trains a cascade stage: `python -m mav_jax.train --config configs/<stage>.py
 
 Re-running the same command resumes from the workdir's latest checkpoint. Several processes (one
 per host) train together when `--num_processes` > 1 (with --coordinator_address and --process_id),
-or automatically on a Cloud TPU pod slice.
+or with --multihost / automatically on a Cloud TPU pod slice (see launch/tpu.py).
 """
 
 import os
@@ -19,6 +19,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): ch
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Join the other hosts with jax.distributed.initialize() and its cluster auto-detection (Cloud "
+  "TPU pods and multi-slice; launch/tpu.py sets it). Pod slices are detected without it.",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", None, "Fake this many CPU devices per process (for trying sharding on a laptop)."
 )
@@ -43,7 +49,7 @@ def main(argv):
   if (_NUM_PROCESSES.value or 1) > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _is_tpu_pod():
+  elif _MULTIHOST.value or _is_tpu_pod():
     jax.distributed.initialize()
   logging.info(
     "process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count()

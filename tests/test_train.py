@@ -1,11 +1,11 @@
 """The distributed trainer: strategies vs one device, exact resume after SIGKILL, SIGTERM, restore
-onto another mesh, image -> video initialisation and freezing, non-finite stops, two processes."""
+onto another mesh, image -> video initialisation and freezing, non-finite stops. (Two processes
+training together: tests/test_launch.py, through the local multi-host runner.)"""
 
 import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from configs import decoder
-from mav_jax import checkpointing, train_lib
+from mav_jax import checkpointing, train_lib, train_step
 from mav_jax.parallel import mesh as mesh_lib
 from mav_jax.parallel import sharding
 
@@ -138,7 +138,7 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path):
   saved = train_lib.train_and_evaluate(_test_config(**{"train.num_steps": 2}), tmp_path)
   config = _test_config(**{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1)})
   devices = jax.devices()[:4]
-  mesh, *_, shardings, abstract, _ = train_lib.setup(config, devices)
+  mesh, *_, shardings, abstract, _ = train_step.setup(config, devices)
   restored = checkpointing.Checkpointer(str(tmp_path)).restore(
     2, checkpointing.abstract_with_shardings(abstract, shardings)
   )
@@ -160,7 +160,7 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path):
 
 def _setup_create_shardings(tmp_path):
   config = _test_config(**{"train.num_steps": 2})
-  *_, shardings, _, create = train_lib.setup(config)
+  *_, shardings, _, create = train_step.setup(config)
   return create, shardings, config
 
 
@@ -193,7 +193,7 @@ def test_image_checkpoint_starts_the_video_stage_and_temporal_only_training(tmp_
   new = [p for p in after if p not in before]
   assert any("temporal_attn" in p for p in new) and any("fps_embed" in p for p in new)
   fresh = traverse_util.flatten_dict(
-    jax.device_get(train_lib.init_state(*_setup_create_shardings(tmp_path)).params)
+    jax.device_get(train_step.init_state(*_setup_create_shardings(tmp_path)).params)
   )
   unchanged = [p for p in new if np.array_equal(after[p], fresh[p])]
   assert not unchanged, f"video-only parameters did not train: {unchanged[:3]}"
@@ -215,7 +215,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path):
   steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
   # Every finite step was checkpointed, the non-finite one was not.
   assert steps == list(range(1, bad_step)), (steps, bad_step)
-  _, _, _, _, shardings, abstract, _ = train_lib.setup(config)
+  _, _, _, _, shardings, abstract, _ = train_step.setup(config)
   state = checkpointing.Checkpointer(str(tmp_path)).restore(
     steps[-1], checkpointing.abstract_with_shardings(abstract, shardings)
   )
@@ -229,7 +229,7 @@ def test_gradient_accumulation_and_mesh_sizes(tmp_path):
   )
   assert all(math.isfinite(v) for v in run["losses"].values())
   batch = {"x": np.arange(8)}
-  micro = train_lib._microbatches(batch, 2)["x"]
+  micro = train_step._microbatches(batch, 2)["x"]
   np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])
   assert mesh_lib.resolve_sizes((2, -1, 1), 8, "ici") == (2, 4, 1)
   with pytest.raises(ValueError, match="at most one"):
@@ -276,32 +276,3 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   resumed = _train_cli(tmp_path, f"--config.train.num_steps={step + 1}")
   out = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0 and f"resumed at step {step}" in out, out
-
-
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-
-  def run(num_steps):
-    procs = [
-      _train_cli(
-        tmp_path,
-        f"--config.train.num_steps={num_steps}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        f"--coordinator_address=127.0.0.1:{port}",
-      )
-      for i in range(2)
-    ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-      assert p.returncode == 0, out
-    return outs
-
-  outs = run(2)
-  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in outs[0]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-  outs = run(4)
-  assert all("resumed at step 2" in out for out in outs)
-  assert "4" in os.listdir(tmp_path / "checkpoints")

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -58,12 +59,20 @@ class FrozenClip:
   def embed_dim(self) -> int:
     return int(self.config.model.embed_dim)
 
-  def load(self, mesh: jax.sharding.Mesh, strategy: str) -> Any:
-    """The parameters on `mesh`, sharded by `strategy`'s rules like a trained model's."""
+  def init_fn(self):
+    """rng -> boxed CLIP parameters (random: for shapes, shardings and benchmarks)."""
     from mav_jax.stages import clip as clip_stage
 
-    boxed = jax.eval_shape(lambda: clip_stage.init(self.module, self.config, jax.random.key(0)))
-    shardings = sharding.tree_shardings(boxed, sharding.strategy_rules(strategy), mesh)
+    return functools.partial(clip_stage.init, self.module, self.config)
+
+  def shardings(self, mesh: jax.sharding.Mesh, strategy: str) -> tuple[Any, Any]:
+    """(abstract parameters, their shardings on `mesh` by `strategy`'s rules)."""
+    boxed = jax.eval_shape(self.init_fn(), jax.random.key(0))
+    return nn.unbox(boxed), sharding.tree_shardings(boxed, sharding.strategy_rules(strategy), mesh)
+
+  def load(self, mesh: jax.sharding.Mesh, strategy: str) -> Any:
+    """The parameters on `mesh`, sharded by `strategy`'s rules like a trained model's."""
+    _, shardings = self.shardings(mesh, strategy)
     host = checkpointing.restore_params(self.path)
     if jax.tree.structure(host) != jax.tree.structure(shardings):
       raise ValueError(f"{self.path}: the parameters do not match the CLIP config saved with them")
@@ -83,6 +92,12 @@ class FrozenClip:
     """Token ids [b, l] -> (scaled-unit text embeddings [b, d], token features [b, l, width])."""
     embedding, features = self.module.apply({"params": params}, tokens, method=_text_tower)
     return scaled_unit(embedding), features.astype(jnp.float32)
+
+
+def use_clip(model: Any, clip: FrozenClip) -> None:
+  """Makes a stage model read `clip` instead of the checkpoint its config names (the sampler shares
+  one CLIP among stages; benchmarks use a CLIP of a given shape with no weights)."""
+  model.__dict__["clip"] = clip  # replaces the model's lazily loaded `clip` property
 
 
 def _text_tower(module, tokens):

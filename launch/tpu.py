@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+r"""Cloud TPU launcher: create a TPU VM or queued resource (multi-slice too), put the code and its
+requirements on every worker, start `mav_jax.train` on all workers, follow logs, check, stop, delete.
+
+Every subcommand prints the gcloud commands it runs ("+ gcloud ..."); with --dry_run it prints them
+and runs nothing. Only the Python standard library and the gcloud CLI are needed on your machine.
+
+  export MAV_TPU_PROJECT=my-project MAV_TPU_ZONE=us-east5-a MAV_TPU_NAME=mav-decoder
+  python launch/tpu.py create --accelerator_type v5p-128 --queued --spot
+  python launch/tpu.py setup                       # copy this checkout (git HEAD) + pip install
+  python launch/tpu.py train --config configs/decoder.py:paper --workdir gs://BUCKET/decoder \
+      -- --config.train.num_steps=200000          # anything after -- goes to mav_jax.train
+  python launch/tpu.py logs --follow               # worker 0; --fetch DIR copies every worker's
+  python launch/tpu.py status
+  python launch/tpu.py stop                        # kill the run on every worker (checkpoints stay)
+  python launch/tpu.py delete
+
+Multi-slice: `create --num_slices 2` asks for a queued resource of two slices (nodes NAME-0, NAME-1);
+`train` then runs on every worker of every slice and sets the mesh's cross-slice (dcn) axis.
+Run `python launch/tpu.py SUBCOMMAND --help` for each subcommand's options.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REMOTE_DIR = "~/mav_jax"  # the code on each worker
+REMOTE_VENV = "~/mav_jax_venv"
+REMOTE_LOG = "~/mav_jax_logs/train.log"
+# Default TPU VM images per generation (Cloud TPU docs, "TPU software versions").
+RUNTIME_VERSIONS = {
+  "v4": "tpu-ubuntu2204-base",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v5p": "v2-alpha-tpuv5",
+  "v6e": "v2-alpha-tpuv6e",
+}
+_ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")
+
+
+class LaunchError(Exception):
+  """A problem with the arguments, said so the user can fix it."""
+
+
+def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
+  """ "v5p-128" -> ("v5p", 128); v5e-N is spelled v5litepod-N by gcloud."""
+  match = _ACCELERATOR.match(accelerator_type or "")
+  if not match:
+    raise LaunchError(
+      f"accelerator type {accelerator_type!r} is not one of v4-N, v5p-N, v5litepod-N (v5e), "
+      f"v6e-N (e.g. v5p-128, v6e-256, v5litepod-16)"
+    )
+  generation = "v5litepod" if match[1] == "v5e" else match[1]
+  return generation, int(match[2])
+
+
+def num_workers(accelerator_type: str) -> int:
+  """TPU VM hosts in one slice of `accelerator_type`.
+
+  v4 and v5p count TensorCores (2 per chip, 4 chips per host); v5e and v6e count chips (a slice of
+  up to 8 chips is one host, larger slices have 4 chips per host).
+  """
+  generation, n = parse_accelerator(accelerator_type)
+  if generation in ("v4", "v5p"):
+    return max(1, n // 8)
+  return 1 if n <= 8 else n // 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The resource and how to reach its workers.
+# ---------------------------------------------------------------------------------------------
+
+
+class Resource:
+  """A TPU VM (one slice, created directly) or a queued resource (one or more slices)."""
+
+  def __init__(self, args):
+    self.name = args.name
+    self.zone = args.zone
+    self.project = args.project
+    self.num_slices = args.num_slices
+    self.queued = args.queued or args.num_slices > 1
+    if not self.name or not self.zone:
+      raise LaunchError("give --name and --zone (or set MAV_TPU_NAME and MAV_TPU_ZONE)")
+
+  def _where(self) -> list[str]:
+    where = [f"--zone={self.zone}"]
+    if self.project:
+      where.append(f"--project={self.project}")
+    return where
+
+  def group(self) -> list[str]:
+    return ["gcloud", "compute", "tpus"] + (["queued-resources"] if self.queued else ["tpu-vm"])
+
+  def node_names(self) -> list[str]:
+    if self.num_slices > 1:
+      return [f"{self.name}-{i}" for i in range(self.num_slices)]
+    return [self.name]
+
+  def create(self, accelerator_type, runtime_version, spot, extra) -> list[str]:
+    cmd = self.group() + ["create", self.name] + self._where()
+    cmd += [f"--accelerator-type={accelerator_type}"]
+    cmd += [
+      f"--runtime-version={runtime_version}" if self.queued else f"--version={runtime_version}"
+    ]
+    if self.queued:
+      if self.num_slices > 1:
+        cmd += [f"--node-count={self.num_slices}", f"--node-prefix={self.name}"]
+      else:
+        cmd += [f"--node-id={self.name}"]
+    if spot:
+      cmd.append("--spot")
+    return cmd + list(extra)
+
+  def ssh(self, command: str, worker: str = "all", node: str = "all") -> list[str]:
+    cmd = self.group() + ["ssh", self.name] + self._where() + [f"--worker={worker}"]
+    if self.queued:
+      cmd.append(f"--node={node}")
+    return cmd + [f"--command={command}"]
+
+  def scp(self, source: str, dest: str, worker: str = "all", node: str = "all") -> list[str]:
+    cmd = self.group() + ["scp", source, dest] + self._where() + [f"--worker={worker}"]
+    if self.queued:
+      cmd.append(f"--node={node}")
+    return cmd
+
+  def describe(self) -> list[str]:
+    return self.group() + ["describe", self.name] + self._where()
+
+  def delete(self) -> list[str]:
+    cmd = self.group() + ["delete", self.name] + self._where() + ["--quiet"]
+    if self.queued:
+      cmd.append("--force")  # also deletes the TPU VMs it made
+    return cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands: each returns the list of commands to run.
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_create(args, res: Resource) -> list[list[str]]:
+  if not args.accelerator_type:
+    raise LaunchError("create needs --accelerator_type (e.g. v5p-128, v6e-256)")
+  generation, _ = parse_accelerator(args.accelerator_type)
+  accelerator = args.accelerator_type.replace("v5e-", "v5litepod-")
+  version = args.runtime_version or RUNTIME_VERSIONS[generation]
+  return [res.create(accelerator, version, args.spot, args.create_flag)]
+
+
+def _requirements_line() -> str:
+  return (
+    f"cd {REMOTE_DIR} && python3 -m venv {REMOTE_VENV} && "
+    f"{REMOTE_VENV}/bin/pip install -q --upgrade pip && "
+    f"{REMOTE_VENV}/bin/pip install -q -r requirements.txt -r requirements-tpu.txt && "
+    f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
+  )
+
+
+def cmd_setup(args, res: Resource) -> list[list[str]]:
+  commands = []
+  if args.source == "copy":
+    archive = os.path.join(tempfile.gettempdir(), f"mav_jax_{res.name}.tar.gz")
+    # The committed tree (git HEAD): what every worker runs is a known commit.
+    commands.append(
+      ["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
+    )
+    commands.append(res.scp(archive, f"{res.name}:~/mav_jax.tar.gz"))
+    unpack = (
+      f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf ~/mav_jax.tar.gz -C {REMOTE_DIR}"
+    )
+    commands.append(res.ssh(unpack))
+  else:
+    if not args.repo_url:
+      raise LaunchError("--source=git needs --repo_url (and optionally --ref)")
+    clone = (
+      f"(test -d {REMOTE_DIR}/.git || git clone -q {shlex.quote(args.repo_url)} {REMOTE_DIR}) && "
+      f"git -C {REMOTE_DIR} fetch -q origin && git -C {REMOTE_DIR} checkout -q "
+      f"{shlex.quote(args.ref)}"
+    )
+    commands.append(res.ssh(clone))
+  commands.append(res.ssh(_requirements_line()))
+  return commands
+
+
+def train_command(args, res: Resource) -> str:
+  """The shell command every worker runs."""
+  if not args.config or not args.workdir:
+    raise LaunchError("train needs --config (e.g. configs/decoder.py:paper) and --workdir")
+  if not args.workdir.startswith("gs://") and not args.allow_local_workdir:
+    raise LaunchError(
+      f"--workdir {args.workdir!r} is not on GCS: every worker must write to the same place; use "
+      f"gs://BUCKET/PATH (or --allow_local_workdir for a single-host run)"
+    )
+  overrides = list(args.overrides)
+  if res.num_slices > 1 and not any(o.startswith("--config.mesh.dcn") for o in overrides):
+    overrides.append(f"--config.mesh.dcn=({res.num_slices},1,1)")  # data parallel across slices
+  train = [
+    "-m",
+    "mav_jax.train",
+    f"--config={args.config}",
+    f"--workdir={args.workdir}",
+    "--multihost",
+    *overrides,
+  ]
+  # The interpreter path is left unquoted so that the remote shell expands its "~".
+  run = f"PYTHONUNBUFFERED=1 {REMOTE_VENV}/bin/python " + shlex.join(train)
+  log_dir = os.path.dirname(REMOTE_LOG)
+  if args.foreground:
+    return f"cd {REMOTE_DIR} && {run}"
+  # In the background, detached from the ssh session; the log stays on each worker.
+  return (
+    f"cd {REMOTE_DIR} && mkdir -p {log_dir} && "
+    f"(pgrep -f 'mav_jax[.]train' >/dev/null && echo 'a run is already going: stop it first' && "
+    f"exit 1 || (setsid nohup {run} > {REMOTE_LOG} 2>&1 < /dev/null &))"
+  )
+
+
+def cmd_train(args, res: Resource) -> list[list[str]]:
+  return [res.ssh(train_command(args, res))]
+
+
+def cmd_logs(args, res: Resource) -> list[list[str]]:
+  if args.fetch:
+    if not args.accelerator_type:
+      raise LaunchError("--fetch needs --accelerator_type to know how many workers there are")
+    commands = [["mkdir", "-p", args.fetch]]
+    for node_index, node in enumerate(res.node_names()):
+      for worker in range(num_workers(args.accelerator_type)):
+        local = os.path.join(args.fetch, f"{node}-worker{worker}.log")
+        commands.append(
+          res.scp(f"{res.name}:{REMOTE_LOG}", local, worker=str(worker), node=str(node_index))
+        )
+    return commands
+  tail = f"tail -n {args.lines}" + (" -F" if args.follow else "")
+  return [res.ssh(f"{tail} {REMOTE_LOG}", worker=args.worker, node=args.node)]
+
+
+def cmd_status(args, res: Resource) -> list[list[str]]:
+  check = (
+    f"echo \"$(hostname): $(pgrep -f 'mav_jax[.]train' >/dev/null && echo running || "
+    f"echo 'not running')\"; tail -n 2 {REMOTE_LOG} 2>/dev/null || true"
+  )
+  return [res.describe(), res.ssh(check)]
+
+
+def cmd_stop(args, res: Resource) -> list[list[str]]:
+  # SIGTERM: the trainer saves a checkpoint and exits (multi-host runs agree on the step).
+  return [res.ssh("pkill -TERM -f 'mav_jax[.]train' || echo 'no run to stop'")]
+
+
+def cmd_delete(args, res: Resource) -> list[list[str]]:
+  return [res.delete()]
+
+
+SUBCOMMANDS = {
+  "create": (cmd_create, "create the TPU VM or queued resource"),
+  "setup": (cmd_setup, "put the code on every worker and install the requirements"),
+  "train": (cmd_train, "start mav_jax.train on every worker"),
+  "logs": (cmd_logs, "show, follow or fetch the training log"),
+  "status": (cmd_status, "the resource's state and whether the run is going"),
+  "stop": (cmd_stop, "stop the run on every worker (SIGTERM: it checkpoints first)"),
+  "delete": (cmd_delete, "delete the resource"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  env = os.environ.get
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument(
+    "--name", default=env("MAV_TPU_NAME"), help="TPU / queued resource name ($MAV_TPU_NAME)"
+  )
+  common.add_argument(
+    "--zone", default=env("MAV_TPU_ZONE"), help="zone, e.g. us-east5-a ($MAV_TPU_ZONE)"
+  )
+  common.add_argument(
+    "--project",
+    default=env("MAV_TPU_PROJECT"),
+    help="GCP project ($MAV_TPU_PROJECT; default: gcloud's)",
+  )
+  common.add_argument(
+    "--accelerator_type",
+    default=env("MAV_TPU_TYPE"),
+    help="e.g. v5p-128, v6e-256, v5litepod-16 ($MAV_TPU_TYPE)",
+  )
+  common.add_argument(
+    "--num_slices",
+    type=int,
+    default=int(env("MAV_TPU_SLICES", "1")),
+    help="slices (> 1: multi-slice, a queued resource) ($MAV_TPU_SLICES)",
+  )
+  common.add_argument(
+    "--queued",
+    action="store_true",
+    default=env("MAV_TPU_QUEUED") == "1",
+    help="use a queued resource ($MAV_TPU_QUEUED=1)",
+  )
+  common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+
+  parser = argparse.ArgumentParser(
+    prog="launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+  parsers = {
+    name: sub.add_parser(name, parents=[common], help=text, description=text)
+    for name, (_, text) in SUBCOMMANDS.items()
+  }
+  p = parsers["create"]
+  p.add_argument(
+    "--runtime_version",
+    help="TPU VM image (default per generation: "
+    + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items())
+    + ")",
+  )
+  p.add_argument(
+    "--spot", action="store_true", help="Spot capacity (preemptible; the trainer resumes)"
+  )
+  p.add_argument(
+    "--create_flag",
+    action="append",
+    default=[],
+    help="extra flag for gcloud's create, e.g. --create_flag=--reserved (repeatable)",
+  )
+  p = parsers["setup"]
+  p.add_argument(
+    "--source",
+    choices=("copy", "git"),
+    default="copy",
+    help="copy this checkout's git HEAD, or git clone on each worker",
+  )
+  p.add_argument("--repo_url", help="repository to clone (--source=git)")
+  p.add_argument("--ref", default="main", help="branch, tag or commit to check out (--source=git)")
+  p = parsers["train"]
+  p.add_argument("--config", help="stage config, e.g. configs/decoder.py:paper")
+  p.add_argument(
+    "--workdir", help="run folder on GCS (gs://BUCKET/PATH): checkpoints, logs, samples"
+  )
+  p.add_argument(
+    "--foreground", action="store_true", help="stay attached and stream every worker's output"
+  )
+  p.add_argument(
+    "--allow_local_workdir", action="store_true", help="allow a non-GCS workdir (one host only)"
+  )
+  p.add_argument(
+    "overrides", nargs="*", help="after --: flags for mav_jax.train, e.g. --config.batch_size=512"
+  )
+  p = parsers["logs"]
+  p.add_argument("--follow", action="store_true", help="keep following (tail -F)")
+  p.add_argument("--lines", type=int, default=100, help="lines to show")
+  p.add_argument("--worker", default="0", help="worker index or 'all'")
+  p.add_argument("--node", default="0", help="slice (node) index or 'all' (multi-slice)")
+  p.add_argument("--fetch", metavar="DIR", help="copy every worker's log into DIR instead")
+  return parser
+
+
+def run(commands: list[list[str]], dry_run: bool) -> int:
+  for cmd in commands:
+    print("+ " + shlex.join(cmd), flush=True)
+    if dry_run:
+      continue
+    try:
+      code = subprocess.call(cmd)
+    except FileNotFoundError:
+      print(
+        f"error: {cmd[0]} is not installed (https://cloud.google.com/sdk/docs/install)",
+        file=sys.stderr,
+      )
+      return 1
+    if code:
+      print(f"error: the command above exited with {code}", file=sys.stderr)
+      return code
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    if args.num_slices < 1:
+      raise LaunchError(f"--num_slices must be >= 1, got {args.num_slices}")
+    resource = Resource(args)
+    commands = SUBCOMMANDS[args.subcommand][0](args, resource)
+  except LaunchError as e:
+    parser.exit(2, f"error: {e}\n")
+  return run(commands, args.dry_run)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

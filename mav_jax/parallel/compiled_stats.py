@@ -1,0 +1,175 @@
+"""What the compiler says about a compiled program: memory, FLOPs, estimated time, collectives.
+
+All figures are per device (an SPMD program is one program per device). They come from XLA:
+`memory_analysis()` (buffer sizes the compiler assigned), `cost_analysis()` (FLOPs and, on TPU, the
+compiler's estimated execution time `optimal_seconds`) and the optimised HLO text (collectives).
+XLA's cost analysis counts the body of a loop (`scan`, `fori_loop`, `lax.map`) once, not once per
+iteration.
+"""
+
+import collections
+import dataclasses
+import re
+from typing import Any
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+# "  %name = <shape> <opcode>(" ; the shape may be a tuple "(f32[..]{..}, ...)".
+_INSTRUCTION = re.compile(
+  r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s(?P<op>[\w\-]+)\("
+)
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (a tuple's elements summed; layouts ignored)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype not in _BYTES:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _BYTES[dtype]
+  return int(total)
+
+
+def _largest_array_bytes(shape: str) -> int:
+  sizes = [shape_bytes(f"{t}[{d}]") for t, d in _ARRAY.findall(shape)]
+  return max(sizes, default=0)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count": n, "bytes": b}} of the collectives in optimised HLO text.
+
+  Counted once per instruction in the program text (a collective inside a loop body counts once).
+  Bytes are those of the full buffer each one works on: an all-gather's gathered result, an
+  all-reduce's operand, a reduce-scatter's input, an all-to-all's or collective-permute's operand.
+  Async pairs (`-start` / `-done`) and the parts of one collective (same `channel_id`) count once;
+  the TPU compiler's reduce-scatter fusions (an all-reduce and a slice fused together) count as one
+  reduce-scatter.
+  """
+  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # a computation's header (or its closing brace)
+      head = line.removeprefix("ENTRY ").lstrip("%")
+      current = head.split()[0] if line.rstrip().endswith("{") and head else None
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction and current is not None:
+      computations[current].append((instruction["op"], instruction["shape"], line))
+  # Fused computations that implement a reduce-scatter: their inner all-reduce is the collective.
+  scatter_bodies = set()
+  for body in computations.values():
+    for op, _, line in body:
+      if op == "fusion":
+        called = _CALLS.search(line)
+        if called and "reduce-scatter" in called.group(1):
+          scatter_bodies.add(called.group(1))
+  out: dict[str, dict[str, int]] = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  seen = set()
+  for name, body in computations.items():
+    for op, shape, line in body:
+      if op.endswith("-done"):
+        continue
+      kind = op[: -len("-start")] if op.endswith("-start") else op
+      if kind not in COLLECTIVES:
+        continue
+      if name in scatter_bodies and kind == "all-reduce":
+        kind = "reduce-scatter"
+      channel = _CHANNEL.search(line)
+      if channel:  # one collective split into parts (async collective fusions) shares its channel
+        if (kind, channel.group(1)) in seen:
+          continue
+        seen.add((kind, channel.group(1)))
+      size = _largest_array_bytes(shape) if op.endswith("-start") else shape_bytes(shape)
+      out[kind]["count"] += 1
+      out[kind]["bytes"] += size
+  return out
+
+
+@dataclasses.dataclass
+class CompiledStats:
+  """Per-device figures of one compiled program (bytes, FLOPs, seconds).
+
+  Attributes:
+    argument_bytes: inputs (for a train step: the state shards, the batch shard, frozen params).
+    output_bytes: outputs.
+    alias_bytes: outputs that reuse donated input buffers (counted once).
+    temp_bytes: activations and other temporaries.
+    code_bytes: generated code.
+    flops: floating-point operations.
+    bytes_accessed: memory traffic the cost model expects.
+    estimated_seconds: the compiler's estimate of the run time (TPU only; None elsewhere).
+    collectives: {kind: {"count", "bytes"}}.
+  """
+
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float
+  bytes_accessed: float
+  estimated_seconds: float | None
+  collectives: dict[str, dict[str, int]]
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak-style total: inputs + outputs not aliased to inputs + temporaries + code."""
+    return (
+      self.argument_bytes
+      + self.output_bytes
+      - self.alias_bytes
+      + self.temp_bytes
+      + (self.code_bytes)
+    )
+
+
+def _cost(compiled) -> dict[str, Any]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def analyse(compiled) -> CompiledStats:
+  """The figures of a `jax.stages.Compiled`."""
+  memory = compiled.memory_analysis()
+  cost = _cost(compiled)
+  estimated = cost.get("optimal_seconds")
+  return CompiledStats(
+    argument_bytes=int(memory.argument_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    alias_bytes=int(memory.alias_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    code_bytes=int(memory.generated_code_size_in_bytes),
+    flops=float(cost.get("flops", 0.0)),
+    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+    estimated_seconds=float(estimated) if estimated and estimated > 0 else None,
+    collectives=collectives(compiled.as_text()),
+  )

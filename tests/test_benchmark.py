@@ -1,0 +1,206 @@
+"""mav_jax.benchmark: every strategy compiled and timed on 8 fake CPU devices, the compiler's figures
+checked against the shardings, collectives parsed from HLO, the outputs written; with libtpu
+installed, one ahead-of-time compile for a small TPU topology."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import decoder as decoder_config
+from mav_jax import benchmark, benchmark_lib
+from mav_jax.parallel import compiled_stats, sharding, targets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small_decoder():
+  """The tiny decoder cut to one UNet level (every kind of block, fewest layers to compile)."""
+  config = decoder_config.get_config("tiny")
+  config.data.num_frames = 2
+  config.data.resolution = 8
+  config.model.channels = 16  # wide enough that most parameters split 8 ways
+  config.model.head_dim = 8
+  config.model.channel_mults = (1,)
+  config.model.attention_levels = (0,)
+  config.batch_size = 8
+  return config
+
+
+@pytest.fixture(scope="module")
+def rows():
+  target = targets.get_target("local")
+  assert target.num_devices == 8 and target.runnable
+  cases = benchmark_lib.default_cases(list(sharding.STRATEGIES), 8, tensor=2)
+  out = []
+  for case in cases:
+    out += benchmark_lib.run_case(
+      _small_decoder(), case, target, repeats=1, include_sample=case.strategy == "fsdp", log=print
+    )
+  return out
+
+
+def test_every_strategy_compiles_and_runs_on_8_devices(rows):
+  train = {r["strategy"]: r for r in rows if r["step"] == "train"}
+  assert sorted(train) == sorted(sharding.STRATEGIES)
+  assert {r["mesh"] for r in train.values()} == {"1x8x1", "1x4x2"}
+  for r in train.values():
+    assert r["measured_s"] > 0 and r["flops"] > 0 and r["total_bytes"] > 0
+    # The compiler's argument buffers hold at least the state shards computed from the shardings
+    # (frozen CLIP's text tower is unused by D^t, so jit prunes it from the arguments).
+    state = r["params_bytes"] + r["ema_bytes"] + r["opt_bytes"]
+    assert r["argument_bytes"] >= state
+    assert r["estimated_s"] is None and r["fits"] is None  # a CPU: no estimate, no HBM figure
+  # Replicated state: each device holds all of it; FSDP: close to an even eighth.
+  assert train["data_parallel"]["state_split_ratio"] == pytest.approx(8.0)
+  assert train["fsdp"]["state_split_ratio"] < 1.15
+  assert 1.0 < train["tensor"]["state_split_ratio"] < 8.0
+  # Data parallel all-reduces gradients and gathers no parameters; FSDP gathers parameters.
+  dp, fsdp = train["data_parallel"]["collectives"], train["fsdp"]["collectives"]
+  assert dp["all-reduce"]["count"] > 0 and dp["all-gather"]["count"] == 0
+  assert fsdp["all-gather"]["count"] > 0
+  [sample] = [r for r in rows if r["step"] == "sample"]
+  assert sample["strategy"] == "fsdp" and sample["measured_s"] > 0 and sample["flops"] > 0
+
+
+def test_outputs_table_csv_json_plot(rows, tmp_path):
+  benchmark._write(str(tmp_path), "results", rows, benchmark._CSV_COLUMNS)
+  benchmark.plot(rows, str(tmp_path / "memory_time.png"))
+  table = benchmark.format_table(rows)
+  assert table.count("\n") == len(rows) + 1 and "| train | fsdp | 1x8x1 |" in table
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved[0]["collectives"] == rows[0]["collectives"]
+  csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+  assert len(csv_lines) == len(rows) + 1 and "all-gather_count" in csv_lines[0]
+  assert (tmp_path / "memory_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collectives_parsed_from_hlo():
+  mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+
+  def loss(x, w):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+  grad = jax.jit(
+    jax.grad(loss, argnums=1),
+    in_shardings=(NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P("fsdp", None))),
+    out_shardings=NamedSharding(mesh, P("fsdp", None)),
+  )
+  compiled = grad.lower(
+    jax.ShapeDtypeStruct((64, 128), jnp.float32), jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  ).compile()
+  stats = compiled_stats.analyse(compiled)
+  # The weight is gathered whole (128 x 256 float32) and its gradient reduced.
+  assert stats.collectives["all-gather"] == {"count": 1, "bytes": 128 * 256 * 4}
+  reduced = stats.collectives["all-reduce"]["count"] + stats.collectives["reduce-scatter"]["count"]
+  assert reduced >= 1
+  assert stats.flops >= 2 * 8 * 128 * 256  # this device's 8 rows through the matmul, at least
+
+
+def test_hlo_text_parsing_of_tpu_async_and_fused_collectives():
+  text = """HloModule m
+
+%fused (p: bf16[1,64]) -> bf16[4,64] {
+  %p = bf16[1,64]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[4,64]{1,0} all-gather(%p), channel_id=7, dimensions={0}
+}
+
+%async_fusion (p: bf16[1,64]) -> bf16[4,64] {
+  %p = bf16[1,64]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[4,64]{1,0} all-gather(%p), channel_id=7, dimensions={0}
+}
+
+%all-reduce-scatter.1 (input: f32[8,16]) -> f32[2,16] {
+  %input = f32[8,16]{1,0} parameter(0)
+  %all-reduce.4 = f32[8,16]{1,0} all-reduce(%input), channel_id=6, to_apply=%add
+  ROOT %slice = f32[2,16]{1,0} dynamic-slice(%all-reduce.4)
+}
+
+ENTRY %main (a: f32[8,16], b: bf16[1,64]) -> f32[2,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %start = (f32[32]{0}, f32[32]{0}) all-reduce-start(%x), channel_id=9
+  %done = f32[32]{0} all-reduce-done(%start)
+  %cp = u32[2]{0} collective-permute(%y), channel_id=10, source_target_pairs={{0,1}}
+  ROOT %fusion.1 = f32[2,16]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+  got = compiled_stats.collectives(text)
+  assert got["all-gather"] == {"count": 1, "bytes": 4 * 64 * 2}  # one channel, two parts
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 8 * 16 * 4}
+  assert got["all-reduce"] == {"count": 1, "bytes": 32 * 4}  # the async pair, once
+  assert got["collective-permute"] == {"count": 1, "bytes": 8}
+
+
+def test_cli_errors_exit_nonzero_and_keep_results(tmp_path):
+  (tmp_path / "results.json").write_text("[]")
+  cmd = [sys.executable, "-m", "mav_jax.benchmark", "--config", "configs/decoder.py:tiny"]
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  for extra, message in (
+    ([f"--output={tmp_path}"], "pass --overwrite"),
+    ([f"--output={tmp_path}/a", "--target=v9:2x2"], "unknown target"),
+    ([f"--output={tmp_path}/b", "--strategies=pipeline"], "unknown sharding strategy"),
+    ([f"--output={tmp_path}/c", "--meshes=2x2"], "give the sizes of data x fsdp x tensor"),
+  ):
+    done = subprocess.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and message in done.stderr, (extra, done.stderr[-2000:])
+  assert (tmp_path / "results.json").read_text() == "[]"
+
+
+def test_attention_sizes_of_the_paper_decoder():
+  sizes = benchmark_lib.attention_sizes(decoder_config.get_config("paper"))
+  # Levels 1-3 (32, 16, 8 px of 64) at 640, 960, 1280 channels; the middle block shares level 3.
+  assert [(s["height"], s["channels"], s["heads"]) for s in sizes] == [
+    (32, 640, 10),
+    (16, 960, 15),
+    (8, 1280, 20),
+  ]
+
+
+def _libtpu_installed() -> bool:
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(
+  not _libtpu_installed(), reason="needs libtpu (pip install -r requirements-tpu.txt)"
+)
+def test_ahead_of_time_compile_for_a_tpu_topology():
+  """The TPU compiler (libtpu, on this CPU) compiles the train step for 4 v5e chips."""
+  target = targets.get_target("v5e:2x2")
+  assert target.num_devices == 4 and not target.runnable and target.chip.hbm_bytes == 16 * 2**30
+  [row] = benchmark_lib.run_case(
+    _small_decoder(),
+    benchmark_lib.Case("fsdp", (1, -1, 1)),
+    target,
+    include_sample=False,
+  )
+  assert row["chip"] == "TPU v5e" and row["mesh"] == "1x4x1" and row["fits"] is True
+  assert row["estimated_s"] > 0 and 0 < row["estimated_mfu"] < 1  # the compiler's estimate
+  assert row["measured_s"] is None  # nothing runs on a topology
+  assert row["state_split_ratio"] < 1.1
+  assert row["collectives"]["all-gather"]["count"] > 0
+  [factorised, full] = benchmark_lib.attention_comparison(
+    _attention_config(), target, log=lambda _: None
+  )
+  assert factorised["attention"] == "factorised" and full["attention"] == "full_3d"
+  assert full["flops"] > factorised["flops"]
+
+
+def _attention_config():
+  config = _small_decoder()
+  config.data.num_frames = 8
+  config.data.resolution = 16
+  config.model.channels = 32
+  config.model.head_dim = 16
+  config.model.mid_attention = False
+  return config
