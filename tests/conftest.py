@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# With libtpu installed (requirements-tpu.txt), every JAX process on this TPU-less machine probes it;
+# its lockfile admits one process at a time, so a test that compiles for a TPU topology would make
+# later subprocesses (the CLIs under test) fail their probe. Let them all load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
