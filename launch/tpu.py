@@ -116,17 +116,16 @@ class Resource:
       cmd.append("--spot")
     return cmd + list(extra)
 
+  def _hosts(self, worker: str, node: str) -> list[str]:
+    """Which workers (and, for queued resources, which slices) a command reaches."""
+    return [f"--worker={worker}"] + ([f"--node={node}"] if self.queued else [])
+
   def ssh(self, command: str, worker: str = "all", node: str = "all") -> list[str]:
-    cmd = self.group() + ["ssh", self.name] + self._where() + [f"--worker={worker}"]
-    if self.queued:
-      cmd.append(f"--node={node}")
-    return cmd + [f"--command={command}"]
+    where = self._where() + self._hosts(worker, node)
+    return self.group() + ["ssh", self.name] + where + [f"--command={command}"]
 
   def scp(self, source: str, dest: str, worker: str = "all", node: str = "all") -> list[str]:
-    cmd = self.group() + ["scp", source, dest] + self._where() + [f"--worker={worker}"]
-    if self.queued:
-      cmd.append(f"--node={node}")
-    return cmd
+    return self.group() + ["scp", source, dest] + self._where() + self._hosts(worker, node)
 
   def describe(self) -> list[str]:
     return self.group() + ["describe", self.name] + self._where()

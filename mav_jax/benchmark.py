@@ -187,10 +187,9 @@ def main(argv):
   if _CPU_DEVICES.value:
     if _TARGET.value != "local":
       raise app.UsageError("--cpu_devices fakes local devices; it does not apply to a TPU target")
-    os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
-    )
+    from mav_jax.parallel import mesh
+
+    mesh.fake_cpu_devices(_CPU_DEVICES.value)
   name = "attention" if _ATTENTION.value else "results"
   output = _OUTPUT.value
   if os.path.exists(os.path.join(output, name + ".json")) and not _OVERWRITE.value:

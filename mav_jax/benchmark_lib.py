@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mav_jax import stages, train_step
+from mav_jax import checkpointing, stages, train_step
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.models import attention as attention_lib
 from mav_jax.parallel import compiled_stats, sharding
@@ -140,11 +140,7 @@ def frozen_models(stage, model, config, mesh, clip_config=None) -> tuple[Any, An
     return {"clip": fn(jax.random.key(1))}
 
   return (
-    {
-      "clip": jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-      )
-    },
+    {"clip": checkpointing.abstract_with_shardings(abstract, shardings)},
     {"clip": shardings},
     make,
   )
@@ -262,7 +258,7 @@ def run_case(
   mesh, model, stage, tx, shardings, abstract, _ = train_step.setup(config, target.devices)
   devices = target.num_devices
   batch_spec = sharding.batch_sharding(mesh)
-  shards = math.prod(mesh.shape[a] for a in batch_spec.spec[0])
+  shards = sharding.batch_shards(mesh)
   if config.batch_size % shards:
     raise ValueError(
       f"batch_size {config.batch_size} does not split over the {shards} data x fsdp shards of "
@@ -273,14 +269,12 @@ def run_case(
   )
   example = example_batch(config)
   batch_in = abstract_batch(example, config.batch_size, batch_spec)
-  state_in = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
+  state_in = checkpointing.abstract_with_shardings(abstract, shardings)
   per_device = {
     "params_bytes": _shard_bytes(abstract.params, shardings.params),
     "ema_bytes": _shard_bytes(abstract.ema_params, shardings.ema_params),
     "opt_bytes": _shard_bytes(abstract.opt_state, shardings.opt_state),
-    "frozen_bytes": _shard_bytes(jax.tree.map(lambda a: a, frozen_abstract), frozen_shardings),
+    "frozen_bytes": _shard_bytes(frozen_abstract, frozen_shardings),
   }
   state_total = sum(
     _tree_bytes(t) for t in (abstract.params, abstract.ema_params, abstract.opt_state)

@@ -40,10 +40,9 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("pass --config (e.g. configs/decoder.py:tiny) and --workdir")
   if _CPU_DEVICES.value:
-    os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
-    )
+    from mav_jax.parallel import mesh
+
+    mesh.fake_cpu_devices(_CPU_DEVICES.value)
   import jax
 
   if (_NUM_PROCESSES.value or 1) > 1:

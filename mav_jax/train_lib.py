@@ -4,7 +4,6 @@ The mesh, the sharded state and the jitted step are `mav_jax.train_step`'s; this
 (data, resume, metrics, samples, checkpoints, preemption).
 """
 
-import math
 import os
 import signal
 import tempfile
@@ -106,7 +105,7 @@ def train_and_evaluate(
 
   global_batch = config.batch_size
   batch_sharding = sharding.batch_sharding(mesh)
-  shards = math.prod(mesh.shape[a] for a in batch_sharding.spec[0])
+  shards = sharding.batch_shards(mesh)
   if shards % jax.process_count():
     raise ValueError(
       f"the batch is split over {shards} device groups ({batch_sharding.spec[0]}), which cannot "

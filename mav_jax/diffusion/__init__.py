@@ -2,7 +2,7 @@
 
 from mav_jax.diffusion.augment import noise_augment
 from mav_jax.diffusion.guidance import drop_conditioning, guide, guided_model
-from mav_jax.diffusion.losses import diffusion_loss
+from mav_jax.diffusion.losses import diffusion_loss, loss_from_config
 from mav_jax.diffusion.samplers import gaussian_noise, sample
 from mav_jax.diffusion.schedules import NoiseSchedule, add_noise, resolution_shifted
 
@@ -14,6 +14,7 @@ __all__ = [
   "gaussian_noise",
   "guide",
   "guided_model",
+  "loss_from_config",
   "noise_augment",
   "resolution_shifted",
   "sample",

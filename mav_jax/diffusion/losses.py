@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mav_jax.diffusion import targets
-from mav_jax.diffusion.schedules import NoiseSchedule, broadcast_to
+from mav_jax.diffusion.schedules import NoiseSchedule, broadcast_to, schedule_from_config
 
 Array = jax.Array
 # predict_fn(z_t, t) -> prediction in the stage's parameterisation; conditioning is closed over.
@@ -48,3 +48,19 @@ def diffusion_loss(
   per_example = jnp.mean(jnp.square(pred - goal), axis=tuple(range(1, x0.ndim)))
   per_example = per_example * targets.loss_weight(logsnr, target, weighting, min_snr_gamma)
   return jnp.mean(per_example), {"t": t, "loss": per_example}
+
+
+def loss_from_config(
+  predict_fn: PredictFn, x0: Array, rng: jax.Array, diffusion_config
+) -> tuple[Array, dict[str, Array]]:
+  """`diffusion_loss` with the schedule, target and weighting of a config's `diffusion` section."""
+  d = diffusion_config
+  return diffusion_loss(
+    predict_fn,
+    x0,
+    rng,
+    schedule_from_config(d),
+    target=d.target,
+    weighting=d.weighting,
+    min_snr_gamma=d.min_snr_gamma,
+  )

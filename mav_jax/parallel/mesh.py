@@ -8,11 +8,20 @@ those of a TPU topology.
 """
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+
+
+def fake_cpu_devices(count: int) -> None:
+  """Makes the CPU backend offer `count` devices (try meshes on a laptop). Call before JAX's first
+  use of a device: the flag is read when the backend starts."""
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+  )
 
 
 def resolve_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:

@@ -102,6 +102,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(present))
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """Into how many pieces `batch_sharding(mesh)` splits the batch (the data x fsdp devices)."""
+  return math.prod(mesh.shape[a] for a in batch_sharding(mesh).spec[0])
+
+
 def activation_rules() -> list:
   """Rules for `nn.with_logical_constraint` inside the model (use with `nn.logical_axis_rules`)."""
   return list(ACTIVATION_RULES)

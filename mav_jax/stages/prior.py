@@ -87,15 +87,8 @@ def loss_fn(model: PriorModel, config, params, batch, rng: Array, frozen=None):
   cond = text_condition(model, clip_params, batch["tokens"], batch["token_mask"])
   cond = diffusion.drop_conditioning(drop_rng, cond, config.diffusion.cond_dropout)
   target = model.clip.image_embedding(clip_params, to_model_space(batch["frames"])[:, 0])
-  d = config.diffusion
-  loss, _ = diffusion.diffusion_loss(
-    lambda z, t: _predict(model, params, z, t, cond),
-    target,
-    loss_rng,
-    schedule_from_config(d),
-    target=d.target,
-    weighting=d.weighting,
-    min_snr_gamma=d.min_snr_gamma,
+  loss, _ = diffusion.loss_from_config(
+    lambda z, t: _predict(model, params, z, t, cond), target, loss_rng, config.diffusion
   )
   return loss, {"loss": loss}
 

@@ -179,16 +179,7 @@ class VideoStage:
         rngs={"dropout": dropout_rng},
       )
 
-    d = config.diffusion
-    loss, _ = diffusion.diffusion_loss(
-      predict,
-      x0,
-      loss_rng,
-      schedule_from_config(d),
-      target=d.target,
-      weighting=d.weighting,
-      min_snr_gamma=d.min_snr_gamma,
-    )
+    loss, _ = diffusion.loss_from_config(predict, x0, loss_rng, config.diffusion)
     return loss, {"loss": loss}
 
   # -- sampling ----------------------------------------------------------------------------------
