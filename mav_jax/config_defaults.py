@@ -181,6 +181,9 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.use_global_embedding = True
   # Cross-attention to context tokens (off: D^t sees text only through the embedding).
   config.model.use_cross_attention = False
+  # Beyond the paper: temporal layers also cross-attend to the caption's CLIP token features, so
+  # motion can follow the text (D^t and ↑F; clips without a caption train as in the paper).
+  config.model.temporal_text_attention = False
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.

@@ -302,17 +302,48 @@ class Cascade:
     with jax.set_mesh(self.mesh):
       return jax.jit(self.clip.image_embedding)(self.clip_params, frames)
 
+  def caption_tokens(self, name: str, prompts: list[str] | None, batch: int):
+    """(tokens, mask) for a stage with `model.temporal_text_attention` (None for other stages):
+    the prompts' tokens, or an all-False mask (no caption) when there are none."""
+    if not self.stages[name].model.uses_text:
+      return None
+    if prompts is None:
+      n = int(self.clip.config.data.max_tokens)
+      return jnp.zeros((batch, n), jnp.int32), jnp.zeros((batch, n), bool)
+    return self.tokenize(prompts)
+
+  def _with_caption(self, name: str, cond: dict, clip_params, caption) -> dict:
+    """`cond` plus the caption context (inside a jitted function) when the stage reads text."""
+    if caption is None:
+      return cond
+    return dict(
+      cond, **video.VideoStage.caption_context(self.stages[name].model, clip_params, *caption)
+    )
+
   def decoder(
-    self, embedding, fps: float, num_frames: int, rng, *, negative=None, init=None, strength=1.0
+    self,
+    embedding,
+    fps: float,
+    num_frames: int,
+    rng,
+    *,
+    negative=None,
+    init=None,
+    strength=1.0,
+    prompts=None,
   ):
+    """D^t: clips [b, f, r, r, 3] from image embeddings [b, d]; `prompts` feed a decoder with
+    text-aware temporal layers (ignored by a paper-faithful one)."""
     self.require("decoder")
     d = self.stages["decoder"]
     r = int(d.config.data.resolution)
     b = embedding.shape[0]
     shape = (b, num_frames, r, r, 3)
     cond = {"embedding": embedding, "scalars": {"fps": jnp.full((b,), fps, jnp.float32)}}
+    caption = self.caption_tokens("decoder", prompts, b)
 
-    def fn(s, progress, params, cond, negative, init, rng):
+    def fn(s, progress, params, clip_params, caption, cond, negative, init, rng):
+      cond = self._with_caption("decoder", cond, clip_params, caption)
       return video.DECODER.generate(
         d.model,
         d.config,
@@ -327,13 +358,14 @@ class Cascade:
         progress=progress,
       )
 
-    return self._run("decoder", fn, d.params, cond, negative, init, rng)
+    return self._run("decoder", fn, d.params, self.clip_params, caption, cond, negative, init, rng)
 
-  def interp(self, given, mask, skip: float, fps: float, embedding, rng):
+  def interp(self, given, mask, skip: float, fps: float, embedding, rng, prompts=None):
     """↑F: fills in the frames of `given` [b, f, h, w, 3] where `mask` [f] is False."""
     self.require("interp")
     it = self.stages["interp"]
     b = given.shape[0]
+    caption = self.caption_tokens("interp", prompts, b)
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), given.shape[:2])
     cond = {
       "embedding": embedding,
@@ -344,22 +376,23 @@ class Cascade:
       "extra": video.masked_video_inputs(given, mask),
     }
 
-    def fn(s, progress, params, cond, rng):
+    def fn(s, progress, params, clip_params, caption, cond, rng):
+      cond = self._with_caption("interp", cond, clip_params, caption)
       out = video.INTERP.generate(
         it.model, it.config, params, cond, given.shape, rng, sampling=s, progress=progress
       )
       # The given frames are kept exactly.
       return jnp.where(mask[:, :, None, None, None], given, out)
 
-    return self._run("interp", fn, it.params, cond, rng)
+    return self._run("interp", fn, it.params, self.clip_params, caption, cond, rng)
 
-  def expand(self, clip, skip: int, fps: float, embedding, rng):
+  def expand(self, clip, skip: int, fps: float, embedding, rng, prompts=None):
     """↑F interpolation: f frames at `fps` -> (f - 1) * skip + 1 frames at fps * skip."""
     b, f = clip.shape[:2]
     n = (f - 1) * skip + 1
     given = jnp.zeros((b, n) + clip.shape[2:]).at[:, ::skip].set(clip)
     mask = video_lib.frame_mask("interpolate", n, skip)
-    return self.interp(given, mask, skip, fps * skip, embedding, rng)
+    return self.interp(given, mask, skip, fps * skip, embedding, rng, prompts)
 
   def super_resolve(self, name: str, clip, rng):
     """SR_l^t (whole clips) or SR_h (frame by frame, shared noise) of `clip` [b, f, h, w, 3]."""
@@ -419,10 +452,10 @@ class Cascade:
     r = jax.random.split(rng, 4)
     embedding = self.prior(prompts, r[0])
     negative = self.prior([negative_prompt] * len(prompts), r[1]) if negative_prompt else None
-    clip = self.decoder(embedding, fps, num_frames, r[2], negative=negative)
-    return self._after_decoder(clip, fps, embedding, r[3], frame_skip, until)
+    clip = self.decoder(embedding, fps, num_frames, r[2], negative=negative, prompts=prompts)
+    return self._after_decoder(clip, fps, embedding, r[3], frame_skip, until, prompts)
 
-  def _after_decoder(self, clip, fps, embedding, rng, frame_skip, until):
+  def _after_decoder(self, clip, fps, embedding, rng, frame_skip, until, prompts=None):
     if until == "decoder":
       return clip, fps
     if frame_skip is None:
@@ -432,7 +465,7 @@ class Cascade:
     if skip < 1:
       raise ValueError(f"frame_skip must be >= 1 (1: no interpolation), got {skip}")
     rng, sub = jax.random.split(rng)
-    clip = self.expand(clip, skip, fps, embedding, sub) if skip > 1 else clip
+    clip = self.expand(clip, skip, fps, embedding, sub, prompts) if skip > 1 else clip
     return self.finish(clip, rng, until), fps * skip
 
   def image_to_video(

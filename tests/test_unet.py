@@ -302,3 +302,31 @@ def test_bad_scalar_scales_and_remat_policy_are_rejected(inp):
     _abstract_params(bad, inp)
   with pytest.raises(ValueError, match="unknown remat_policy"):
     _abstract_params(_make_test_model(remat=True, remat_policy="save_all"), inp)
+
+
+def test_temporal_text_attention_starts_as_identity_and_ignores_captionless_clips(inp):
+  model = _make_test_model(use_cross_attention=False, temporal_text_attention=True)
+  paper = _make_test_model(use_cross_attention=False)
+  params = nn.unbox(_init(model, inp))["params"]
+  flat = traverse_util.flatten_dict(params)
+  added = {p for p in flat if "temporal_cross_attn" in p or "temporal_cross_norm" in p}
+  assert added and all(is_temporal(p) for p in added)  # trained with the temporal layers
+  # At initialisation the text branch adds zero: the paper's model with the same weights.
+  without = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in added})
+  np.testing.assert_allclose(
+    _apply(model, params, inp), _apply(paper, without, inp), atol=1e-6, rtol=1e-6
+  )
+  # Trained (perturbed): the caption moves the output, except for clips whose mask is all False.
+  moved = _perturb_temporal(params)
+  other = dict(inp, ctx=inp["ctx"] + 1.0)
+  delta = jnp.abs(_apply(model, moved, other) - _apply(model, moved, inp))
+  assert float(delta.max()) > 1e-3
+  none = dict(inp, ctx_mask=jnp.zeros_like(inp["ctx_mask"]))
+  np.testing.assert_array_equal(
+    _apply(model, moved, dict(none, ctx=inp["ctx"] + 1.0)), _apply(model, moved, none)
+  )
+  # An image model needs no caption; a video model without context names the problem.
+  image = dict(inp, ctx=None, ctx_mask=None)
+  assert _apply(model, moved, image, True).shape == inp["x"].shape
+  with pytest.raises(ValueError, match="temporal_text_attention=True needs context"):
+    _apply(model, moved, image)

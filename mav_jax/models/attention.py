@@ -176,12 +176,16 @@ class Pseudo3DAttention(nn.Module):
 
   Per frame: spatial self-attention, optional cross-attention to conditioning tokens, feed-forward.
   Then, in video mode, temporal self-attention over frames at every spatial position (zero-init
-  output, so the identity at initialisation).
+  output, so the identity at initialisation) and, with `temporal_cross_attention`, cross-attention
+  from each position's frame sequence to the context tokens (beyond the paper: lets the temporal
+  layers read motion words; zero-init output too). A clip whose `context_mask` is all False has no
+  caption: that branch then adds exactly zero, as if it were absent.
 
   Attributes:
     num_heads: attention heads (all three attentions).
     head_dim: features per head.
     use_cross_attention: attend to `context` tokens (required at call time when True).
+    temporal_cross_attention: the temporal layer also attends to `context` tokens.
     ff_mult: feed-forward expansion.
     max_temporal_distance: clip of the temporal relative-position buckets.
     image_mode: skip the temporal attention.
@@ -192,6 +196,7 @@ class Pseudo3DAttention(nn.Module):
   num_heads: int
   head_dim: int
   use_cross_attention: bool = False
+  temporal_cross_attention: bool = False
   ff_mult: int = 4
   max_temporal_distance: int = 32
   image_mode: bool = False
@@ -210,12 +215,12 @@ class Pseudo3DAttention(nn.Module):
 
     t = axes.constrain(x.reshape(b * f, h * w, c), tokens_axes)
     t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
+    if (self.use_cross_attention or self.temporal_cross_attention) and context is None:
+      raise ValueError(
+        "this attention block was built with use_cross_attention or temporal_cross_attention but "
+        "got no context tokens; pass context=[batch, tokens, dim]"
+      )
     if self.use_cross_attention:
-      if context is None:
-        raise ValueError(
-          "this attention block was built with use_cross_attention=True but got no "
-          "context tokens; pass context=[batch, tokens, dim]"
-        )
       ctx = jnp.repeat(context, f, axis=0)
       ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
       t = t + MultiHeadAttention(**attn, name="cross_attn")(
@@ -238,4 +243,22 @@ class Pseudo3DAttention(nn.Module):
     t = t + MultiHeadAttention(**attn, zero_init_out=True, name="temporal_attn")(
       layer_norm("temporal_norm", **kw)(t), bias=bias
     )
+    if self.temporal_cross_attention:
+      t = t + self._temporal_text(t, context, context_mask, attn, h * w)
     return jnp.transpose(t.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))
+
+  def _temporal_text(self, t, context, context_mask, attn, positions):
+    """Cross-attention of every position's frames [b * positions, f, c] to the caption tokens."""
+    if context_mask is None:
+      context_mask = jnp.ones(context.shape[:2], bool)
+    present = jnp.any(context_mask, axis=-1)  # [b]: clips without a caption get exactly zero
+    # Keep one key valid for captionless clips so the softmax stays finite; `present` zeroes them.
+    mask = context_mask.at[:, 0].set(context_mask[:, 0] | ~present)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    out = MultiHeadAttention(**attn, zero_init_out=True, name="temporal_cross_attn")(
+      layer_norm("temporal_cross_norm", **kw)(t),
+      jnp.repeat(context.astype(self.dtype), positions, axis=0),
+      jnp.repeat(mask, positions, axis=0),
+    )
+    gate = jnp.repeat(present, positions, axis=0).astype(out.dtype)[:, None, None]
+    return out * gate

@@ -44,6 +44,9 @@ class SpaceTimeUNet(nn.Module):
       a level in [0, 1] such as a noise-augmentation time (as for t). Empty: all 1.
     use_global_embedding: condition on a global vector (e.g. a CLIP image embedding).
     use_cross_attention: attention blocks cross-attend to `context` tokens.
+    temporal_text_attention: the temporal layer of every attention block also cross-attends to
+      `context` tokens (caption features), so motion can follow the caption; off in the
+      paper-faithful configs. Clips whose `context_mask` is all False (no caption) are unaffected.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -69,6 +72,7 @@ class SpaceTimeUNet(nn.Module):
   conditioning_scalar_scales: tuple[float, ...] = ()
   use_global_embedding: bool = False
   use_cross_attention: bool = False
+  temporal_text_attention: bool = False
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   max_temporal_distance: int = 32
@@ -119,6 +123,11 @@ class SpaceTimeUNet(nn.Module):
       )
     if self.use_cross_attention and context is None:
       raise ValueError("model built with use_cross_attention=True needs context=[b, tokens, d]")
+    if self.temporal_text_attention and context is None and not image_mode:
+      raise ValueError(
+        "model built with temporal_text_attention=True needs context=[b, tokens, d] in video mode "
+        "(an all-False context_mask marks clips without a caption)"
+      )
     if self.extra_input_channels:
       expected = x.shape[:4] + (self.extra_input_channels,)
       if extra_inputs is None or extra_inputs.shape != expected:
@@ -204,6 +213,7 @@ class SpaceTimeUNet(nn.Module):
         heads,
         h.shape[-1] // heads,
         use_cross_attention=self.use_cross_attention,
+        temporal_cross_attention=self.temporal_text_attention and not image_mode,
         max_temporal_distance=self.max_temporal_distance,
         image_mode=image_mode,
         **kw,

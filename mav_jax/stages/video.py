@@ -14,6 +14,11 @@ conditioned on (see `VideoStage.condition`):
   sr_high (SR_h) the same per frame: an image model (no temporal layers). At sampling time every
                  frame of a clip starts from the same noise, so hallucinated detail is consistent.
 
+Beyond the paper, `model.temporal_text_attention` gives D^t's and ↑F's temporal layers the caption's
+CLIP token features to cross-attend to ("context"), dropped with the embedding for guidance and
+absent (an all-False mask) for clips without a caption (`has_caption` False), which therefore train
+exactly as in the paper.
+
 `data.kind == "image"` trains a stage's spatial layers on single frames (image mode); the video
 stage then starts from that checkpoint (`train.init_from`) with its temporal layers at identity.
 """
@@ -43,9 +48,15 @@ class StageModel:
     self.net = unet_from_config(config.model)
     self.uses_clip = uses_clip
 
+  @property
+  def uses_text(self) -> bool:
+    """Whether the temporal layers read caption tokens (`model.temporal_text_attention`)."""
+    return bool(self.config.model.get("temporal_text_attention", False))
+
   @functools.cached_property
   def clip(self):
-    return frozen_clip(self.config) if self.uses_clip else None
+    # Caption tokens go through CLIP's text tower, so its tokenizer must match the stage's data.
+    return frozen_clip(self.config, check_tokens=self.uses_text) if self.uses_clip else None
 
 
 def resize_frames(video: Array, size: int, method: str = "linear") -> Array:
@@ -92,6 +103,11 @@ class VideoStage:
     return self.name == "sr_high" or config.data.kind == "image"
 
   def make_model(self, config) -> StageModel:
+    if config.model.get("temporal_text_attention", False) and not self.uses_clip:
+      raise ValueError(
+        f"model.temporal_text_attention applies to the decoder and interp stages (they read "
+        f"CLIP), not to {self.name}; leave it False"
+      )
     return StageModel(config, self.uses_clip)
 
   def load_frozen(self, model: StageModel, config, mesh) -> dict[str, Any]:
@@ -114,6 +130,9 @@ class VideoStage:
         jnp.zeros(z.shape[:4] + (m.extra_input_channels,)) if m.extra_input_channels else None
       ),
     }
+    if model.uses_text:
+      cond["context"] = jnp.zeros((b, d.max_tokens, config.conditioning.text_width))
+      cond["context_mask"] = jnp.ones((b, d.max_tokens), bool)
     return model.net.init(
       rng, z, jnp.zeros((b,)), **self._net_kwargs(cond, self.image_mode(config))
     )["params"]
@@ -124,8 +143,26 @@ class VideoStage:
       scalars=cond["scalars"],
       global_embedding=cond["embedding"],
       extra_inputs=cond["extra"],
+      context=cond.get("context"),
+      context_mask=cond.get("context_mask"),
       image_mode=image_mode,
     )
+
+  @staticmethod
+  def caption_context(
+    model: StageModel,
+    clip_params,
+    tokens: Array,
+    token_mask: Array,
+    has_caption: Array | None = None,
+  ) -> dict:
+    """{context, context_mask} of caption tokens for `temporal_text_attention`: CLIP's token
+    features, masked out entirely for clips without a caption."""
+    _, features = model.clip.text(clip_params, tokens)
+    mask = token_mask.astype(bool)
+    if has_caption is not None:
+      mask = mask & has_caption.astype(bool)[:, None]
+    return {"context": features, "context_mask": mask}
 
   # -- training ----------------------------------------------------------------------------------
 
@@ -146,7 +183,13 @@ class VideoStage:
       cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
       cond["scalars"] = {"fps": batch["fps"], "frame_skip": batch["mask_skip"]}
       cond["extra"] = masked_video_inputs(x0, mask)
-    else:
+    if model.uses_text:
+      cond.update(
+        self.caption_context(
+          model, frozen["clip"], batch["tokens"], batch["token_mask"], batch.get("has_caption")
+        )
+      )
+    if self.is_super_resolution:
       low = resize_frames(x0, config.conditioning.low_resolution)
       aug, level = diffusion.noise_augment(
         rng,
@@ -164,9 +207,12 @@ class VideoStage:
     x0 = to_model_space(batch["frames"])
     cond = self.condition(model, config, x0, batch, frozen, cond_rng)
     if cond["embedding"] is not None:
-      cond["embedding"] = diffusion.drop_conditioning(
-        drop_rng, cond["embedding"], config.diffusion.cond_dropout
+      # Embedding and caption are dropped together: the guidance's null condition lacks both.
+      keys = [k for k in ("embedding", "context_mask") if k in cond]
+      dropped = diffusion.drop_conditioning(
+        drop_rng, {k: cond[k] for k in keys}, config.diffusion.cond_dropout
       )
+      cond.update(dropped)
     image_mode = self.image_mode(config)
 
     def predict(z, t):
@@ -217,7 +263,14 @@ class VideoStage:
       "embedding": cond.get("embedding"),
       "scalars": cond.get("scalars", {}),
       "extra": cond.get("extra"),
+      **{k: cond[k] for k in ("context", "context_mask") if cond.get(k) is not None},
     }
+    if model.uses_text and "context" not in cond:
+      raise ValueError(
+        f"this {self.name} model reads caption tokens (model.temporal_text_attention): pass "
+        f"cond['context'] and cond['context_mask'] (VideoStage.caption_context; an all-False mask "
+        f"for no caption)"
+      )
 
     def model_fn(z, t, c):
       if per_frame:  # each frame an image [n, 1, h, w, c], one frame at a time (bounded memory)
@@ -239,6 +292,8 @@ class VideoStage:
       uncond["embedding"] = (
         jnp.zeros_like(cond["embedding"]) if negative_embedding is None else negative_embedding
       )
+      if "context_mask" in cond:  # the null condition has no caption either
+        uncond["context_mask"] = jnp.zeros_like(cond["context_mask"])
       denoise = diffusion.guided_model(model_fn, cond, uncond, s.guidance_scale)
     else:
       denoise = functools.partial(model_fn, c=cond)
