@@ -9,7 +9,7 @@ import pytest
 from configs import decoder, interp, prior, sr_high, sr_low
 from mav_jax import checkpointing, sample_lib, train_lib
 from mav_jax.data import synthetic
-from mav_jax.stages import common
+from mav_jax.stages import common, video
 
 SHIPPED = sample_lib.default_checkpoints()
 
@@ -57,6 +57,33 @@ def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
     for key in k:
       a, b = a[key], b[key]
     assert np.abs(a - b).max() < 0.1  # two small Adam steps away from D^t's weights
+
+
+def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(tmp_path):
+  """model.temporal_text_attention: starts from the shipped D^t (the new layers add zero), trains,
+  exports, and in the cascade its clips depend on the caption given the same embedding."""
+  config = _short(decoder.get_config("tiny"), 3)
+  config.model.temporal_text_attention = True
+  config.train.init_from = SHIPPED["decoder"]
+  config.train.sample_every = 0
+  result = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert result["step"] == 3 and all(np.isfinite(v) for v in result["losses"].values())
+  checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))
+  cascade = sample_lib.Cascade(
+    {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")}, steps={"decoder": 2}
+  )
+  embedding = jnp.ones((2, 32))  # any fixed embedding: only the caption differs
+  key = jax.random.key(0)
+  left = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving left"] * 2)
+  right = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving right"] * 2)
+  none = cascade.decoder(embedding, 4.0, 4, key)  # no caption: the text branch adds nothing
+  _check_video(left, 4, 16)
+  assert float(jnp.abs(left - right).max()) > 0
+  assert float(jnp.abs(left - none).max()) > 0
+  with pytest.raises(ValueError, match="temporal_text_attention applies to the decoder and interp"):
+    bad = sr_low.get_config("tiny")
+    bad.model.temporal_text_attention = True
+    video.SR_LOW.make_model(bad)
 
 
 @pytest.mark.parametrize("module", [prior, decoder], ids=["prior", "decoder"])

@@ -1,5 +1,6 @@
 """Entrypoints end to end: `mav_jax.sample` (the README's main job) and count_params."""
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,25 @@ def test_video_writer_round_trips_gif_and_mp4(tmp_path):
     video_io.write_video(str(tmp_path / "odd.mp4"), np.zeros((2, 5, 5, 3), np.uint8))
   with pytest.raises(ValueError, match="supported video types"):
     video_io.check_output_path(str(tmp_path / "v.avi"), overwrite=False)
+
+
+def test_evaluate_motion_cli_writes_rows_per_stage_and_keeps_results(tmp_path):
+  out = tmp_path / "motion"
+  args = [sys.executable, "-m", "mav_jax.evaluate", "--protocol=motion", f"--output={out}"]
+  args += ["--until=decoder", "--steps=2", "--per_combination=1"]
+  proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((out / "results.json").read_text())["rows"]
+  # Every stage's rows: tests/test_eval.py runs the whole chain on a stand-in cascade.
+  assert [(r["stage"], r["kind"]) for r in rows] == [
+    ("decoder", "generated"),
+    ("decoder", "ground truth"),
+  ]
+  assert all(r["clips"] == 60 and (r["frames"], r["resolution"]) == (4, 16) for r in rows)
+  assert rows[1]["direction_accuracy"] == 1.0 and rows[1]["colour_accuracy"] == 1.0
+  assert "| decoder | generated | 4 | 16 | 60 |" in proc.stdout
+  assert (out / "stage_decoder.gif").exists()
+  before = (out / "results.json").read_bytes()
+  again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1 and "--overwrite" in again.stderr
+  assert (out / "results.json").read_bytes() == before

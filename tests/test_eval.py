@@ -2,6 +2,8 @@
 Inception Score and CLIPSIM against numpy, and the motion benchmark's pixel measures on rendered
 ground truth."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mav_jax.data import synthetic
-from mav_jax.eval import motion, scores, stats
+from mav_jax.eval import motion, motion_benchmark, scores, stats
 
 
 def _reference_fid(x, y):
@@ -152,3 +154,70 @@ def test_motion_measures_see_reversed_static_and_empty_clips():
   )
   with pytest.raises(ValueError, match="one caption per"):
     motion.score([motion.measure_clip(clips[0])], [])
+
+
+class _TruthCascade:
+  """Stands in for sample_lib.Cascade: every stage returns rendered ground truth of the prompts at
+  that stage's size (D^t 4 frames of 16 px, ↑F x3 frames, SR_l 32 px, SR_h 64 px), so the benchmark
+  must read back exactly what was asked at every stage."""
+
+  def __init__(self):
+    from configs import decoder, interp
+
+    self.stages = {
+      name: types.SimpleNamespace(config=cfg)
+      for name, cfg in [
+        ("prior", None),
+        ("decoder", decoder.get_config("tiny")),
+        ("interp", interp.get_config("tiny")),
+        ("sr_low", None),
+        ("sr_high", None),
+      ]
+    }
+    self.calls = []
+
+  def require(self, *names):
+    assert set(names) <= set(self.stages)
+
+  def prior(self, prompts, rng):
+    self.calls.append("prior")
+    return prompts  # the "embedding" carries the prompts to the decoder
+
+  def _render(self, prompts, frames, resolution, fps):
+    combos = [tuple(p.split()[i] for i in (2, 1, 4)) for p in prompts]  # shape, colour, direction
+    clips = motion_benchmark.ground_truth(combos, frames, resolution, fps, duration=1.5)
+    return clips.astype(np.float32) / 127.5 - 1.0
+
+  def decoder(self, embedding, fps, num_frames, rng, prompts=None):
+    self.calls.append("decoder")
+    assert prompts == embedding  # the prompts reach a text-aware D^t
+    self.prompts = prompts
+    return self._render(prompts, num_frames, 16, fps)
+
+  def expand(self, clip, skip, fps, embedding, rng, prompts=None):
+    self.calls.append("interp")
+    return self._render(prompts, (clip.shape[1] - 1) * skip + 1, 16, fps * skip)
+
+  def super_resolve(self, name, clip, rng):
+    self.calls.append(name)
+    size = {"sr_low": 32, "sr_high": 64}[name]
+    return self._render(self.prompts, clip.shape[1], size, 12.0)
+
+
+def test_motion_benchmark_measures_every_stage_of_the_chain():
+  cascade = _TruthCascade()
+  rows, clips = motion_benchmark.run(cascade, per_combination=1, batch_size=40, log=lambda _: None)
+  assert cascade.calls[:5] == ["prior", "decoder", "interp", "sr_low", "sr_high"]
+  assert cascade.calls.count("prior") == 2  # 60 captions in batches of 40
+  assert [(r["stage"], r["kind"], r["frames"], r["resolution"]) for r in rows[::2]] == [
+    ("decoder", "generated", 4, 16),
+    ("interp", "generated", 10, 16),
+    ("sr_low", "generated", 10, 32),
+    ("sr_high", "generated", 10, 64),
+  ]
+  assert {k: v.shape for k, v in clips.items()}["sr_high"] == (60, 10, 64, 64, 3)
+  for row in rows:
+    assert row["clips"] == 60 and row["colour_accuracy"] == 1.0
+    assert row["direction_accuracy"] == 1.0 and row["shape_accuracy"] >= 0.9
+  table = motion_benchmark.format_table(rows)
+  assert table.count("\n") == len(rows) + 1 and "| sr_high | generated | 10 | 64 | 60 |" in table

@@ -262,3 +262,44 @@ class Pseudo3DAttention(nn.Module):
     )
     gate = jnp.repeat(present, positions, axis=0).astype(out.dtype)[:, None, None]
     return out * gate
+
+
+class CaptionPool(nn.Module):
+  """Caption tokens [b, s, d] -> one vector [b, features] for the UNet's conditioning embedding.
+
+  A learned query attends over the tokens (so it can pick out the motion words, which a frozen
+  CLIP trained on still images barely separates once pooled), then an MLP with a zero-initialised
+  output. Clips whose mask is all False (no caption) get exactly zero.
+
+  Attributes:
+    features: output width (the UNet's embedding width).
+    head_dim: features per attention head.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, context: Array, context_mask: Array) -> Array:
+    from mav_jax.models.embeddings import EmbeddingMLP
+
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, _, d = context.shape
+    heads = max(1, d // self.head_dim)
+    query = self.param(
+      "query", axes.partitioned(nn.initializers.normal(1.0), axes.CONTEXT), (d,), self.param_dtype
+    )
+    present = jnp.any(context_mask, axis=-1)
+    mask = context_mask.at[:, 0].set(context_mask[:, 0] | ~present)
+    tokens = layer_norm("norm", **kw)(context.astype(self.dtype))
+    pooled = MultiHeadAttention(heads, d // heads, name="attn", **kw)(
+      jnp.broadcast_to(query.astype(self.dtype), (b, 1, d)), tokens, mask
+    )[:, 0]
+    out = EmbeddingMLP(self.features, in_axis=axes.CONTEXT, zero_init_out=True, name="mlp", **kw)(
+      pooled
+    )
+    return out * present[:, None].astype(out.dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mav_jax.models import axes
-from mav_jax.models.attention import Pseudo3DAttention
+from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
 from mav_jax.models.conv import Downsample, Pseudo3DConv, Upsample
 from mav_jax.models.embeddings import EmbeddingMLP, sinusoidal_embedding
@@ -45,8 +45,10 @@ class SpaceTimeUNet(nn.Module):
     use_global_embedding: condition on a global vector (e.g. a CLIP image embedding).
     use_cross_attention: attention blocks cross-attend to `context` tokens.
     temporal_text_attention: the temporal layer of every attention block also cross-attends to
-      `context` tokens (caption features), so motion can follow the caption; off in the
-      paper-faithful configs. Clips whose `context_mask` is all False (no caption) are unaffected.
+      `context` tokens (caption features), and an attention-pooled summary of them joins the
+      conditioning embedding in video mode, so motion can follow the caption; off in the
+      paper-faithful configs. Clips whose `context_mask` is all False (no caption) are unaffected,
+      and image mode never reads the caption.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -201,6 +203,11 @@ class SpaceTimeUNet(nn.Module):
       attn_cls = nn.remat(Pseudo3DAttention, policy=policy)
 
     emb = self._embedding(t, scalars, global_embedding)
+    if self.temporal_text_attention and not image_mode:
+      mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask
+      emb = emb + CaptionPool(emb.shape[-1], self.head_dim, **kw, name="temporal_caption_embed")(
+        context, mask.astype(bool)
+      )
 
     def res_block(h, features, name):
       return res_cls(
