@@ -62,12 +62,12 @@ def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
 def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(tmp_path):
   """model.temporal_text_attention: starts from the shipped D^t (the new layers add zero), trains,
   exports, and in the cascade its clips depend on the caption given the same embedding."""
-  config = _short(decoder.get_config("tiny"), 3)
+  config = _short(decoder.get_config("tiny"), 2)
   config.model.temporal_text_attention = True
   config.train.init_from = SHIPPED["decoder"]
   config.train.sample_every = 0
   result = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
-  assert result["step"] == 3 and all(np.isfinite(v) for v in result["losses"].values())
+  assert result["step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
   checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))
   cascade = sample_lib.Cascade(
     {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")}, steps={"decoder": 2}
@@ -76,10 +76,8 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   key = jax.random.key(0)
   left = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving left"] * 2)
   right = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving right"] * 2)
-  none = cascade.decoder(embedding, 4.0, 4, key)  # no caption: the text branch adds nothing
   _check_video(left, 4, 16)
-  assert float(jnp.abs(left - right).max()) > 0
-  assert float(jnp.abs(left - none).max()) > 0
+  assert float(jnp.abs(left - right).max()) > 0  # (no caption adds exactly zero: test_unet.py)
   with pytest.raises(ValueError, match="temporal_text_attention applies to the decoder and interp"):
     bad = sr_low.get_config("tiny")
     bad.model.temporal_text_attention = True
