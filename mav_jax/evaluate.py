@@ -95,17 +95,9 @@ def run_motion() -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
+  from mav_jax.utils import cli
 
-  from mav_jax import sample_lib
-
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    run_motion()
-  except (ValueError, FileNotFoundError, FileExistsError, sample_lib.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run_user_command(run_motion)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ _SPLIT_SALT = {"train": 0x5EED_0001, "eval": 0x5EED_0002}
 _SUPERSAMPLE = 4
 
 
+def video_caption(shape: str, colour: str, direction: str) -> str:
+  """The caption of a clip of this world, e.g. "a red circle moving left"."""
+  return f"a {colour} {shape} moving {direction}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Scene:
   """One moving object.
@@ -61,7 +66,7 @@ class Scene:
 
   @property
   def video_caption(self) -> str:
-    return f"a {self.colour} {self.shape} moving {self.direction}"
+    return video_caption(self.shape, self.colour, self.direction)
 
   @property
   def image_caption(self) -> str:

@@ -27,11 +27,6 @@ def captions(per_combination: int) -> list[tuple[str, str, str]]:
   return [c for c in synthetic.COMBINATIONS for _ in range(per_combination)]
 
 
-def prompt(combination: tuple[str, str, str]) -> str:
-  shape, colour, direction = combination
-  return synthetic.Scene(shape, colour, direction, 0.0, 0.0, (0.0, 0.0), 0.0).video_caption
-
-
 def ground_truth(
   combos: list[tuple[str, str, str]],
   num_frames: int,
@@ -80,7 +75,7 @@ def run(
 
   cascade.require("prior", "decoder")
   combos = captions(per_combination)
-  texts = [prompt(c) for c in combos]
+  texts = [synthetic.video_caption(*c) for c in combos]
   dc = cascade.stages["decoder"].config
   fps = float(fps or dc.sampling.fps)
   frames = int(dc.data.num_frames)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
+from mav_jax.models.embeddings import EmbeddingMLP
 
 
 class _Projection(nn.Module):
@@ -249,11 +250,7 @@ class Pseudo3DAttention(nn.Module):
 
   def _temporal_text(self, t, context, context_mask, attn, positions):
     """Cross-attention of every position's frames [b * positions, f, c] to the caption tokens."""
-    if context_mask is None:
-      context_mask = jnp.ones(context.shape[:2], bool)
-    present = jnp.any(context_mask, axis=-1)  # [b]: clips without a caption get exactly zero
-    # Keep one key valid for captionless clips so the softmax stays finite; `present` zeroes them.
-    mask = context_mask.at[:, 0].set(context_mask[:, 0] | ~present)
+    present, mask = caption_mask(context, context_mask)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     out = MultiHeadAttention(**attn, zero_init_out=True, name="temporal_cross_attn")(
       layer_norm("temporal_cross_norm", **kw)(t),
@@ -262,6 +259,17 @@ class Pseudo3DAttention(nn.Module):
     )
     gate = jnp.repeat(present, positions, axis=0).astype(out.dtype)[:, None, None]
     return out * gate
+
+
+def caption_mask(context: Array, context_mask: Array | None) -> tuple[Array, Array]:
+  """(present [b], attention mask [b, s]) of caption tokens: `present` is False for a clip whose
+  mask is all False (no caption); its mask keeps token 0 valid so the softmax stays finite, and the
+  caller multiplies that clip's result by `present` (exactly zero)."""
+  if context_mask is None:
+    context_mask = jnp.ones(context.shape[:2], bool)
+  context_mask = context_mask.astype(bool)
+  present = jnp.any(context_mask, axis=-1)
+  return present, context_mask.at[:, 0].set(context_mask[:, 0] | ~present)
 
 
 class CaptionPool(nn.Module):
@@ -284,17 +292,14 @@ class CaptionPool(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, context: Array, context_mask: Array) -> Array:
-    from mav_jax.models.embeddings import EmbeddingMLP
-
+  def __call__(self, context: Array, context_mask: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, _, d = context.shape
     heads = max(1, d // self.head_dim)
     query = self.param(
       "query", axes.partitioned(nn.initializers.normal(1.0), axes.CONTEXT), (d,), self.param_dtype
     )
-    present = jnp.any(context_mask, axis=-1)
-    mask = context_mask.at[:, 0].set(context_mask[:, 0] | ~present)
+    present, mask = caption_mask(context, context_mask)
     tokens = layer_norm("norm", **kw)(context.astype(self.dtype))
     pooled = MultiHeadAttention(heads, d // heads, name="attn", **kw)(
       jnp.broadcast_to(query.astype(self.dtype), (b, 1, d)), tokens, mask

@@ -204,9 +204,8 @@ class SpaceTimeUNet(nn.Module):
 
     emb = self._embedding(t, scalars, global_embedding)
     if self.temporal_text_attention and not image_mode:
-      mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask
       emb = emb + CaptionPool(emb.shape[-1], self.head_dim, **kw, name="temporal_caption_embed")(
-        context, mask.astype(bool)
+        context, context_mask
       )
 
     def res_block(h, features, name):
