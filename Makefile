@@ -20,8 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python -m mav_jax.sample --prompt "a red circle moving left" --output outputs/demo.gif --overwrite
 
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-ref.txt
 	$(VENV)/bin/pip install --quiet -r requirements-test.txt
+	# Reference implementations for parity tests and benchmarks, outside the venv (see the file).
+	$(VENV)/bin/pip install --quiet --no-deps --target .ref_pkgs --upgrade -r requirements-ref.txt
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)

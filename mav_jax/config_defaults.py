@@ -267,3 +267,41 @@ def make_tiny(config: ml_collections.ConfigDict) -> None:
   config.sampling.num_steps = 10
   config.sampling.fps = 4.0
   config.sampling.frame_skip = 3
+
+
+def new_eval_config(protocol: str) -> ml_collections.ConfigDict:
+  """What the file-based evaluation protocols (configs/eval/*.py) share; each sets its prompts."""
+  config = ml_collections.ConfigDict()
+  # Which protocol (how prompts are made): "msrvtt" (captions) or "ucf101" (class names).
+  config.protocol = protocol
+  # Videos to generate, round-robin over the prompts (0: one per prompt).
+  config.num_videos = 0
+  # Comma-separated metrics from fid, clipsim, is, fvd.
+  config.metrics = "fid,clipsim"
+  # Folder of real video files (searched recursively) for the Fréchet statistics.
+  config.real_videos = ""
+  # Real videos to read (0: all found).
+  config.real_limit = 0
+  # Instead of real_videos: the output folder of an earlier run (its real_fid.npz / real_fvd.npz).
+  config.real_stats = ""
+  # pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth), for FID.
+  config.inception = ""
+  # piergiaj pytorch-i3d weights (e.g. rgb_imagenet.pt), for FVD and the clip-level IS.
+  config.i3d = ""
+  # IS over "i3d" logits of clips or "inception" logits of frames.
+  config.is_features = "inception"
+  # CLIP checkpoint for CLIPSIM (empty: the cascade's CLIP).
+  config.clip = ""
+  # Frames per generated video at D^t (0: the decoder config's).
+  config.num_frames = 0
+  # D^t frame rate (0: the decoder's sampling fps).
+  config.fps = 0.0
+  # ↑F frame skip (0: the interpolation config's; 1: no interpolation).
+  config.frame_skip = 0
+  # Last cascade stage to run.
+  config.until = "sr_high"
+  # Prompts per cascade call (and real videos per extractor call).
+  config.batch_size = 8
+  # Generated videos written side by side to preview.gif.
+  config.preview = 4
+  return config

@@ -124,3 +124,49 @@ def test_evaluate_motion_cli_writes_rows_per_stage_and_keeps_results(tmp_path):
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 1 and "--overwrite" in again.stderr
   assert (out / "results.json").read_bytes() == before
+
+
+def test_evaluate_msrvtt_protocol_cli_with_converted_inception(tmp_path):
+  """The MSR-VTT protocol from the command line: captions file, real video folder, FID through a
+  pytorch-fid Inception .pth (random weights, made by the reference in tests/reference) and
+  CLIPSIM through the cascade's CLIP. The metrics' values are tested in test_protocols.py."""
+  from mav_jax.data import synthetic
+  from mav_jax.eval import motion_benchmark
+
+  if not os.path.isdir(os.path.join(REPO, ".ref_pkgs", "pytorch_fid")):
+    pytest.skip("the reference is not installed: make test installs requirements-ref.txt")
+  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, ".ref_pkgs"))
+  script = os.path.join(REPO, "tests", "reference", "pytorch_fid_outputs.py")
+  made = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True)
+  assert made.returncode == 0, made.stderr[-2000:]
+  combos = [("circle", "red", "left"), ("square", "blue", "up")]
+  (tmp_path / "captions.txt").write_text("\n".join(synthetic.video_caption(*c) for c in combos))
+  for i, clip in enumerate(motion_benchmark.ground_truth(combos, 12, 16, 24.0, 1.5)):
+    video_io.write_video(str(tmp_path / "real" / f"{i}.mp4"), clip, fps=24.0)
+  out = tmp_path / "eval"
+  args = [sys.executable, "-m", "mav_jax.evaluate", "--config=configs/eval/msrvtt.py"]
+  args += [
+    f"--config.captions={tmp_path / 'captions.txt'}",
+    f"--config.real_videos={tmp_path}/real",
+  ]
+  args += [f"--config.inception={tmp_path / 'pt_inception.pth'}", "--config.until=decoder"]
+  args += ["--config.batch_size=2", "--steps=2", f"--output={out}"]
+  proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "results.json").read_text())
+  assert set(result["metrics"]) == {"fid", "clipsim"}
+  assert result["metrics"]["fid"] > 0 and -1 <= result["metrics"]["clipsim"] <= 1
+  assert (result["setup"]["frames"], result["setup"]["size"], result["setup"]["videos"]) == (
+    4,
+    16,
+    2,
+  )
+  assert "real side: 2 videos as 4 frames" in proc.stderr
+  for name in ("results.md", "preview.gif", "gen_fid.npz", "real_fid.npz"):
+    assert (out / name).exists(), name
+  # Kept results, and bad input named before any model loads: both exit 1 at once.
+  again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 1 and "--overwrite" in again.stderr
+  args[4] = f"--config.captions={tmp_path / 'missing.txt'}"
+  missing = subprocess.run(args + ["--overwrite"], cwd=REPO, capture_output=True, text=True)
+  assert missing.returncode == 1 and "missing.txt' does not exist" in missing.stderr

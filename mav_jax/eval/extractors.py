@@ -1,0 +1,82 @@
+"""Feature extractors for the evaluation protocols, built from the weight files the user supplies.
+
+Each is a function of a batch in [0, 1], jitted once, its batch split over the devices
+(protocols.Sharded); the weights are placed on the devices once, replicated.
+"""
+
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from mav_jax.eval import protocols
+
+
+def _replicated(tree, mesh: jax.sharding.Mesh):
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _need_file(path: str, what: str, flag: str) -> None:
+  if not path:
+    raise ValueError(f"{what} needs its weights file: set --config.{flag}=PATH")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config.{flag}={path!r} does not exist ({what})")
+
+
+def inception(path: str, mesh: jax.sharding.Mesh) -> Callable:
+  """pytorch-fid's FID Inception-v3 from its .pth: frames [n, h, w, 3] in [0, 1] -> pool, logits."""
+  from mav_jax.eval import inception as inception_lib
+
+  _need_file(path, "FID (and the frame-level IS)", "inception")
+  module = inception_lib.InceptionV3()
+  variables = _replicated(inception_lib.load_pt_inception(path), mesh)
+  apply = jax.jit(module.apply)
+  return protocols.Sharded(lambda x: apply(variables, x), mesh)
+
+
+def i3d(path: str, mesh: jax.sharding.Mesh) -> Callable:
+  """piergiaj's I3D from its .pt: clips [n, t, h, w, 3] in [0, 1] -> pool, logits."""
+  from mav_jax.eval import i3d as i3d_lib
+
+  _need_file(path, "FVD (and the clip-level IS)", "i3d")
+  module, variables = i3d_lib.load_i3d(path)
+  variables = _replicated(variables, mesh)
+  apply = jax.jit(module.apply)
+  return protocols.Sharded(lambda x: apply(variables, x), mesh)
+
+
+def clip(path: str, cascade, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+  """(frames in [0, 1] -> CLIP image embeddings, captions -> CLIP text embeddings) of the CLIP
+  checkpoint at `path`, or of the cascade's CLIP when `path` is empty."""
+  from mav_jax import checkpointing, paths
+  from mav_jax.data import tokenizers
+  from mav_jax.stages import common
+
+  if path:
+    resolved = paths.resolve(path)
+    try:
+      config = checkpointing.load_config(resolved)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"--config.clip={path!r}: {e}") from None
+    if config.get("stage") != "clip":
+      raise ValueError(
+        f"--config.clip={path!r} holds a {config.get('stage')!r} checkpoint, not CLIP"
+      )
+    model = common.FrozenClip(resolved, config)
+    params = model.load(mesh, "data_parallel")
+    d = config.data
+    tokenizer = tokenizers.make_tokenizer(d.tokenizer, paths.resolve(d.tokenizer_path) or None)
+  else:
+    if cascade.clip is None:
+      raise ValueError("CLIPSIM needs a CLIP: set --config.clip=PATH")
+    model, params, tokenizer = cascade.clip, cascade.clip_params, cascade.tokenizer
+  image = jax.jit(lambda p, x: model.image_embedding(p, x * 2.0 - 1.0))
+  text = jax.jit(lambda p, t: model.text(p, t)[0])
+  length = int(model.config.data.max_tokens)
+
+  def text_fn(captions: list[str]) -> np.ndarray:
+    ids, _ = tokenizers.tokenize_batch(tokenizer, captions, length)
+    return np.asarray(text(params, ids))
+
+  return protocols.Sharded(lambda x: image(params, x), mesh), text_fn

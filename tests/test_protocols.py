@@ -1,0 +1,188 @@
+"""mav_jax.eval.protocols: prompts from MSR-VTT captions and UCF-101 class names, the real side read
+from video files at the generated clips' frame rate, and a whole protocol run through a stand-in
+cascade (rendered ground truth) with small stand-in extractors on 8 devices."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.eval import msrvtt, ucf101
+from mav_jax.data import synthetic
+from mav_jax.eval import motion_benchmark, protocols
+from mav_jax.utils import video_io
+
+
+def test_read_captions_text_and_msrvtt_json(tmp_path):
+  text = tmp_path / "captions.txt"
+  text.write_text("a red circle\n\n  a blue square  \n")
+  assert protocols.read_captions(str(text)) == ["a red circle", "a blue square"]
+  data = {
+    "sentences": [
+      {"caption": "train video", "video_id": "video12"},
+      {"caption": "first test video", "video_id": "video7010"},
+      {"caption": "last test video", "video_id": "video9999"},
+    ]
+  }
+  js = tmp_path / "MSRVTT_data.json"
+  js.write_text(json.dumps(data))
+  assert protocols.read_captions(str(js)) == ["first test video", "last test video"]
+  assert len(protocols.read_captions(str(js), test_split=False)) == 3
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    protocols.read_captions(str(tmp_path / "missing.txt"))
+  (tmp_path / "empty.txt").write_text("\n")
+  with pytest.raises(ValueError, match="no captions"):
+    protocols.read_captions(str(tmp_path / "empty.txt"))
+  (tmp_path / "c.csv").write_text("x")
+  with pytest.raises(ValueError, match=r"\.txt"):
+    protocols.read_captions(str(tmp_path / "c.csv"))
+
+
+def test_ucf101_prompts_from_class_names(tmp_path):
+  assert protocols.class_words("ApplyEyeMakeup") == "apply eye makeup"
+  assert protocols.class_words("YoYo") == "yo yo"
+  assert protocols.class_words("PlayingDhol") == "playing dhol"
+  index = tmp_path / "classInd.txt"
+  index.write_text("1 ApplyEyeMakeup\n2 YoYo\n\n")
+  prompts = protocols.ucf101_prompts(str(index), "a person {}")
+  assert prompts == [("ApplyEyeMakeup", "a person apply eye makeup"), ("YoYo", "a person yo yo")]
+  assert protocols.cycle([p for _, p in prompts], 5)[4] == "a person apply eye makeup"
+  with pytest.raises(ValueError, match="needs a"):
+    protocols.ucf101_prompts(str(index), "a person")
+  index.write_text("ApplyEyeMakeup\n")
+  with pytest.raises(ValueError, match="classInd.txt:1"):
+    protocols.ucf101_prompts(str(index), "{}")
+
+
+def test_clip_at_rate_resamples_by_time():
+  frames = np.arange(30)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+  clip = protocols.clip_at_rate(frames, source_fps=24.0, num_frames=4, fps=8.0)
+  assert [int(f[0, 0, 0]) for f in clip] == [0, 3, 6, 9]
+  short = protocols.clip_at_rate(frames[:5], source_fps=24.0, num_frames=4, fps=8.0)
+  assert [int(f[0, 0, 0]) for f in short] == [0, 3, 4, 4]  # the last frame repeats
+
+
+def test_config_checks_fail_before_any_work(tmp_path):
+  config = msrvtt.get_config()
+  with pytest.raises(ValueError, match="config.captions"):
+    protocols.prompts_for(config)
+  config.metrics = "fid,psnr"
+  with pytest.raises(ValueError, match="unknown metrics"):
+    protocols.parse_metrics(config)
+  config.metrics = "fid"
+  with pytest.raises(ValueError, match="exactly one of"):
+    protocols.check_real_side(config, ["fid"])
+  config.real_stats = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="real_fid.npz"):
+    protocols.check_real_side(config, ["fid"])
+  u = ucf101.get_config()
+  with pytest.raises(ValueError, match="config.class_index"):
+    protocols.prompts_for(u)
+
+
+class _RenderCascade:
+  """Stands in for sample_lib.Cascade: "generates" rendered ground truth of each caption."""
+
+  def __init__(self, mesh):
+    self.mesh, self.stages, self.calls = mesh, {}, []
+
+  def text_to_video(self, prompts, rng, *, fps, num_frames, frame_skip, until):
+    self.calls.append(len(prompts))
+    combos = [tuple(p.split()[i] for i in (2, 1, 4)) for p in prompts]
+    seed = int(jax.random.randint(rng, (), 0, 1000))
+    clips = motion_benchmark.ground_truth(combos, num_frames, 16, fps, 1.5, seed)
+    return clips.astype(np.float32) / 127.5 - 1.0, fps
+
+
+def _stand_in_extractors(mesh) -> protocols.Extractors:
+  """Small features that see colour and motion: enough for the Fréchet distances to tell sets
+  apart; jitted and sharded like the real extractors."""
+
+  def frames(x):  # [n, h, w, 3] -> mean and spread of each channel, and brightness per half
+    h = x.shape[1] // 2
+    return jnp.concatenate(
+      [x.mean((1, 2)), x.std((1, 2)), x[:, :h].mean((1, 2, 3))[:, None]], axis=-1
+    )
+
+  def image(x):
+    f = frames(x)
+    return {"pool": f, "logits": 4 * f, "logits_unbiased": 4 * f}
+
+  def video(x):  # [n, t, h, w, 3] -> colour and where the object's mass moves
+    ys = jnp.linspace(-1, 1, x.shape[2])[:, None]
+    xs = jnp.linspace(-1, 1, x.shape[3])[None, :]
+    mass = x.mean(-1)
+    w = mass / mass.sum((2, 3), keepdims=True)
+    cx, cy = (w * xs).sum((2, 3)), (w * ys).sum((2, 3))
+    logits = jnp.concatenate(
+      [x.mean((1, 2, 3)), (cx[:, -1] - cx[:, 0])[:, None], (cy[:, -1] - cy[:, 0])[:, None]], -1
+    )
+    return {"pool": logits, "logits": 8 * logits}
+
+  background = np.asarray(synthetic.BACKGROUND, np.float32) / 255
+
+  def text(captions):  # the palette colour the caption names
+    return np.stack([np.asarray(synthetic.COLOURS[c.split()[1]]) / 255 for c in captions])
+
+  def clip_image(x):  # the mean colour off the background
+    return x.mean((1, 2)) - background
+
+  return protocols.Extractors(
+    inception=protocols.Sharded(jax.jit(image), mesh),
+    i3d=protocols.Sharded(jax.jit(video), mesh),
+    clip_image=protocols.Sharded(jax.jit(clip_image), mesh),
+    clip_text=text,
+  )
+
+
+def _write_real_videos(folder, combos, seed):
+  """Rendered clips of `combos` as 24 fps MP4 files (the protocol resamples them to 8 fps)."""
+  clips = motion_benchmark.ground_truth(combos, 12, 16, 24.0, 1.5, seed)
+  for i, clip in enumerate(clips):
+    video_io.write_video(os.path.join(folder, f"sub/v{i}.mp4"), clip, fps=24.0)
+
+
+def test_protocol_run_end_to_end(tmp_path):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  assert mesh.size == 8
+  combos = motion_benchmark.captions(1)[:12]  # circles: every colour and direction
+  captions = tmp_path / "captions.txt"
+  captions.write_text("\n".join(synthetic.video_caption(*c) for c in combos))
+  _write_real_videos(str(tmp_path / "real"), combos, seed=1)
+  config = msrvtt.get_config()
+  config.update(
+    captions=str(captions),
+    metrics="fid,clipsim,fvd,is",
+    is_features="i3d",
+    real_videos=str(tmp_path / "real"),
+    num_frames=4,
+    fps=8.0,
+    batch_size=5,  # 12 prompts: batches of 5, 5 and a padded 2
+    preview=3,
+  )
+  cascade, ex = _RenderCascade(mesh), _stand_in_extractors(mesh)
+  out = str(tmp_path / "out")
+  matched = protocols.run(config, cascade, out, seed=0, log=lambda _: None, ex=ex)
+  assert cascade.calls == [5, 5, 5]
+  assert set(matched) == {"fid", "fvd", "is", "is_std", "clipsim"}
+  for name in ("results.json", "results.md", "preview.gif", "gen_fid.npz", "real_fvd.npz"):
+    assert os.path.isfile(os.path.join(out, name)), name
+  setup = json.load(open(os.path.join(out, "results.json")))["setup"]
+  assert (setup["frames"], setup["fps"], setup["size"], setup["videos"]) == (4, 8.0, 16, 12)
+  # The stand-in CLIP's image and text embeddings point the same way when the colours match.
+  assert matched["clipsim"] > 0.9
+  # Real clips of other captions (squares and triangles moving the other way, and all red) are
+  # further from the generated set than real clips of the same captions.
+  other = [("square", "red", {"left": "right", "right": "left"}.get(d, d)) for _, _, d in combos]
+  _write_real_videos(str(tmp_path / "other"), other, seed=1)
+  config.update(real_videos=str(tmp_path / "other"), metrics="fid,fvd")
+  mismatched = protocols.run(config, cascade, str(tmp_path / "o2"), 0, lambda _: None, ex=ex)
+  assert mismatched["fid"] > 3 * matched["fid"] and mismatched["fvd"] > 3 * matched["fvd"]
+  # The saved real statistics replace the real videos and give the same distances.
+  config.update(real_videos="", real_stats=out)
+  again = protocols.run(config, cascade, str(tmp_path / "o3"), 0, lambda _: None, ex=ex)
+  assert again["fid"] == pytest.approx(matched["fid"], rel=1e-9)
+  assert again["fvd"] == pytest.approx(matched["fvd"], rel=1e-9)
