@@ -8,6 +8,9 @@ Variants (the part after the colon):
         conditioned on the shipped tiny CLIP (checkpoints/tiny/clip).
   base: 16 frames of 64x64 (the paper's D^t resolution), a mid-sized UNet for one accelerator.
   paper: 16 frames of 64x64 with a UNet sized like DALL-E 2's 64px decoder (~1.2B parameters).
+  throughput: the CPU throughput benchmark's model (README, performance): 61.9M parameters on a
+        batch of 2 clips of 8 frames at 32x32, float32, matched to make-a-video-pytorch's
+        SpaceTimeUnet reference (scripts/reference_throughput_pytorch.py).
 
 Train (images first, then video from that checkpoint with temporal layers added):
   python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny_image \
@@ -21,7 +24,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "base", "paper")
+VARIANTS = ("tiny", "base", "paper", "throughput")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,6 +43,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if config.variant == "tiny":
     config_defaults.make_tiny(config)
+  elif config.variant == "throughput":
+    # Width and depth matched to the reference's parameter count (61.9M vs its 60.5M).
+    config.model.channels = 64
+    config.model.channel_mults = (1, 2, 4, 8)
+    config.model.num_res_blocks = 1
+    config.model.attention_levels = (3,)
+    config.model.mid_attention = False
+    config.model.dtype = "float32"
+    # XLA's CPU backend has no fast 3D conv (conv.TemporalConv).
+    config.model.temporal_conv = "matmul"
+    config.data.num_frames = 8
+    config.data.resolution = 32
+    config.batch_size = 2
+    config.conditioning.clip = config_defaults.TINY_CLIP
+    config.conditioning.embedding_dim = 32
   elif config.variant == "paper":
     config.model.channels = 320
     config.model.num_res_blocks = 3

@@ -10,9 +10,10 @@ from mav_jax.models.attention import MultiHeadAttention, Pseudo3DAttention, Rela
 from mav_jax.models.conv import Pseudo3DConv, TemporalConv
 
 
-def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only():
+@pytest.mark.parametrize("implementation", ["conv", "matmul"])
+def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only(implementation):
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4, 6))
-  conv = TemporalConv(kernel_size=3)
+  conv = TemporalConv(kernel_size=3, implementation=implementation)
   params = nn.unbox(conv.init(jax.random.key(1), x))["params"]
   np.testing.assert_allclose(conv.apply({"params": params}, x), x, atol=1e-6)
 
@@ -28,6 +29,23 @@ def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only():
 def test_temporal_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="odd"):
     TemporalConv(kernel_size=2).init(jax.random.key(0), jnp.zeros((1, 4, 2, 2, 3)))
+  with pytest.raises(ValueError, match="unknown temporal conv implementation"):
+    TemporalConv(implementation="fft").init(jax.random.key(0), jnp.zeros((1, 4, 2, 2, 3)))
+
+
+def test_temporal_conv_implementations_agree_in_value_and_gradient():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 3, 2, 8))
+  params = {"kernel": jax.random.normal(jax.random.key(1), (5, 8, 8)), "bias": jnp.ones(8)}
+
+  def loss(params, x, implementation):
+    y = TemporalConv(5, implementation).apply({"params": params}, x)
+    return jnp.sum(jnp.sin(y))
+
+  grads = {i: jax.grad(loss, argnums=(0, 1))(params, x, i) for i in ("conv", "matmul")}
+  values = {i: loss(params, x, i) for i in ("conv", "matmul")}
+  np.testing.assert_allclose(values["conv"], values["matmul"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads["conv"]), jax.tree.leaves(grads["matmul"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_pseudo3d_conv_equals_its_spatial_conv_at_init():
