@@ -3,11 +3,16 @@ the directions swapped (left<->right, up<->down) and with no caption, on one bat
 averaged over the same noise draws.
 
   python scripts/caption_loss_probe.py WORKDIR_OR_MODEL [--batch 64] [--draws 20]
+  python scripts/caption_loss_probe.py WORKDIR_OR_MODEL --times 0.5,0.8,0.9,0.95,0.99
 
 A model that uses the direction scores lower with the true captions than with the swapped ones.
+With --times, the mean squared error of the model's clean-clip estimate (x0) at each of those
+diffusion times instead of the training loss: the caption should matter most at high noise, where
+the clip's motion is not yet visible in its noisy frames.
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -19,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mav_jax import checkpointing  # noqa: E402
 from mav_jax.data import pipeline, tokenizers  # noqa: E402
-from mav_jax.stages import video  # noqa: E402
+from mav_jax.diffusion import schedules, targets  # noqa: E402
+from mav_jax.stages import common, video  # noqa: E402
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -29,6 +35,7 @@ def main():
   parser.add_argument("path", help="a decoder training workdir or exported model")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--draws", type=int, default=20)
+  parser.add_argument("--times", default="", help="comma-separated diffusion times in (0, 1)")
   args = parser.parse_args()
   config = checkpointing.load_config(args.path)
   if config.stage != "decoder" or not config.model.get("temporal_text_attention", False):
@@ -56,11 +63,36 @@ def main():
     "directions swapped": dict(batch, tokens=ids, token_mask=mask),
     "no caption": dict(batch, has_caption=np.zeros_like(batch["has_caption"])),
   }
+  variants = {n: {k: jnp.asarray(v) for k, v in b.items()} for n, b in variants.items()}
+  if args.times:
+    x0_error = jax.jit(functools.partial(_x0_error, model, config, params, frozen))
+    for t in (float(x) for x in args.times.split(",")):
+      row = {
+        name: np.mean([float(x0_error(b, t, jax.random.key(i))) for i in range(args.draws)])
+        for name, b in variants.items()
+      }
+      print(f"t={t:.2f} x0 error: " + ", ".join(f"{n} {v:.5f}" for n, v in row.items()))
+    return
   loss = jax.jit(lambda b, r: video.DECODER.loss_fn(model, config, params, b, r, frozen)[0])
   for name, b in variants.items():
-    b = {k: jnp.asarray(v) for k, v in b.items()}
     values = [float(loss(b, jax.random.key(i))) for i in range(args.draws)]
     print(f"{name:<20} loss {np.mean(values):.6f}")
+
+
+def _x0_error(model, config, params, frozen, batch, t, rng):
+  """Mean squared error of the model's x0 estimate at diffusion time t (same noise per rng)."""
+  x0 = common.to_model_space(batch["frames"])
+  cond = video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(7))
+  times = jnp.full((x0.shape[0],), t)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  alpha, sigma = (schedules.broadcast_to(a, x0) for a in schedule.alpha_sigma(times))
+  z = alpha * x0 + sigma * jax.random.normal(rng, x0.shape)
+  kwargs = video.VideoStage._net_kwargs(cond, image_mode=False)
+  pred = model.net.apply({"params": params}, z, times, **kwargs, deterministic=True)
+  estimate = targets.convert(
+    pred.astype(jnp.float32), z, alpha, sigma, config.diffusion.target, "x0"
+  )
+  return jnp.mean(jnp.square(estimate - x0))
 
 
 if __name__ == "__main__":
