@@ -58,6 +58,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per step on local devi
 _OUTPUT = flags.DEFINE_string("output", "outputs/benchmark", "Folder for the results.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --output.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices (local).")
+_MERGE = flags.DEFINE_list(
+  "merge",
+  [],
+  "Instead of compiling: merge the results of these output folders (e.g. one compile per process "
+  "on a small host) into --output.",
+)
 
 _CSV_COLUMNS = (
   "target chip devices slices stage variant step strategy mesh batch num_params params_bytes "
@@ -179,9 +185,40 @@ def _write(output: str, name: str, rows, columns=None) -> None:
       writer.writerow(flat)
 
 
+def merge_results(folders: list[str], output: str) -> list[dict]:
+  """Rows of the results.json files in `folders`, one per (target, stage, variant, step, strategy,
+  mesh, batch) with the last folder winning, written to `output` (json, csv, plot)."""
+  merged = {}
+  for folder in folders:
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} does not exist: pass output folders of the benchmark")
+    with open(path) as f:
+      for row in json.load(f):
+        key = tuple(row[k] for k in ("target", "stage", "variant", "step", "strategy", "mesh"))
+        merged[key + (row["batch"],)] = row
+  rows = list(merged.values())
+  if not rows:
+    raise ValueError(f"no result rows in {', '.join(folders)}")
+  os.makedirs(output, exist_ok=True)
+  _write(output, "results", rows, _CSV_COLUMNS)
+  plot(rows, os.path.join(output, "memory_time.png"))
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MERGE.value:
+    out = os.path.join(_OUTPUT.value, "results.json")
+    if os.path.exists(out) and not _OVERWRITE.value and _OUTPUT.value not in _MERGE.value:
+      raise app.UsageError(f"{out} exists; pass --overwrite or choose another --output")
+    try:
+      rows = merge_results(_MERGE.value, _OUTPUT.value)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from e
+    print(format_table(rows))
+    return
   if _CONFIG.value is None:
     raise app.UsageError("pass --config, e.g. --config configs/decoder.py:tiny")
   if _CPU_DEVICES.value:

@@ -153,6 +153,31 @@ def test_cli_errors_exit_nonzero_and_keep_results(tmp_path):
   assert (tmp_path / "results.json").read_text() == "[]"
 
 
+def test_merge_results_of_separate_runs(tmp_path):
+  """Cells compiled one per process (a small host) merge into one table; a re-run cell replaces
+  its earlier row."""
+  with open(os.path.join(REPO, "docs/benchmarks/decoder_paper_v5p_2x2x1/results.json")) as f:
+    fsdp = json.load(f)  # train and sample rows of one strategy
+  other = [dict(r, strategy="data_parallel", estimated_s=1.0) for r in fsdp if r["step"] == "train"]
+  rerun = [dict(other[0], estimated_s=2.0)]
+  for name, rows in (("a", fsdp), ("b", other), ("c", rerun)):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "results.json").write_text(json.dumps(rows))
+  folders = [str(tmp_path / n) for n in "abc"]
+  merged = benchmark.merge_results(folders, str(tmp_path / "all"))
+  assert [(r["strategy"], r["step"]) for r in merged] == [
+    ("fsdp", "train"),
+    ("fsdp", "sample"),
+    ("data_parallel", "train"),
+  ]
+  assert merged[2]["estimated_s"] == 2.0
+  for name in ("results.json", "results.csv", "memory_time.png"):
+    assert (tmp_path / "all" / name).exists()
+  assert "| data_parallel |" in benchmark.format_table(merged)
+  with pytest.raises(FileNotFoundError, match="results.json does not exist"):
+    benchmark.merge_results([str(tmp_path / "missing")], str(tmp_path / "x"))
+
+
 def test_attention_sizes_of_the_paper_decoder():
   sizes = benchmark_lib.attention_sizes(decoder_config.get_config("paper"))
   # Levels 1-3 (32, 16, 8 px of 64) at 640, 960, 1280 channels; the middle block shares level 3.
