@@ -152,6 +152,7 @@ def test_protocol_run_end_to_end(tmp_path):
   captions = tmp_path / "captions.txt"
   captions.write_text("\n".join(synthetic.video_caption(*c) for c in combos))
   _write_real_videos(str(tmp_path / "real"), combos, seed=1)
+  (tmp_path / "real" / "broken.mp4").write_bytes(b"not a video")  # skipped, not fatal
   config = msrvtt.get_config()
   config.update(
     captions=str(captions),
@@ -172,6 +173,8 @@ def test_protocol_run_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(out, name)), name
   setup = json.load(open(os.path.join(out, "results.json")))["setup"]
   assert (setup["frames"], setup["fps"], setup["size"], setup["videos"]) == (4, 8.0, 16, 12)
+  assert setup["real_videos_read"] == 12
+  assert setup["real_videos_skipped"] == [str(tmp_path / "real" / "broken.mp4")]
   # The stand-in CLIP's image and text embeddings point the same way when the colours match.
   assert matched["clipsim"] > 0.9
   # Real clips of other captions (squares and triangles moving the other way, and all red) are
@@ -186,3 +189,12 @@ def test_protocol_run_end_to_end(tmp_path):
   again = protocols.run(config, cascade, str(tmp_path / "o3"), 0, lambda _: None, ex=ex)
   assert again["fid"] == pytest.approx(matched["fid"], rel=1e-9)
   assert again["fvd"] == pytest.approx(matched["fvd"], rel=1e-9)
+
+
+def test_real_side_fails_when_no_video_can_be_read(tmp_path):
+  (tmp_path / "a.mp4").write_bytes(b"junk")
+  acc = protocols.Accumulator(["fid"])
+  with pytest.raises(ValueError, match="none of the 1 real videos"):
+    protocols.read_real(
+      [str(tmp_path / "a.mp4")], 4, 8.0, 16, 2, acc, protocols.Extractors(), print
+    )

@@ -336,19 +336,29 @@ def read_real(
   acc: Accumulator,
   ex: Extractors,
   log: Callable[[str], None] = print,
-) -> None:
+) -> list[str]:
   """Streams the real videos at `paths` into `acc`: from each, `num_frames` frames at `fps`
-  (matching the generated clips), centre-cropped and resized to `size`."""
+  (matching the generated clips), centre-cropped and resized to `size`. A file that cannot be
+  decoded is skipped with a log line (one bad file in a dataset should not end a long run);
+  returns the skipped paths. Fails when no file could be read."""
   from mav_jax import sample_lib
 
-  batch, start = [], time.time()
+  batch, skipped, start = [], [], time.time()
   for n, path in enumerate(paths, 1):
-    frames, source_fps = sample_lib.read_video(path)
-    batch.append(square(clip_at_rate(frames, source_fps, num_frames, fps), size))
-    if len(batch) == batch_size or n == len(paths):
+    try:
+      frames, source_fps = sample_lib.read_video(path)
+    except ValueError as e:
+      skipped.append(path)
+      log(f"[evaluate] skipped a real video: {e}")
+    else:
+      batch.append(square(clip_at_rate(frames, source_fps, num_frames, fps), size))
+    if batch and (len(batch) == batch_size or n == len(paths)):
       acc.update(np.stack(batch), ex)
       batch = []
       log(f"[evaluate] read {n}/{len(paths)} real videos ({(time.time() - start) / n:.2f} s/video)")
+  if len(skipped) == len(paths):
+    raise ValueError(f"none of the {len(paths)} real videos could be read (first: {paths[0]!r})")
+  return skipped
 
 
 # -- a whole protocol --------------------------------------------------------------------------
@@ -464,7 +474,10 @@ def run(
       f"[evaluate] real side: {len(paths)} videos as {shape['frames']} frames at "
       f"{shape['fps']:g} fps, {shape['size']}px"
     )
-    read_real(paths, shape["frames"], shape["fps"], shape["size"], config.batch_size, real, ex, log)
+    skipped = read_real(
+      paths, shape["frames"], shape["fps"], shape["size"], config.batch_size, real, ex, log
+    )
+    shape["real_videos_read"], shape["real_videos_skipped"] = len(paths) - len(skipped), skipped
     save_stats(real, output, "real")
   save_stats(generated, output, "gen")
   values = results(generated, real)
