@@ -214,10 +214,7 @@ class Cascade:
             f"makes {self.clip.config.model.text_width}: pass the CLIP it was trained with (--clip)"
           )
       self.clip_params = self.clip.load(self.mesh, strategy)
-      d = self.clip.config.data
-      self.tokenizer = tokenizers.make_tokenizer(
-        d.tokenizer, paths.resolve(d.tokenizer_path) or None
-      )
+      self.tokenizer = self.clip.tokenizer
 
   # -- consistency ---------------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def test_merge_results_of_separate_runs(tmp_path):
   """Cells compiled one per process (a small host) merge into one table; a re-run cell replaces
   its earlier row."""
   with open(os.path.join(REPO, "docs/benchmarks/decoder_paper_v5p_2x2x1/results.json")) as f:
-    fsdp = json.load(f)  # train and sample rows of one strategy
+    fsdp = [r for r in json.load(f) if r["strategy"] == "fsdp"]  # its train and sample rows
   other = [dict(r, strategy="data_parallel", estimated_s=1.0) for r in fsdp if r["step"] == "train"]
   rerun = [dict(other[0], estimated_s=2.0)]
   for name, rows in (("a", fsdp), ("b", other), ("c", rerun)):

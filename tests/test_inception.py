@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mav_jax.eval import inception
+from mav_jax.eval import extractors, inception
 
 # float32 on both sides, relative to the features' scale: it covers summation-order differences
 # over the network's ~100 convolutions.
@@ -42,7 +42,9 @@ def reference(tmp_path_factory):
 
 def test_converted_weights_match_pytorch_fid(reference):
   path, images, expected = reference
-  features = inception.make_extractor(inception.load_pt_inception(str(path)))(images)
+  # Through the protocols' extractor: weights replicated, the 2 images split over 2 devices.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  features = jax.device_get(extractors.inception(str(path), mesh)(images))
 
   assert set(features) == set(expected)
   assert features["pool"].shape == (2, inception.FEATURE_DIM)

@@ -17,6 +17,12 @@ def _replicated(tree, mesh: jax.sharding.Mesh):
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _bound(fn: Callable, variables, mesh: jax.sharding.Mesh) -> protocols.Sharded:
+  """fn(variables, x), jitted once with the placed `variables` bound, its batch over `mesh`."""
+  apply = jax.jit(fn)
+  return protocols.Sharded(lambda x: apply(variables, x), mesh)
+
+
 def _need_file(path: str, what: str, flag: str) -> None:
   if not path:
     raise ValueError(f"{what} needs its weights file: set --config.{flag}=PATH")
@@ -29,10 +35,8 @@ def inception(path: str, mesh: jax.sharding.Mesh) -> Callable:
   from mav_jax.eval import inception as inception_lib
 
   _need_file(path, "FID (and the frame-level IS)", "inception")
-  module = inception_lib.InceptionV3()
   variables = _replicated(inception_lib.load_pt_inception(path), mesh)
-  apply = jax.jit(module.apply)
-  return protocols.Sharded(lambda x: apply(variables, x), mesh)
+  return _bound(inception_lib.InceptionV3().apply, variables, mesh)
 
 
 def i3d(path: str, mesh: jax.sharding.Mesh) -> Callable:
@@ -41,37 +45,22 @@ def i3d(path: str, mesh: jax.sharding.Mesh) -> Callable:
 
   _need_file(path, "FVD (and the clip-level IS)", "i3d")
   module, variables = i3d_lib.load_i3d(path)
-  variables = _replicated(variables, mesh)
-  apply = jax.jit(module.apply)
-  return protocols.Sharded(lambda x: apply(variables, x), mesh)
+  return _bound(module.apply, _replicated(variables, mesh), mesh)
 
 
 def clip(path: str, cascade, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
   """(frames in [0, 1] -> CLIP image embeddings, captions -> CLIP text embeddings) of the CLIP
   checkpoint at `path`, or of the cascade's CLIP when `path` is empty."""
-  from mav_jax import checkpointing, paths
   from mav_jax.data import tokenizers
   from mav_jax.stages import common
 
   if path:
-    resolved = paths.resolve(path)
-    try:
-      config = checkpointing.load_config(resolved)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"--config.clip={path!r}: {e}") from None
-    if config.get("stage") != "clip":
-      raise ValueError(
-        f"--config.clip={path!r} holds a {config.get('stage')!r} checkpoint, not CLIP"
-      )
-    model = common.FrozenClip(resolved, config)
-    params = model.load(mesh, "data_parallel")
-    d = config.data
-    tokenizer = tokenizers.make_tokenizer(d.tokenizer, paths.resolve(d.tokenizer_path) or None)
+    model = common.load_clip(path, "--config.clip=")
+    params, tokenizer = model.load(mesh, "data_parallel"), model.tokenizer
   else:
     if cascade.clip is None:
       raise ValueError("CLIPSIM needs a CLIP: set --config.clip=PATH")
     model, params, tokenizer = cascade.clip, cascade.clip_params, cascade.tokenizer
-  image = jax.jit(lambda p, x: model.image_embedding(p, x * 2.0 - 1.0))
   text = jax.jit(lambda p, t: model.text(p, t)[0])
   length = int(model.config.data.max_tokens)
 
@@ -79,4 +68,4 @@ def clip(path: str, cascade, mesh: jax.sharding.Mesh) -> tuple[Callable, Callabl
     ids, _ = tokenizers.tokenize_batch(tokenizer, captions, length)
     return np.asarray(text(params, ids))
 
-  return protocols.Sharded(lambda x: image(params, x), mesh), text_fn
+  return _bound(lambda p, x: model.image_embedding(p, x * 2.0 - 1.0), params, mesh), text_fn

@@ -17,7 +17,7 @@ name -> array mapping of it onto our variables.
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -471,7 +471,7 @@ def load_pt_inception(path: str) -> dict[str, dict]:
     path: a local copy of pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).
 
   Returns:
-    {'params': ..., 'batch_stats': ...} for `InceptionV3().apply` or `make_extractor`.
+    {'params': ..., 'batch_stats': ...} for `InceptionV3().apply` (or mav_jax.eval.extractors).
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -488,24 +488,3 @@ def load_pt_inception(path: str) -> dict[str, dict]:
   if not isinstance(state, Mapping):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
   return convert_state_dict(state)
-
-
-def make_extractor(
-  variables: Mapping[str, Any], **module_kwargs: Any
-) -> Callable[[Array], dict[str, Array]]:
-  """A jitted `images -> features` function with the weights bound.
-
-  The weights are an argument of the jitted function, not constants folded into it, so they are
-  transferred once and the compiled program stays small.
-
-  Args:
-    variables: from `load_pt_inception` or `convert_state_dict`.
-    **module_kwargs: other `InceptionV3` fields (image_size, dtype, precision).
-
-  Returns:
-    fn(images [n, h, w, 3] in [0, 1]) -> {'pool', 'logits', 'logits_unbiased'}; it compiles once
-    per input shape.
-  """
-  model = InceptionV3(**module_kwargs)
-  variables = jax.tree.map(jnp.asarray, dict(variables))
-  return functools.partial(jax.jit(model.apply), variables)

@@ -230,20 +230,22 @@ class Accumulator:
     """Adds videos [b, t, h, w, 3] in [0, 1] (and their captions, for CLIPSIM)."""
     b, t = videos.shape[:2]
     frames = videos.reshape((b * t,) + videos.shape[2:])
-    if "fid" in self.metrics or (self.is_features == "inception" and "is" in self.metrics):
+    need = needs(self.metrics, self.is_features)
+    score_with = self.is_features if "is" in self.metrics else None
+    if need["inception"]:
       out = ex.inception(frames)
       if "fid" in self.metrics:
         self.frame_stats.update(out["pool"])
-      if "is" in self.metrics and self.is_features == "inception":
+      if score_with == "inception":
         # The IS reference code (and torch-fidelity) takes the 1008-way fc without its bias.
         self.inception_score.update(out["logits_unbiased"])
-    if "fvd" in self.metrics or (self.is_features == "i3d" and "is" in self.metrics):
+    if need["i3d"]:
       out = ex.i3d(videos)
       if "fvd" in self.metrics:
         self.clip_stats.update(out["logits"])
-      if "is" in self.metrics and self.is_features == "i3d":
+      if score_with == "i3d":
         self.inception_score.update(out["logits"])
-    if "clipsim" in self.metrics and captions is not None:
+    if need["clip"] and captions is not None:
       image = ex.clip_image(frames).reshape(b, t, -1)
       self.clipsim.update(scores.clip_similarity(jnp.asarray(ex.clip_text(captions)), image))
 

@@ -88,6 +88,14 @@ class FrozenClip:
     embedding = self.module.apply({"params": params}, images, method=type(self.module).encode_image)
     return scaled_unit(embedding)
 
+  @functools.cached_property
+  def tokenizer(self):
+    """The tokenizer of the captions this CLIP was trained on."""
+    from mav_jax.data import tokenizers
+
+    d = self.config.data
+    return tokenizers.make_tokenizer(d.tokenizer, paths.resolve(d.tokenizer_path) or None)
+
   def text(self, params: Any, tokens: Array) -> tuple[Array, Array]:
     """Token ids [b, l] -> (scaled-unit text embeddings [b, d], token features [b, l, width])."""
     embedding, features = self.module.apply({"params": params}, tokens, method=_text_tower)
@@ -102,6 +110,20 @@ def use_clip(model: Any, clip: FrozenClip) -> None:
 
 def _text_tower(module, tokens):
   return module.text(tokens)
+
+
+def load_clip(given: str, label: str, hint: str = "") -> FrozenClip:
+  """The CLIP checkpoint at `given` (a workdir or model folder), with a clear error, led by
+  `label` (how the user named it, e.g. "--config.clip=") and followed by `hint`, when it is
+  missing or holds another stage."""
+  path = paths.resolve(given)
+  try:
+    clip_config = checkpointing.load_config(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{label}{given!r}: {e}" + (f"; {hint}" if hint else "")) from None
+  if clip_config.get("stage") != "clip":
+    raise ValueError(f"{label}{given!r} holds a {clip_config.get('stage')!r} checkpoint, not CLIP")
+  return FrozenClip(path, clip_config)
 
 
 def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
@@ -119,15 +141,7 @@ def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
   )
   if not path:
     raise ValueError(f"stage {config.stage} is conditioned on CLIP: set conditioning.clip; {hint}")
-  try:
-    clip_config = checkpointing.load_config(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"conditioning.clip = {given!r}: {e}; {hint}") from None
-  if clip_config.get("stage") != "clip":
-    raise ValueError(
-      f"conditioning.clip = {given!r} holds a {clip_config.get('stage')!r} checkpoint, not CLIP"
-    )
-  clip = FrozenClip(path, clip_config)
+  clip = load_clip(given, "conditioning.clip = ", hint)
   want = config.conditioning.embedding_dim
   if clip.embed_dim != want:
     raise ValueError(
