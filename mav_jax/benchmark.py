@@ -56,6 +56,12 @@ _CLIP = config_flags.DEFINE_config_file(
 )
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per step on local devices (median).")
 _OUTPUT = flags.DEFINE_string("output", "outputs/benchmark", "Folder for the results.")
+_SAVE_HLO = flags.DEFINE_bool(
+  "save_hlo",
+  False,
+  "Also write each compiled program's optimised HLO to <output>/hlo/ (gzip text), to read the "
+  "collectives and loops behind a cell's figures.",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --output.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices (local).")
 _MERGE = flags.DEFINE_list(
@@ -69,7 +75,7 @@ _CSV_COLUMNS = (
   "target chip devices slices stage variant step strategy mesh batch num_params params_bytes "
   "ema_bytes opt_bytes frozen_bytes state_total_bytes state_split_ratio argument_bytes "
   "output_bytes alias_bytes temp_bytes code_bytes total_bytes hbm_bytes fits flops "
-  "bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s"
+  "bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s while_loops"
 ).split()
 
 
@@ -100,8 +106,11 @@ def format_table(rows) -> str:
     "total GiB | fits | TFLOP | est. ms | est. MFU | measured ms | collectives (count x MiB) |"
   )
   lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+  looped = False
   for r in rows:
     state = r["params_bytes"] + r["ema_bytes"] + r["opt_bytes"]
+    loops = r.get("while_loops") or 0  # absent in results written before it was counted
+    looped |= loops > 0
     est = "-" if r["estimated_s"] is None else f"{r['estimated_s'] * 1e3:.1f}"
     mfu = "-" if r["estimated_mfu"] is None else f"{r['estimated_mfu']:.0%}"
     measured = "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.1f}"
@@ -109,8 +118,13 @@ def format_table(rows) -> str:
     lines.append(
       f"| {r['step']} | {r['strategy']} | {r['mesh']} | {_gib(state)} | "
       f"{r['state_split_ratio']:.3f} | {_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | "
-      f"{fits} | {r['flops'] / 1e12:.2f} | {est} | {mfu} | {measured} | "
-      f"{_collective_summary(r['collectives'])} |"
+      f"{fits} | {r['flops'] / 1e12:.2f}{f' ({loops} loops)' if loops else ''} | {est} | {mfu} "
+      f"| {measured} | {_collective_summary(r['collectives'])} |"
+    )
+  if looped:
+    lines.append(
+      "\n(N loops): the compiled program has `while` loops; the compiler counts a loop body's "
+      "FLOPs and collectives once and gives no time estimate for it."
     )
   return "\n".join(lines)
 
@@ -271,6 +285,7 @@ def main(argv):
         clip_config=_CLIP.value,
         include_sample=not _NO_SAMPLE.value,
         repeats=_REPEATS.value,
+        hlo_dir=os.path.join(output, "hlo") if _SAVE_HLO.value else None,
         log=log,
       )
     except (ValueError, FileNotFoundError) as e:

@@ -14,6 +14,7 @@ estimated time (TPU) from `cost_analysis()`; collectives from the optimised HLO.
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -203,6 +204,11 @@ def _timed(run, repeats: int) -> float:
   return statistics.median(times)
 
 
+def mesh_name(mesh) -> str:
+  """ "data x fsdp x tensor" sizes, e.g. "1x4x2"."""
+  return "x".join(str(mesh.shape[a]) for a in MESH_AXES)
+
+
 def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str, Any]:
   chip = target.chip
   row = {
@@ -214,7 +220,7 @@ def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str,
     "variant": config.variant,
     "step": step,
     "strategy": case.strategy,
-    "mesh": "x".join(str(mesh.shape[a]) for a in MESH_AXES),
+    "mesh": mesh_name(mesh),
     "batch": config.batch_size,
     "compile_s": round(compile_s, 2),
     "argument_bytes": stats.argument_bytes,
@@ -236,6 +242,7 @@ def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str,
     "measured_s": None,
     "measured_mfu": None,
     "collectives": stats.collectives,
+    "while_loops": stats.while_loops,
   }
   row.update(extra)
   return row
@@ -251,9 +258,14 @@ def run_case(
   clip_config=None,
   include_sample: bool = True,
   repeats: int = 3,
+  hlo_dir: str | None = None,
   log=print,
 ) -> list[dict[str, Any]]:
-  """Compiles (and on local devices times) the train step and the sampling step of one case."""
+  """Compiles (and on local devices times) the train step and the sampling step of one case.
+
+  With `hlo_dir`, each compiled program's optimised HLO is written there as
+  `<stage>_<variant>_<strategy>_<mesh>_<step>.hlo.txt.gz`.
+  """
   config = configure(config, case, batch_size)
   mesh, model, stage, tx, shardings, abstract, _ = train_step.setup(config, target.devices)
   devices = target.num_devices
@@ -292,13 +304,21 @@ def run_case(
     train_step.make_train_step(model, stage, config, tx), mesh, shardings, frozen_shardings
   )
   label = f"{config.stage}:{config.variant} {case.strategy} mesh {dict(mesh.shape)}"
+
+  def hlo_path(step: str) -> str | None:
+    if not hlo_dir:
+      return None
+    os.makedirs(hlo_dir, exist_ok=True)
+    name = f"{config.stage}_{config.variant}_{case.strategy}_{mesh_name(mesh)}_{step}.hlo.txt.gz"
+    return os.path.join(hlo_dir, name)
+
   key_in = jax.eval_shape(lambda: jax.random.key(0))  # made here: no concrete arrays on a topology
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
     log(f"[benchmark] {label}: compiling the train step")
     start = time.perf_counter()
     compiled = step_fn.lower(state_in, batch_in, frozen_abstract).compile()
     compile_s = time.perf_counter() - start
-    stats = compiled_stats.analyse(compiled)
+    stats = compiled_stats.analyse(compiled, hlo_path("train"))
     rows.append(_row(target, config, case, mesh, "train", stats, compile_s, common))
     log(f"[benchmark] {label}: train step compiled in {compile_s:.1f} s")
 
@@ -328,7 +348,7 @@ def run_case(
         case,
         mesh,
         "sample",
-        compiled_stats.analyse(sample_compiled),
+        compiled_stats.analyse(sample_compiled, hlo_path("sample")),
         sample_s,
         common,
       )

@@ -2,6 +2,7 @@
 checked against the shardings, collectives parsed from HLO, the outputs written; with libtpu
 installed, one ahead-of-time compile for a small TPU topology."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -102,6 +103,26 @@ def test_collectives_parsed_from_hlo():
   reduced = stats.collectives["all-reduce"]["count"] + stats.collectives["reduce-scatter"]["count"]
   assert reduced >= 1
   assert stats.flops >= 2 * 8 * 128 * 256  # this device's 8 rows through the matmul, at least
+
+
+def test_loops_counted_and_hlo_saved(tmp_path):
+  """A scan compiles to a `while` loop (its body's FLOPs count once): the figures say so, and the
+  optimised HLO can be kept to read."""
+
+  def scanned(x):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=4)[0]
+
+  compiled = jax.jit(scanned).lower(jax.ShapeDtypeStruct((16, 16), jnp.float32)).compile()
+  path = str(tmp_path / "scan.hlo.txt.gz")
+  stats = compiled_stats.analyse(compiled, path)
+  assert stats.while_loops >= 1
+  with gzip.open(path, "rt") as f:
+    assert compiled_stats.while_loops(f.read()) == stats.while_loops
+  plain = compiled_stats.analyse(jax.jit(jnp.tanh).lower(jnp.ones(4)).compile())
+  assert plain.while_loops == 0
+  with open(os.path.join(REPO, "docs/benchmarks/sr_low_paper_v5p_2x2x2/results.json")) as f:
+    row = {**json.load(f)[0], "while_loops": stats.while_loops}
+  assert f"({stats.while_loops} loops)" in benchmark.format_table([row])
 
 
 def test_hlo_text_parsing_of_tpu_async_and_fused_collectives():

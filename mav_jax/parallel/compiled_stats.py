@@ -9,6 +9,7 @@ iteration.
 
 import collections
 import dataclasses
+import gzip
 import re
 from typing import Any
 
@@ -112,6 +113,21 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
+def while_loops(hlo_text: str) -> int:
+  """Number of `while` instructions in optimised HLO text.
+
+  A program with loops is under-counted by `cost_analysis()` (a body counts once) and the TPU
+  compiler gives no estimated time for it; loops appear from `scan` and also from the compiler's
+  own rewrites (e.g. a collective matmul that streams an all-gather as collective-permutes).
+  """
+  count = 0
+  for line in hlo_text.splitlines():
+    instruction = _INSTRUCTION.match(line)
+    if instruction and instruction["op"] == "while":
+      count += 1
+  return count
+
+
 @dataclasses.dataclass
 class CompiledStats:
   """Per-device figures of one compiled program (bytes, FLOPs, seconds).
@@ -126,6 +142,7 @@ class CompiledStats:
     bytes_accessed: memory traffic the cost model expects.
     estimated_seconds: the compiler's estimate of the run time (TPU only; None elsewhere).
     collectives: {kind: {"count", "bytes"}}.
+    while_loops: `while` instructions in the optimised HLO (see `while_loops`).
   """
 
   argument_bytes: int
@@ -137,6 +154,7 @@ class CompiledStats:
   bytes_accessed: float
   estimated_seconds: float | None
   collectives: dict[str, dict[str, int]]
+  while_loops: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -157,11 +175,15 @@ def _cost(compiled) -> dict[str, Any]:
   return dict(cost or {})
 
 
-def analyse(compiled) -> CompiledStats:
-  """The figures of a `jax.stages.Compiled`."""
+def analyse(compiled, hlo_path: str | None = None) -> CompiledStats:
+  """The figures of a `jax.stages.Compiled`; `hlo_path` (gzip text) keeps its optimised HLO."""
   memory = compiled.memory_analysis()
   cost = _cost(compiled)
   estimated = cost.get("optimal_seconds")
+  text = compiled.as_text()
+  if hlo_path:
+    with gzip.open(hlo_path, "wt") as f:
+      f.write(text)
   return CompiledStats(
     argument_bytes=int(memory.argument_size_in_bytes),
     output_bytes=int(memory.output_size_in_bytes),
@@ -171,5 +193,6 @@ def analyse(compiled) -> CompiledStats:
     flops=float(cost.get("flops", 0.0)),
     bytes_accessed=float(cost.get("bytes accessed", 0.0)),
     estimated_seconds=float(estimated) if estimated and estimated > 0 else None,
-    collectives=collectives(compiled.as_text()),
+    collectives=collectives(text),
+    while_loops=while_loops(text),
   )
