@@ -62,6 +62,12 @@ _SAVE_HLO = flags.DEFINE_bool(
   "Also write each compiled program's optimised HLO to <output>/hlo/ (gzip text), to read the "
   "collectives and loops behind a cell's figures.",
 )
+_COMPILER_OPTIONS = flags.DEFINE_list(
+  "compiler_options",
+  [],
+  "XLA options for every compile, name=value (e.g. xla_tpu_spmd_unroll_windowed_einsum=true, "
+  "which unrolls the TPU compiler's collective-matmul loops so their FLOPs count in full).",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --output.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices (local).")
 _MERGE = flags.DEFINE_list(
@@ -75,7 +81,8 @@ _CSV_COLUMNS = (
   "target chip devices slices stage variant step strategy mesh batch num_params params_bytes "
   "ema_bytes opt_bytes frozen_bytes state_total_bytes state_split_ratio argument_bytes "
   "output_bytes alias_bytes temp_bytes code_bytes total_bytes hbm_bytes fits flops "
-  "bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s while_loops"
+  "bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s while_loops "
+  "compiler_options"
 ).split()
 
 
@@ -123,8 +130,10 @@ def format_table(rows) -> str:
     )
   if looped:
     lines.append(
-      "\n(N loops): the compiled program has `while` loops; the compiler counts a loop body's "
-      "FLOPs and collectives once and gives no time estimate for it."
+      "\n(N loops): the compiled program has `while` loops (e.g. the TPU compiler's collective "
+      "matmuls for gathered weights); a loop body's FLOPs and collectives count once, so that "
+      "cell's FLOPs, MFU and time estimate understate it (--compiler_options="
+      "xla_tpu_spmd_unroll_windowed_einsum=true unrolls those loops)."
     )
   return "\n".join(lines)
 
@@ -252,6 +261,7 @@ def main(argv):
 
   try:
     meshes = [benchmark_lib.parse_mesh(m) for m in _MESHES.value]
+    compiler_options = benchmark_lib.parse_options(_COMPILER_OPTIONS.value)
     target = targets.get_target(_TARGET.value, _SLICES.value)
   except (ValueError, RuntimeError) as e:
     raise app.UsageError(str(e)) from e
@@ -286,10 +296,15 @@ def main(argv):
         include_sample=not _NO_SAMPLE.value,
         repeats=_REPEATS.value,
         hlo_dir=os.path.join(output, "hlo") if _SAVE_HLO.value else None,
+        compiler_options=compiler_options,
         log=log,
       )
     except (ValueError, FileNotFoundError) as e:
       raise app.UsageError(f"{case.strategy} on mesh {'x'.join(map(str, case.ici))}: {e}") from e
+    except Exception as e:  # XLA rejects an option only when it compiles
+      if "No such compile option" in str(e):
+        raise app.UsageError(f"--compiler_options: {e}") from e
+      raise
     _write(output, name, rows, _CSV_COLUMNS)  # after every case: long runs keep what they made
   plot(rows, os.path.join(output, "memory_time.png"))
   print(format_table(rows))

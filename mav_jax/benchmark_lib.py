@@ -204,6 +204,25 @@ def _timed(run, repeats: int) -> float:
   return statistics.median(times)
 
 
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+  """["name=value", ...] -> XLA compiler options; "true" / "false" become booleans."""
+  options = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise ValueError(f"compiler option {item!r} is not name=value")
+    lowered = value.lower()
+    options[name] = {"true": True, "false": False}.get(lowered, value)
+  return options
+
+
+def format_options(options: dict[str, Any] | None) -> str:
+  """The options as the command line spells them ("" for none)."""
+  return ",".join(
+    f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in (options or {}).items()
+  )
+
+
 def mesh_name(mesh) -> str:
   """ "data x fsdp x tensor" sizes, e.g. "1x4x2"."""
   return "x".join(str(mesh.shape[a]) for a in MESH_AXES)
@@ -259,12 +278,14 @@ def run_case(
   include_sample: bool = True,
   repeats: int = 3,
   hlo_dir: str | None = None,
+  compiler_options: dict[str, Any] | None = None,
   log=print,
 ) -> list[dict[str, Any]]:
   """Compiles (and on local devices times) the train step and the sampling step of one case.
 
   With `hlo_dir`, each compiled program's optimised HLO is written there as
-  `<stage>_<variant>_<strategy>_<mesh>_<step>.hlo.txt.gz`.
+  `<stage>_<variant>_<strategy>_<mesh>_<step>.hlo.txt.gz`. `compiler_options` go to XLA with
+  every compile (e.g. {"xla_tpu_spmd_unroll_windowed_einsum": True}) and are recorded in the rows.
   """
   config = configure(config, case, batch_size)
   mesh, model, stage, tx, shardings, abstract, _ = train_step.setup(config, target.devices)
@@ -294,6 +315,7 @@ def run_case(
   state_per_device = per_device["params_bytes"] + per_device["ema_bytes"] + per_device["opt_bytes"]
   common = dict(
     per_device,
+    compiler_options=format_options(compiler_options),
     num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)),
     state_total_bytes=state_total,
     # Per-device state over an even split of the whole state: 1.0 is a perfect split (FSDP's goal).
@@ -316,7 +338,7 @@ def run_case(
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
     log(f"[benchmark] {label}: compiling the train step")
     start = time.perf_counter()
-    compiled = step_fn.lower(state_in, batch_in, frozen_abstract).compile()
+    compiled = step_fn.lower(state_in, batch_in, frozen_abstract).compile(compiler_options)
     compile_s = time.perf_counter() - start
     stats = compiled_stats.analyse(compiled, hlo_path("train"))
     rows.append(_row(target, config, case, mesh, "train", stats, compile_s, common))
@@ -340,7 +362,7 @@ def run_case(
       start = time.perf_counter()
       sample_compiled = sample_jit.lower(
         state_in.params, sample_in, key_in, frozen_abstract
-      ).compile()
+      ).compile(compiler_options)
       sample_s = time.perf_counter() - start
       sample_row = _row(
         target,

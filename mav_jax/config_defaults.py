@@ -167,6 +167,11 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.channel_mults = (1, 2, 3, 4)
   # Residual blocks per level.
   config.model.num_res_blocks = 2
+  # Per-level residual block counts overriding num_res_blocks (empty: num_res_blocks everywhere).
+  config.model.level_res_blocks = ()
+  # Not in the paper: one flag per level transition; True halves the frames from level i to i + 1
+  # (make-a-video-pytorch's temporal compression). Empty: every level keeps every frame.
+  config.model.temporal_downsample = ()
   # Levels with pseudo-3D attention (indices into channel_mults).
   config.model.attention_levels = (1, 2, 3)
   # Attention block in the middle of the UNet.

@@ -42,8 +42,15 @@ def rows():
   cases = benchmark_lib.default_cases(list(sharding.STRATEGIES), 8, tensor=2)
   out = []
   for case in cases:
+    fsdp = case.strategy == "fsdp"
     out += benchmark_lib.run_case(
-      _small_decoder(), case, target, repeats=1, include_sample=case.strategy == "fsdp", log=print
+      _small_decoder(),
+      case,
+      target,
+      repeats=1,
+      include_sample=fsdp,
+      compiler_options={"xla_cpu_enable_fast_math": False} if fsdp else None,
+      log=print,
     )
   return out
 
@@ -69,6 +76,12 @@ def test_every_strategy_compiles_and_runs_on_8_devices(rows):
   assert fsdp["all-gather"]["count"] > 0
   [sample] = [r for r in rows if r["step"] == "sample"]
   assert sample["strategy"] == "fsdp" and sample["measured_s"] > 0 and sample["flops"] > 0
+  # XLA options reach both of its compiles and are recorded; other cases had none.
+  assert {r["compiler_options"] for r in rows if r["strategy"] == "fsdp"} == {
+    "xla_cpu_enable_fast_math=false"
+  }
+  assert train["tensor"]["compiler_options"] == ""
+  assert benchmark_lib.parse_options(["a=true", "b=3"]) == {"a": True, "b": "3"}
 
 
 def test_outputs_table_csv_json_plot(rows, tmp_path):
@@ -168,6 +181,7 @@ def test_cli_errors_exit_nonzero_and_keep_results(tmp_path):
     ([f"--output={tmp_path}/a", "--target=v9:2x2"], "unknown target"),
     ([f"--output={tmp_path}/b", "--strategies=pipeline"], "unknown sharding strategy"),
     ([f"--output={tmp_path}/c", "--meshes=2x2"], "give the sizes of data x fsdp x tensor"),
+    ([f"--output={tmp_path}/d", "--compiler_options=unroll"], "is not name=value"),
   ):
     done = subprocess.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode != 0 and message in done.stderr, (extra, done.stderr[-2000:])

@@ -280,6 +280,37 @@ def test_extra_input_channels_start_as_the_base_model(inp):
   )
 
 
+def test_temporal_downsampling_and_per_level_blocks(inp):
+  """Frames halve between levels (make-a-video-pytorch's temporal compression) and blocks are
+  counted per level; a clip whose frames come in equal pairs passes through the merge (a mean)
+  and split (a repeat) unchanged at init, so it still equals the image model frame by frame."""
+  model = _make_test_model(temporal_downsample=(True,), level_res_blocks=(0, 2))
+  pairs = dict(inp, x=jnp.repeat(inp["x"][:, :2], 2, axis=1))  # frames a, a, b, b
+  params = nn.unbox(_init(model, pairs))["params"]
+  assert {"temporal_down_0", "temporal_up_1"} <= set(params)
+  assert not any(k.startswith("down_0_res") for k in params) and "down_1_res_1" in params
+  assert "up_0_res_0" in params and "up_0_res_1" not in params and "up_1_res_2" in params
+  out = _apply(model, params, pairs)
+  assert out.shape == pairs["x"].shape and float(jnp.std(out)) > 1e-2
+  np.testing.assert_allclose(out, _per_frame_image_model(model, params, pairs), atol=1e-5)
+  # Frames that differ within a pair are merged at level 1: the video model now mixes them.
+  four = _inputs(frames=4)
+  mixed = _apply(model, params, four)
+  assert float(jnp.abs(mixed - _per_frame_image_model(model, params, four)).max()) > 1e-3
+  # The image model has no temporal_down / temporal_up parameters and loads into the video one.
+  image = _abstract_params(model, four, image_mode=True)
+  assert not any(k.startswith("temporal_") for k in image)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), image)
+  _, new = inflate_image_params(zeros, params)
+  assert {p[0] for p in new} >= {"temporal_down_0", "temporal_up_1"}
+  with pytest.raises(ValueError, match="use a multiple of 2 frames"):
+    _apply(model, params, inp)  # 3 frames
+  with pytest.raises(ValueError, match="one flag per level transition"):
+    _abstract_params(_make_test_model(temporal_downsample=(True, True)), four)
+  with pytest.raises(ValueError, match="one count per level"):
+    _abstract_params(_make_test_model(level_res_blocks=(1,)), four)
+
+
 @pytest.mark.parametrize(
   "bad, match",
   [

@@ -156,3 +156,56 @@ class Upsample(nn.Module):
     return spatial_conv(self.features, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(
       x
     )
+
+
+class TemporalDownsample(nn.Module):
+  """Halves the frames: each pair of frames, side by side in channels, through a learned
+  projection that starts as their mean (so a model gaining it starts out close to one without)."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, f, h, w, c = x.shape
+    pairs = x.reshape(b, f // 2, 2, h, w, c)
+    pairs = jnp.moveaxis(pairs, 2, -2).reshape(b, f // 2, h, w, 2 * c)
+
+    def mean_init(key, shape, dtype):
+      del key
+      return jnp.concatenate([jnp.eye(c), jnp.eye(c)], axis=0).astype(dtype) / 2
+
+    return nn.Dense(
+      c,
+      kernel_init=axes.partitioned(mean_init, axes.CHANNELS_IN, axes.CHANNELS_OUT),
+      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="proj",
+    )(pairs)
+
+
+class TemporalUpsample(nn.Module):
+  """Doubles the frames: a learned projection to two frames' channels that starts as a repeat."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, f, h, w, c = x.shape
+
+    def repeat_init(key, shape, dtype):
+      del key
+      return jnp.concatenate([jnp.eye(c), jnp.eye(c)], axis=1).astype(dtype)
+
+    y = nn.Dense(
+      2 * c,
+      kernel_init=axes.partitioned(repeat_init, axes.CHANNELS_IN, axes.CHANNELS_OUT),
+      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="proj",
+    )(x)
+    y = jnp.moveaxis(y.reshape(b, f, h, w, 2, c), 4, 2)
+    return y.reshape(b, 2 * f, h, w, c)

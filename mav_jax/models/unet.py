@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from mav_jax.models import axes
 from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
-from mav_jax.models.conv import Downsample, Pseudo3DConv, Upsample
+from mav_jax.models.conv import (
+  Downsample,
+  Pseudo3DConv,
+  TemporalDownsample,
+  TemporalUpsample,
+  Upsample,
+)
 from mav_jax.models.embeddings import EmbeddingMLP, sinusoidal_embedding
 from mav_jax.models.resblock import ResBlock
 
@@ -33,6 +39,15 @@ class SpaceTimeUNet(nn.Module):
     channels: base width; level i has `channels * channel_mults[i]` channels.
     channel_mults: width multiplier per resolution level (one 2x downsample between levels).
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    level_res_blocks: per-level override of `num_res_blocks` (one count per level; empty: all
+      levels use `num_res_blocks`), e.g. fewer blocks at the large first level and more at the
+      small deep ones, as in Imagen's Efficient U-Net: parameters stay where they are cheap.
+    temporal_downsample: one flag per level transition (len(channel_mults) - 1; empty: none):
+      True halves the frames on the way from level i to i + 1 (and doubles them back on the way
+      up), like make-a-video-pytorch's temporal compression; the deeper levels then cost half as
+      much. Not in the paper (its D^t keeps every frame). The frame pair is merged by a learned
+      projection that starts as their mean, and split back by one that starts as a repeat;
+      image mode skips both.
     attention_levels: indices of the levels that get pseudo-3D attention after each block.
     mid_attention: put a pseudo-3D attention block in the middle.
     head_dim: features per attention head (heads = level width // head_dim).
@@ -68,6 +83,8 @@ class SpaceTimeUNet(nn.Module):
   channels: int = 64
   channel_mults: tuple[int, ...] = (1, 2, 4)
   num_res_blocks: int = 2
+  level_res_blocks: tuple[int, ...] = ()
+  temporal_downsample: tuple[bool, ...] = ()
   attention_levels: tuple[int, ...] = (2,)
   mid_attention: bool = True
   head_dim: int = 64
@@ -98,6 +115,22 @@ class SpaceTimeUNet(nn.Module):
       raise ValueError(
         f"height and width {x.shape[2:4]} must be divisible by {factor} "
         f"(2 ** (levels - 1) for channel_mults={self.channel_mults})"
+      )
+    if self.level_res_blocks and len(self.level_res_blocks) != len(self.channel_mults):
+      raise ValueError(
+        f"level_res_blocks {self.level_res_blocks} needs one count per level of channel_mults "
+        f"{self.channel_mults} (or leave it empty to use num_res_blocks everywhere)"
+      )
+    if self.temporal_downsample and len(self.temporal_downsample) != len(self.channel_mults) - 1:
+      raise ValueError(
+        f"temporal_downsample {self.temporal_downsample} needs one flag per level transition "
+        f"({len(self.channel_mults) - 1} for channel_mults={self.channel_mults})"
+      )
+    frame_factor = 2 ** sum(map(bool, self.temporal_downsample))
+    if not image_mode and x.shape[1] % frame_factor:
+      raise ValueError(
+        f"{x.shape[1]} frames do not halve {sum(map(bool, self.temporal_downsample))} times "
+        f"(temporal_downsample={self.temporal_downsample}); use a multiple of {frame_factor} frames"
       )
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [batch]={x.shape[:1]}, got {t.shape}")
@@ -240,15 +273,22 @@ class SpaceTimeUNet(nn.Module):
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
         extra_inputs.astype(self.dtype)
       )
+    blocks = self.level_res_blocks or (self.num_res_blocks,) * len(self.channel_mults)
+    halve_time = [
+      bool(self.temporal_downsample and self.temporal_downsample[level]) and not image_mode
+      for level in range(len(self.channel_mults) - 1)
+    ]
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
-      for i in range(self.num_res_blocks):
+      for i in range(blocks[level]):
         h = res_block(h, self.channels * mult, f"down_{level}_res_{i}")
         if level in self.attention_levels:
           h = attention(h, f"down_{level}_attn_{i}")
         skips.append(h)
       if level != len(self.channel_mults) - 1:
         h = Downsample(h.shape[-1], **kw, name=f"down_{level}_downsample")(h)
+        if halve_time[level]:
+          h = TemporalDownsample(**kw, name=f"temporal_down_{level}")(h)
         skips.append(h)
 
     mid_features = h.shape[-1]
@@ -258,12 +298,14 @@ class SpaceTimeUNet(nn.Module):
     h = res_block(h, mid_features, "mid_res_1")
 
     for level, mult in reversed(list(enumerate(self.channel_mults))):
-      for i in range(self.num_res_blocks + 1):
+      for i in range(blocks[level] + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res_block(h, self.channels * mult, f"up_{level}_res_{i}")
         if level in self.attention_levels:
           h = attention(h, f"up_{level}_attn_{i}")
       if level != 0:
+        if halve_time[level - 1]:
+          h = TemporalUpsample(**kw, name=f"temporal_up_{level}")(h)
         h = Upsample(h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
 
     h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
@@ -282,6 +324,8 @@ def unet_from_config(model_config) -> SpaceTimeUNet:
     "attention_levels",
     "conditioning_scalars",
     "conditioning_scalar_scales",
+    "level_res_blocks",
+    "temporal_downsample",
   ):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
