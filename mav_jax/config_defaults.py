@@ -148,6 +148,9 @@ def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
   config.conditioning.embedding_dim = 512
   # Width of CLIP's text tower (token features the prior reads).
   config.conditioning.text_width = 512
+  # Beyond the paper (with model.temporal_text_attention): probability that a captioned clip trains
+  # without its image embedding, caption only, so the caption pathway has to carry the content.
+  config.conditioning.caption_only_dropout = 0.0
   # Super-resolution: side of the low-resolution input.
   config.conditioning.low_resolution = 64
   # Super-resolution: largest noise-augmentation level (diffusion time) in training.
@@ -189,6 +192,10 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # Beyond the paper: temporal layers also cross-attend to the caption's CLIP token features, so
   # motion can follow the text (D^t and ↑F; clips without a caption train as in the paper).
   config.model.temporal_text_attention = False
+  # Beyond the paper, with temporal_text_attention: > 0 (the tokenizer's vocabulary size) adds a
+  # learned embedding of the caption's token ids to CLIP's token features for the text pathway, so
+  # captioned video can teach it words a still-image CLIP barely separates (motion words).
+  config.model.text_vocab_size = 0
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.

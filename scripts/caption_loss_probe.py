@@ -42,6 +42,7 @@ def main():
     sys.exit(f"error: {args.path} is not a decoder with model.temporal_text_attention=True")
   with config.unlocked():
     config.diffusion.cond_dropout = 0.0  # compare conditions, never drop them
+    config.conditioning.caption_only_dropout = 0.0
   model = video.DECODER.make_model(config)
   params = jax.tree.map(jnp.asarray, checkpointing.restore_params(args.path, "params"))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))

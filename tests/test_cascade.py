@@ -64,6 +64,7 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   exports, and in the cascade its clips depend on the caption given the same embedding."""
   config = _short(decoder.get_config("tiny"), 2)
   config.model.temporal_text_attention = True
+  config.conditioning.caption_only_dropout = 0.5  # half the captioned clips: caption alone
   config.train.init_from = SHIPPED["decoder"]
   config.train.sample_every = 0
   result = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
@@ -78,6 +79,10 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   right = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving right"] * 2)
   _check_video(left, 4, 16)
   assert float(jnp.abs(left - right).max()) > 0  # (no caption adds exactly zero: test_unet.py)
+  paper = _short(decoder.get_config("tiny"), 1)
+  paper.conditioning.caption_only_dropout = 0.5
+  with pytest.raises(ValueError, match="caption_only_dropout needs"):
+    train_lib.train_and_evaluate(paper, str(tmp_path / "paper"), devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="temporal_text_attention applies to the decoder and interp"):
     bad = sr_low.get_config("tiny")
     bad.model.temporal_text_attention = True

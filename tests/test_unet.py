@@ -361,3 +361,37 @@ def test_temporal_text_attention_starts_as_identity_and_ignores_captionless_clip
   assert _apply(model, moved, image, True).shape == inp["x"].shape
   with pytest.raises(ValueError, match="temporal_text_attention=True needs context"):
     _apply(model, moved, image)
+
+
+def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_not():
+  """text_vocab_size: a learned embedding of the caption ids joins the context features. At init
+  it adds nothing; trained, two captions whose frozen features are identical but whose ids differ
+  (a motion word CLIP did not learn) give different outputs, and captionless clips stay exact."""
+  inp = _inputs()
+  model = _make_test_model(use_cross_attention=False, temporal_text_attention=True, text_vocab_size=9)
+  plain = _make_test_model(use_cross_attention=False, temporal_text_attention=True)
+  ids = jnp.array([[1, 4, 5, 6, 2], [1, 3, 2, 0, 0]], jnp.int32)
+
+  def run(m, params, inp, ids=None):
+    kwargs = _conditioning(inp) | ({} if ids is None else {"context_ids": ids})
+    return m.apply({"params": params}, inp["x"], inp["t"], **kwargs)
+
+  params = nn.unbox(
+    jax.jit(lambda r: model.init(r, inp["x"], inp["t"], **_conditioning(inp), context_ids=ids))(
+      jax.random.key(42)
+    )
+  )["params"]
+  assert params["temporal_text_tokens"].shape == (9, CTX_DIM)
+  assert is_temporal(("temporal_text_tokens",)) and is_temporal(("temporal_text_positions",))
+  rest = {k: v for k, v in params.items() if not k.startswith("temporal_text_")}
+  moved = _perturb_temporal(params)
+  np.testing.assert_allclose(
+    run(model, params, inp, ids), run(plain, rest, inp), atol=1e-6, rtol=1e-6
+  )
+  other_ids = ids.at[0, 2].set(7)  # same context features, another word
+  delta = jnp.abs(run(model, moved, inp, other_ids) - run(model, moved, inp, ids))
+  assert float(delta[0].max()) > 1e-3 and float(delta[1].max()) == 0.0
+  none = dict(inp, ctx_mask=jnp.zeros_like(inp["ctx_mask"]))
+  np.testing.assert_array_equal(run(model, moved, none, other_ids), run(model, moved, none, ids))
+  with pytest.raises(ValueError, match="text_vocab_size=9 needs context_ids"):
+    run(model, moved, inp)

@@ -1,7 +1,12 @@
 """Diffusion maths as pure functions of arrays: schedules, targets, losses, guidance, samplers."""
 
 from mav_jax.diffusion.augment import noise_augment
-from mav_jax.diffusion.guidance import drop_conditioning, guide, guided_model
+from mav_jax.diffusion.guidance import (
+  drop_conditioning,
+  drop_embedding_keep_caption,
+  guide,
+  guided_model,
+)
 from mav_jax.diffusion.losses import diffusion_loss, loss_from_config
 from mav_jax.diffusion.samplers import gaussian_noise, sample
 from mav_jax.diffusion.schedules import NoiseSchedule, add_noise, resolution_shifted
@@ -11,6 +16,7 @@ __all__ = [
   "add_noise",
   "diffusion_loss",
   "drop_conditioning",
+  "drop_embedding_keep_caption",
   "gaussian_noise",
   "guide",
   "guided_model",

@@ -245,15 +245,38 @@ class Pseudo3DAttention(nn.Module):
       layer_norm("temporal_norm", **kw)(t), bias=bias
     )
     if self.temporal_cross_attention:
-      t = t + self._temporal_text(t, context, context_mask, attn, h * w)
+      t = t + self._temporal_text(t, context, context_mask, attn, (b, f, h, w))
     return jnp.transpose(t.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))
 
-  def _temporal_text(self, t, context, context_mask, attn, positions):
-    """Cross-attention of every position's frames [b * positions, f, c] to the caption tokens."""
+  def _temporal_text(self, t, context, context_mask, attn, shape):
+    """Cross-attention of every position's frames [b * h * w, f, c] to the caption tokens.
+
+    Its queries also see where they are: sinusoidal features of the frame index and of the y, x
+    position (each scaled to [0, 1]) through a learned projection. Relative temporal layers alone
+    cannot tell the first frame from the last where the clip is still noise, so they could not
+    place a caption's motion (the object left at the start, right at the end) there.
+    """
+    b, f, h, w = shape
+    positions = h * w
     present, mask = caption_mask(context, context_mask)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    grid = jnp.stack(
+      jnp.meshgrid(
+        jnp.linspace(0.0, 1.0, h),
+        jnp.linspace(0.0, 1.0, w),
+        jnp.linspace(0.0, 1.0, f),
+        indexing="ij",
+      ),
+      axis=-1,
+    ).reshape(positions, f, 3)
+    angles = grid[..., None] * (jnp.pi * 2.0 ** jnp.arange(4))  # [hw, f, 3, 4]
+    coords = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(positions, f, 24)
+    where = dense(
+      t.shape[-1], axes.EMBED_IN, axes.CHANNELS_OUT, name="temporal_cross_coords", **kw
+    )(coords.astype(self.dtype))
+    query = layer_norm("temporal_cross_norm", **kw)(t) + jnp.tile(where, (b, 1, 1))
     out = MultiHeadAttention(**attn, zero_init_out=True, name="temporal_cross_attn")(
-      layer_norm("temporal_cross_norm", **kw)(t),
+      query,
       jnp.repeat(context.astype(self.dtype), positions, axis=0),
       jnp.repeat(mask, positions, axis=0),
     )

@@ -64,6 +64,11 @@ class SpaceTimeUNet(nn.Module):
       conditioning embedding in video mode, so motion can follow the caption; off in the
       paper-faithful configs. Clips whose `context_mask` is all False (no caption) are unaffected,
       and image mode never reads the caption.
+    text_vocab_size: with `temporal_text_attention`, > 0 adds a learned embedding of the caption's
+      token ids (`context_ids`) and of their positions to the context features before the text
+      pathway reads them; both start at zero. A frozen CLIP trained on still images can map words
+      that only video shows (motion words) to near-identical features; this lets captioned video
+      teach the temporal layers those words. 0: off (the context features only).
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -94,6 +99,7 @@ class SpaceTimeUNet(nn.Module):
   use_global_embedding: bool = False
   use_cross_attention: bool = False
   temporal_text_attention: bool = False
+  text_vocab_size: int = 0
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
@@ -177,6 +183,28 @@ class SpaceTimeUNet(nn.Module):
     elif extra_inputs is not None:
       raise ValueError("got extra_inputs but the model was built with extra_input_channels=0")
 
+  def _learned_text(self, ids: Array | None, shape: tuple[int, ...]) -> Array:
+    """Learned token + position embeddings [b, s, d] of the caption ids (zero-initialised)."""
+    if ids is None or ids.shape != shape[:2]:
+      raise ValueError(
+        f"model built with text_vocab_size={self.text_vocab_size} needs context_ids=[b, s] token "
+        f"ids matching the context {shape[:2]}, got {None if ids is None else ids.shape}"
+      )
+    _, s, d = shape
+    tokens = self.param(
+      "temporal_text_tokens",
+      axes.partitioned(nn.initializers.zeros, axes.EMBED_IN, axes.CONTEXT),
+      (self.text_vocab_size, d),
+      self.param_dtype,
+    )
+    positions = self.param(
+      "temporal_text_positions",
+      axes.partitioned(nn.initializers.zeros, axes.POSITION, axes.CONTEXT),
+      (s, d),
+      self.param_dtype,
+    )
+    return (jnp.take(tokens, ids, axis=0) + positions).astype(jnp.float32)
+
   def _embedding(self, t, scalars, global_embedding) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_dim = self.embed_dim or 4 * self.channels
@@ -205,6 +233,7 @@ class SpaceTimeUNet(nn.Module):
     global_embedding: Array | None = None,
     context: Array | None = None,
     context_mask: Array | None = None,
+    context_ids: Array | None = None,
     extra_inputs: Array | None = None,
     image_mode: bool = False,
     deterministic: bool = True,
@@ -219,6 +248,7 @@ class SpaceTimeUNet(nn.Module):
       global_embedding: [b, d] conditioning vector (zeros are the null condition for guidance).
       context: [b, s, d] tokens for cross-attention.
       context_mask: [b, s] True where a context token is valid.
+      context_ids: [b, s] token ids of `context` (needed when `text_vocab_size` > 0).
       extra_inputs: [b, f, h, w, extra_input_channels] channels concatenated to the input.
       image_mode: run as an image model (no temporal layers; frames are independent).
       deterministic: disable dropout.
@@ -245,6 +275,8 @@ class SpaceTimeUNet(nn.Module):
 
     emb = self._embedding(t, scalars, global_embedding)
     if self.temporal_text_attention and not image_mode:
+      if self.text_vocab_size:
+        context = context + self._learned_text(context_ids, context.shape)
       emb = emb + CaptionPool(emb.shape[-1], self.head_dim, **kw, name="temporal_caption_embed")(
         context, context_mask
       )

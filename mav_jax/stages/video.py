@@ -108,6 +108,11 @@ class VideoStage:
         f"model.temporal_text_attention applies to the decoder and interp stages (they read "
         f"CLIP), not to {self.name}; leave it False"
       )
+    if config.model.get("text_vocab_size", 0) and not config.model.temporal_text_attention:
+      raise ValueError(
+        "model.text_vocab_size embeds caption tokens for model.temporal_text_attention; set "
+        "--config.model.temporal_text_attention=True or leave text_vocab_size at 0"
+      )
     return StageModel(config, self.uses_clip)
 
   def load_frozen(self, model: StageModel, config, mesh) -> dict[str, Any]:
@@ -133,6 +138,7 @@ class VideoStage:
     if model.uses_text:
       cond["context"] = jnp.zeros((b, d.max_tokens, config.conditioning.text_width))
       cond["context_mask"] = jnp.ones((b, d.max_tokens), bool)
+      cond["context_ids"] = jnp.zeros((b, d.max_tokens), jnp.int32)
     return model.net.init(
       rng, z, jnp.zeros((b,)), **self._net_kwargs(cond, self.image_mode(config))
     )["params"]
@@ -145,6 +151,7 @@ class VideoStage:
       extra_inputs=cond["extra"],
       context=cond.get("context"),
       context_mask=cond.get("context_mask"),
+      context_ids=cond.get("context_ids"),
       image_mode=image_mode,
     )
 
@@ -156,13 +163,14 @@ class VideoStage:
     token_mask: Array,
     has_caption: Array | None = None,
   ) -> dict:
-    """{context, context_mask} of caption tokens for `temporal_text_attention`: CLIP's token
-    features, masked out entirely for clips without a caption."""
+    """{context, context_mask, context_ids} of caption tokens for `temporal_text_attention`: CLIP's
+    token features (and the ids, for `model.text_vocab_size`), masked out entirely for clips
+    without a caption."""
     _, features = model.clip.text(clip_params, tokens)
     mask = token_mask.astype(bool)
     if has_caption is not None:
       mask = mask & has_caption.astype(bool)[:, None]
-    return {"context": features, "context_mask": mask}
+    return {"context": features, "context_mask": mask, "context_ids": tokens.astype(jnp.int32)}
 
   # -- training ----------------------------------------------------------------------------------
 
@@ -213,6 +221,16 @@ class VideoStage:
         drop_rng, {k: cond[k] for k in keys}, config.diffusion.cond_dropout
       )
       cond.update(dropped)
+    caption_only = config.conditioning.get("caption_only_dropout", 0.0)
+    if caption_only:
+      if "context_mask" not in cond or cond["embedding"] is None:
+        raise ValueError(
+          "conditioning.caption_only_dropout needs an embedding-conditioned stage that reads the "
+          "caption (model.temporal_text_attention=True)"
+        )
+      cond["embedding"] = diffusion.drop_embedding_keep_caption(
+        jax.random.fold_in(drop_rng, 1), cond["embedding"], cond["context_mask"], caption_only
+      )
     image_mode = self.image_mode(config)
 
     def predict(z, t):
@@ -263,7 +281,11 @@ class VideoStage:
       "embedding": cond.get("embedding"),
       "scalars": cond.get("scalars", {}),
       "extra": cond.get("extra"),
-      **{k: cond[k] for k in ("context", "context_mask") if cond.get(k) is not None},
+      **{
+        k: cond[k]
+        for k in ("context", "context_mask", "context_ids")
+        if cond.get(k) is not None
+      },
     }
     if model.uses_text and "context" not in cond:
       raise ValueError(
