@@ -368,7 +368,9 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
   it adds nothing; trained, two captions whose frozen features are identical but whose ids differ
   (a motion word CLIP did not learn) give different outputs, and captionless clips stay exact."""
   inp = _inputs()
-  model = _make_test_model(use_cross_attention=False, temporal_text_attention=True, text_vocab_size=9)
+  model = _make_test_model(
+    use_cross_attention=False, temporal_text_attention=True, text_vocab_size=9
+  )
   plain = _make_test_model(use_cross_attention=False, temporal_text_attention=True)
   ids = jnp.array([[1, 4, 5, 6, 2], [1, 3, 2, 0, 0]], jnp.int32)
 

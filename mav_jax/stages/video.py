@@ -281,11 +281,7 @@ class VideoStage:
       "embedding": cond.get("embedding"),
       "scalars": cond.get("scalars", {}),
       "extra": cond.get("extra"),
-      **{
-        k: cond[k]
-        for k in ("context", "context_mask", "context_ids")
-        if cond.get(k) is not None
-      },
+      **{k: cond[k] for k in ("context", "context_mask", "context_ids") if cond.get(k) is not None},
     }
     if model.uses_text and "context" not in cond:
       raise ValueError(
