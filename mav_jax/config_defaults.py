@@ -88,6 +88,8 @@ def add_optimizer(config: ml_collections.ConfigDict) -> None:
   config.optimizer.b2 = 0.99
   # Global gradient-norm clip.
   config.optimizer.grad_clip = 1.0
+  # Learning-rate multiplier for the text-aware motion parameters (model.temporal_text_attention).
+  config.optimizer.text_lr_multiplier = 1.0
   # Examples per step, over all hosts.
   config.batch_size = 8
 
@@ -151,6 +153,9 @@ def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
   # Beyond the paper (with model.temporal_text_attention): probability that a captioned clip trains
   # without its image embedding, caption only, so the caption pathway has to carry the content.
   config.conditioning.caption_only_dropout = 0.0
+  # D^t: the frame whose CLIP embedding conditions a training clip: "random" (default) or "first"
+  # (the embedding then anchors the clip's start; the sampler's embedding plays that frame).
+  config.conditioning.embedding_frame = "random"
   # Super-resolution: side of the low-resolution input.
   config.conditioning.low_resolution = 64
   # Super-resolution: largest noise-augmentation level (diffusion time) in training.
@@ -196,6 +201,9 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # learned embedding of the caption's token ids to CLIP's token features for the text pathway, so
   # captioned video can teach it words a still-image CLIP barely separates (motion words).
   config.model.text_vocab_size = 0
+  # Beyond the paper, with temporal_text_attention: a caption x absolute (y, x, frame) field added
+  # after the input conv (models/caption_field.py), so the caption can place motion in time.
+  config.model.text_motion_field = False
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.

@@ -54,6 +54,23 @@ def is_video_only(path: tuple[str, ...]) -> bool:
   )
 
 
+TEXT_PATHWAY_PREFIXES = ("temporal_cross_", "temporal_caption_", "temporal_text_")
+
+
+def is_text_pathway(path: tuple[str, ...]) -> bool:
+  """Parameters of the text-aware motion option (model.temporal_text_attention and its parts)."""
+  return any(p.startswith(TEXT_PATHWAY_PREFIXES) for p in path)
+
+
+def _text_mask(params):
+  def one(path, _):
+    return is_text_pathway(tuple(str(getattr(p, "key", p)) for p in path))
+
+  return jax.tree_util.tree_map_with_path(
+    one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
+
+
 def _labels(trainable: str):
   def label(params):
     def one(path, _):
@@ -72,6 +89,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
   `config.train.trainable`: "all", or "temporal" to train only what video adds to an image model
   (temporal layers, fps / frame-skip embeddings, extra-input conv), the spatial layers frozen.
+  `config.optimizer.text_lr_multiplier` scales the learning rate of the text-aware motion
+  parameters (zero-initialised layers added to a trained model learn faster with a larger one).
   """
   o, trainable = config.optimizer, config.train.trainable
   if trainable not in TRAINABLE:
@@ -85,6 +104,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
       weight_decay=o.weight_decay,
     ),
   )
+  multiplier = o.get("text_lr_multiplier", 1.0)
+  if multiplier <= 0:
+    raise ValueError(f"optimizer.text_lr_multiplier must be > 0, got {multiplier}")
+  if multiplier != 1.0:  # AdamW's update is lr x (direction + decay): scaling it scales the lr
+    tx = optax.chain(tx, optax.masked(optax.scale(multiplier), _text_mask))
   if trainable == "all":
     return tx
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, _labels(trainable))

@@ -36,6 +36,12 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--draws", type=int, default=20)
   parser.add_argument("--times", default="", help="comma-separated diffusion times in (0, 1)")
+  parser.add_argument(
+    "--caption_only",
+    action="store_true",
+    help="drop the image embedding (zeros): the caption is the only condition, as in training "
+    "with conditioning.caption_only_dropout",
+  )
   args = parser.parse_args()
   config = checkpointing.load_config(args.path)
   if config.stage != "decoder" or not config.model.get("temporal_text_attention", False):
@@ -66,7 +72,9 @@ def main():
   }
   variants = {n: {k: jnp.asarray(v) for k, v in b.items()} for n, b in variants.items()}
   if args.times:
-    x0_error = jax.jit(functools.partial(_x0_error, model, config, params, frozen))
+    x0_error = jax.jit(
+      functools.partial(_x0_error, model, config, params, frozen, caption_only=args.caption_only)
+    )
     for t in (float(x) for x in args.times.split(",")):
       row = {
         name: np.mean([float(x0_error(b, t, jax.random.key(i))) for i in range(args.draws)])
@@ -80,10 +88,12 @@ def main():
     print(f"{name:<20} loss {np.mean(values):.6f}")
 
 
-def _x0_error(model, config, params, frozen, batch, t, rng):
+def _x0_error(model, config, params, frozen, batch, t, rng, caption_only=False):
   """Mean squared error of the model's x0 estimate at diffusion time t (same noise per rng)."""
   x0 = common.to_model_space(batch["frames"])
   cond = video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(7))
+  if caption_only:
+    cond["embedding"] = jnp.zeros_like(cond["embedding"])
   times = jnp.full((x0.shape[0],), t)
   schedule = schedules.schedule_from_config(config.diffusion)
   alpha, sigma = (schedules.broadcast_to(a, x0) for a in schedule.alpha_sigma(times))

@@ -64,6 +64,9 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   exports, and in the cascade its clips depend on the caption given the same embedding."""
   config = _short(decoder.get_config("tiny"), 2)
   config.model.temporal_text_attention = True
+  config.model.text_vocab_size = 259  # the byte tokenizer's ids get learned embeddings too
+  config.model.text_motion_field = True
+  config.conditioning.embedding_frame = "first"
   config.conditioning.caption_only_dropout = 0.5  # half the captioned clips: caption alone
   config.train.init_from = SHIPPED["decoder"]
   config.train.sample_every = 0
@@ -79,6 +82,31 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   right = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving right"] * 2)
   _check_video(left, 4, 16)
   assert float(jnp.abs(left - right).max()) > 0  # (no caption adds exactly zero: test_unet.py)
+  # embedding_frame="first": the training clip's embedding is its first frame's.
+  model = video.DECODER.make_model(config)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  frozen = video.DECODER.load_frozen(model, config, mesh)
+  x0 = jax.random.uniform(jax.random.key(1), (2, 4, 16, 16, 3), minval=-1.0, maxval=1.0)
+  batch = {
+    "fps": jnp.full((2,), 4.0),
+    "tokens": jnp.ones((2, 32), jnp.int32),
+    "token_mask": jnp.ones((2, 32), bool),
+  }
+  cond = video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(2))
+  first = model.clip.image_embedding(frozen["clip"], x0[:, 0])
+  np.testing.assert_allclose(cond["embedding"], first, rtol=1e-5, atol=1e-6)
+  config.conditioning.embedding_frame = "last"
+  with pytest.raises(ValueError, match="embedding_frame must be one of"):
+    video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(2))
+  for field, value in [("text_vocab_size", 259), ("text_motion_field", True)]:
+    bad = decoder.get_config("tiny")
+    bad.model[field] = value
+    with pytest.raises(ValueError, match=f"model.{field} is part of the text pathway"):
+      video.DECODER.make_model(bad)
+  small = decoder.get_config("tiny")
+  small.model.temporal_text_attention, small.model.text_vocab_size = True, 100
+  with pytest.raises(ValueError, match="text_vocab_size = 100 is smaller"):
+    _ = video.DECODER.make_model(small).clip
   paper = _short(decoder.get_config("tiny"), 1)
   paper.conditioning.caption_only_dropout = 0.5
   with pytest.raises(ValueError, match="caption_only_dropout needs"):

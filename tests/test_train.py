@@ -11,12 +11,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from configs import decoder
-from mav_jax import checkpointing, train_lib, train_step
+from mav_jax import checkpointing, train_lib, train_state, train_step
 from mav_jax.parallel import mesh as mesh_lib
 from mav_jax.parallel import sharding
 
@@ -276,3 +277,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   resumed = _train_cli(tmp_path, f"--config.train.num_steps={step + 1}")
   out = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0 and f"resumed at step {step}" in out, out
+
+
+@pytest.mark.parametrize("trainable", ["all", "temporal"])
+def test_text_lr_multiplier_scales_only_the_text_pathway(trainable):
+  """optimizer.text_lr_multiplier: the text-aware motion parameters move `multiplier` times as far
+  as any other trained parameter under the same gradient; spatial ones stay frozen when asked."""
+  config = decoder.get_config("tiny")
+  config.optimizer.warmup_steps = 0
+  config.optimizer.text_lr_multiplier = 10.0
+  config.train.trainable = trainable
+  params = {
+    "temporal_text_field": {"out": {"kernel": jnp.ones((3,))}},
+    "down_0_res_0": {"conv1": {"temporal_conv": {"kernel": jnp.ones((3,))}}},
+    "conv_in": {"spatial": {"kernel": jnp.ones((3,))}},
+  }
+  tx = train_state.make_optimizer(config)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  text = float(jnp.abs(updates["temporal_text_field"]["out"]["kernel"]).max())
+  temporal = float(jnp.abs(updates["down_0_res_0"]["conv1"]["temporal_conv"]["kernel"]).max())
+  spatial = float(jnp.abs(updates["conv_in"]["spatial"]["kernel"]).max())
+  assert temporal > 0 and text == pytest.approx(10.0 * temporal, rel=1e-5)
+  assert spatial == (0.0 if trainable == "temporal" else pytest.approx(temporal, rel=1e-5))
+  config.optimizer.text_lr_multiplier = 0.0
+  with pytest.raises(ValueError, match="text_lr_multiplier must be > 0"):
+    train_state.make_optimizer(config)

@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mav_jax.models import SpaceTimeUNet, axes, inflate_image_params, is_temporal
+from mav_jax.models.caption_field import CaptionField
 
 B, F, H, W = 2, 3, 8, 8
 EMB, CTX_LEN, CTX_DIM = 6, 5, 12
@@ -397,3 +398,28 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
   np.testing.assert_array_equal(run(model, moved, none, other_ids), run(model, moved, none, ids))
   with pytest.raises(ValueError, match="text_vocab_size=9 needs context_ids"):
     run(model, moved, inp)
+
+
+def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart():
+  """text_motion_field's CaptionField: zero at init (a paper checkpoint is unchanged), exactly zero
+  for clips without a caption, and once trained it differs between the first and last frame (what
+  relative temporal layers cannot tell apart) and between captions."""
+  inp = _inputs()
+  field = CaptionField(features=4)
+  params = field.init(jax.random.key(0), inp["ctx"], inp["ctx_mask"], 3, 4, 4)["params"]
+  out = field.apply({"params": params}, inp["ctx"], inp["ctx_mask"], 3, 4, 4)
+  assert out.shape == (B, 3, 4, 4, 4) and float(jnp.abs(out).max()) == 0.0
+  params = jax.tree.map(lambda p: p + 0.3 * jnp.ones_like(p), nn.unbox(params))
+  out = field.apply({"params": params}, inp["ctx"], inp["ctx_mask"], 3, 4, 4)
+  assert float(jnp.abs(out[:, 0] - out[:, -1]).min()) > 0.0  # every position, first vs last frame
+  other = field.apply({"params": params}, inp["ctx"] * -1.0, inp["ctx_mask"], 3, 4, 4)
+  assert float(jnp.abs(other - out).max()) > 1e-3
+  none = field.apply({"params": params}, inp["ctx"], jnp.zeros_like(inp["ctx_mask"]), 3, 4, 4)
+  assert float(jnp.abs(none).max()) == 0.0
+  # In the UNet: trained only with temporal_text_attention, named as a temporal parameter.
+  model = _make_test_model(
+    use_cross_attention=False, temporal_text_attention=True, text_motion_field=True
+  )
+  names = traverse_util.flatten_dict(nn.unbox(_init(model, inp))["params"])
+  added = [p for p in names if p[0] == "temporal_text_field"]
+  assert added and all(is_temporal(p) for p in added)

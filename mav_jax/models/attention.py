@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
-from mav_jax.models.embeddings import EmbeddingMLP
+from mav_jax.models.embeddings import EmbeddingMLP, space_time_features
 
 
 class _Projection(nn.Module):
@@ -260,17 +260,7 @@ class Pseudo3DAttention(nn.Module):
     positions = h * w
     present, mask = caption_mask(context, context_mask)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    grid = jnp.stack(
-      jnp.meshgrid(
-        jnp.linspace(0.0, 1.0, h),
-        jnp.linspace(0.0, 1.0, w),
-        jnp.linspace(0.0, 1.0, f),
-        indexing="ij",
-      ),
-      axis=-1,
-    ).reshape(positions, f, 3)
-    angles = grid[..., None] * (jnp.pi * 2.0 ** jnp.arange(4))  # [hw, f, 3, 4]
-    coords = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(positions, f, 24)
+    coords = space_time_features(f, h, w).reshape(positions, f, -1)
     where = dense(
       t.shape[-1], axes.EMBED_IN, axes.CHANNELS_OUT, name="temporal_cross_coords", **kw
     )(coords.astype(self.dtype))

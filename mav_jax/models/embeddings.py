@@ -48,3 +48,20 @@ class EmbeddingMLP(nn.Module):
     return dense(
       self.features, axes.MLP, axes.EMBED, name="fc2", zero_init=self.zero_init_out, **kw
     )(h)
+
+
+def space_time_features(frames: int, height: int, width: int, octaves: int = 4) -> Array:
+  """Sinusoidal features of absolute (y, x, frame) positions, each scaled to [0, 1]:
+  [height, width, frames, 3 * 2 * octaves] (sin and cos at `octaves` doubling frequencies)."""
+  grid = jnp.stack(
+    jnp.meshgrid(
+      jnp.linspace(0.0, 1.0, height),
+      jnp.linspace(0.0, 1.0, width),
+      jnp.linspace(0.0, 1.0, frames),
+      indexing="ij",
+    ),
+    axis=-1,
+  )
+  angles = grid[..., None] * (jnp.pi * 2.0 ** jnp.arange(octaves))  # [h, w, f, 3, octaves]
+  features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return features.reshape(height, width, frames, 3 * 2 * octaves)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
+from mav_jax.models.caption_field import CaptionField
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
 from mav_jax.models.conv import (
   Downsample,
@@ -69,6 +70,10 @@ class SpaceTimeUNet(nn.Module):
       pathway reads them; both start at zero. A frozen CLIP trained on still images can map words
       that only video shows (motion words) to near-identical features; this lets captioned video
       teach the temporal layers those words. 0: off (the context features only).
+    text_motion_field: with `temporal_text_attention`, add a caption-conditioned space-time field
+      (caption_field.CaptionField: caption summary x absolute y, x, frame position, zero-init) to
+      the features after the input conv in video mode, so the caption can say where the object is
+      in each frame; relative temporal layers alone cannot tell a clip from its time reversal.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -100,6 +105,7 @@ class SpaceTimeUNet(nn.Module):
   use_cross_attention: bool = False
   temporal_text_attention: bool = False
   text_vocab_size: int = 0
+  text_motion_field: bool = False
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
@@ -301,6 +307,10 @@ class SpaceTimeUNet(nn.Module):
 
     x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
     h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
+    if self.temporal_text_attention and self.text_motion_field and not image_mode:
+      h = h + CaptionField(self.channels, **kw, name="temporal_text_field")(
+        context, context_mask, *x.shape[1:4]
+      )
     if self.extra_input_channels:
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
         extra_inputs.astype(self.dtype)

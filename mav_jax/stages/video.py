@@ -59,6 +59,11 @@ class StageModel:
     return frozen_clip(self.config, check_tokens=self.uses_text) if self.uses_clip else None
 
 
+# Which frame's CLIP embedding conditions D^t in training: a random one (the default), or the
+# first, so that the embedding anchors where the clip starts and its caption can say where it goes.
+EMBEDDING_FRAMES = ("random", "first")
+
+
 def resize_frames(video: Array, size: int, method: str = "linear") -> Array:
   """[..., h, w, c] -> [..., size, size, c] (antialiased when shrinking)."""
   if video.shape[-3:-1] == (size, size):
@@ -108,11 +113,12 @@ class VideoStage:
         f"model.temporal_text_attention applies to the decoder and interp stages (they read "
         f"CLIP), not to {self.name}; leave it False"
       )
-    if config.model.get("text_vocab_size", 0) and not config.model.temporal_text_attention:
-      raise ValueError(
-        "model.text_vocab_size embeds caption tokens for model.temporal_text_attention; set "
-        "--config.model.temporal_text_attention=True or leave text_vocab_size at 0"
-      )
+    for field in ("text_vocab_size", "text_motion_field"):
+      if config.model.get(field) and not config.model.get("temporal_text_attention", False):
+        raise ValueError(
+          f"model.{field} is part of the text pathway of model.temporal_text_attention; set "
+          f"--config.model.temporal_text_attention=True or turn model.{field} off"
+        )
     return StageModel(config, self.uses_clip)
 
   def load_frozen(self, model: StageModel, config, mesh) -> dict[str, Any]:
@@ -179,7 +185,12 @@ class VideoStage:
     b, f = x0.shape[:2]
     cond = {"embedding": None, "scalars": {}, "extra": None}
     if self.name == "decoder":
-      pick = jax.random.randint(rng, (b,), 0, f)
+      which = config.conditioning.get("embedding_frame", "random")
+      if which not in EMBEDDING_FRAMES:
+        raise ValueError(
+          f"conditioning.embedding_frame must be one of {EMBEDDING_FRAMES}, got {which!r}"
+        )
+      pick = jax.random.randint(rng, (b,), 0, f) if which == "random" else jnp.zeros((b,), int)
       frame = jnp.take_along_axis(x0, pick[:, None, None, None, None], axis=1)[:, 0]
       cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
       if not self.image_mode(config):
