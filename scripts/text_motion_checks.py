@@ -1,0 +1,97 @@
+r"""Two checks behind the README's text-aware motion section, for a text-aware D^t's training setup:
+
+1. How far apart a frozen CLIP puts captions that differ only in their direction word, against
+   captions that differ in colour or shape (mean-pooled token features and the end token's).
+2. Whether the captions of a training batch match their clips' motion, read from the pixels.
+
+  python scripts/text_motion_checks.py [--clip checkpoints/tiny/clip] [--variant tiny]
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import decoder  # noqa: E402
+from mav_jax.data import pipeline, synthetic, tokenizers  # noqa: E402
+from mav_jax.stages import common  # noqa: E402
+
+
+def feature_distances(clip_path: str, max_tokens: int) -> None:
+  clip = common.load_clip(clip_path, "--clip ")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  params = clip.load(mesh, "fsdp")
+  combos = synthetic.COMBINATIONS
+  captions = [synthetic.video_caption(*c) for c in combos]
+  ids, mask = tokenizers.tokenize_batch(clip.tokenizer, captions, max_tokens)
+  _, features = clip.text(params, jnp.asarray(ids))
+  features, mask = np.asarray(features), np.asarray(mask)
+  pooled = (features * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  last = features[np.arange(len(features)), mask.sum(1) - 1]
+  index = {c: i for i, c in enumerate(combos)}
+
+  def mean_distance(x, pairs):
+    return np.mean([np.linalg.norm(x[index[a]] - x[index[b]]) for a, b in pairs])
+
+  shapes, colours = synthetic.SHAPES, list(synthetic.COLOURS)
+  pairs = {
+    "direction (left vs right)": [
+      ((s, c, "left"), (s, c, "right")) for s in shapes for c in colours
+    ],
+    "colour (red vs blue)": [
+      ((s, "red", d), (s, "blue", d)) for s in shapes for d in synthetic.DIRECTIONS
+    ],
+    "shape (circle vs square)": [
+      (("circle", c, d), ("square", c, d)) for c in colours for d in synthetic.DIRECTIONS
+    ],
+  }
+  norm = np.linalg.norm(features[mask], axis=-1).mean()
+  print(f"CLIP {clip_path}: token feature norm {norm:.2f}; captions differing in")
+  for name, p in pairs.items():
+    print(
+      f"  {name}: mean-pooled features {mean_distance(pooled, p):.2f} apart, "
+      f"end token {mean_distance(last, p):.2f}"
+    )
+
+
+def batch_matches_motion(variant: str, batch_size: int = 64) -> None:
+  config = decoder.get_config(variant)
+  data, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=batch_size)
+  batch = next(iter(data))
+  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
+  if config.data.tokenizer != "byte":
+    sys.exit("error: this check decodes byte-tokenized captions only")
+  offset = tokenizer.offset
+  background = np.asarray(synthetic.BACKGROUND, np.float32)
+  matches = 0
+  for ids, mask, clip in zip(batch["tokens"], batch["token_mask"], batch["frames"], strict=True):
+    caption = bytes(int(i) - offset for i, m in zip(ids, mask, strict=True) if m and i >= offset)
+    on = np.abs(clip.astype(np.float32) - background).sum(-1) > 60  # [f, h, w] object pixels
+    ys, xs = np.mgrid[: on.shape[1], : on.shape[2]]
+    cx = [(xs * m).sum() / max(m.sum(), 1) for m in on]
+    cy = [(ys * m).sum() / max(m.sum(), 1) for m in on]
+    dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+    seen = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    matches += seen == caption.decode().split()[-1]
+  print(
+    f"decoder:{variant}: {matches} of {len(batch['frames'])} batch captions name the clip's motion"
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--clip", default="checkpoints/tiny/clip")
+  parser.add_argument("--variant", default="tiny", help="of configs/decoder.py")
+  parser.add_argument("--max_tokens", type=int, default=32)
+  args = parser.parse_args()
+  feature_distances(args.clip, args.max_tokens)
+  batch_matches_motion(args.variant)
+
+
+if __name__ == "__main__":
+  main()
