@@ -58,11 +58,7 @@ def main():
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
   if config.data.tokenizer != "byte":
     sys.exit("error: this probe decodes byte-tokenized captions only")
-  offset = tokenizers.ByteTokenizer.offset
-  captions = [
-    bytes(int(i) - offset for i, m in zip(ids, mask, strict=True) if m and i >= offset).decode()
-    for ids, mask in zip(batch["tokens"], batch["token_mask"], strict=True)
-  ]
+  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
   swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c in captions]
   ids, mask = tokenizers.tokenize_batch(tokenizer, swapped, config.data.max_tokens)
   variants = {

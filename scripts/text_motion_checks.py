@@ -2,7 +2,8 @@ r"""Two checks behind the README's text-aware motion section, for a text-aware D
 
 1. How far apart a frozen CLIP puts captions that differ only in their direction word, against
    captions that differ in colour or shape (mean-pooled token features and the end token's).
-2. Whether the captions of a training batch match their clips' motion, read from the pixels.
+2. Whether the captions of a training batch match their clips' motion, read from the pixels by
+   the motion benchmark's measure (mav_jax.eval.motion.measure_clip).
 
   python scripts/text_motion_checks.py [--clip checkpoints/tiny/clip] [--variant tiny]
 """
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import decoder  # noqa: E402
 from mav_jax.data import pipeline, synthetic, tokenizers  # noqa: E402
+from mav_jax.eval import motion  # noqa: E402
 from mav_jax.stages import common  # noqa: E402
 
 
@@ -66,18 +68,10 @@ def batch_matches_motion(variant: str, batch_size: int = 64) -> None:
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
   if config.data.tokenizer != "byte":
     sys.exit("error: this check decodes byte-tokenized captions only")
-  offset = tokenizer.offset
-  background = np.asarray(synthetic.BACKGROUND, np.float32)
-  matches = 0
-  for ids, mask, clip in zip(batch["tokens"], batch["token_mask"], batch["frames"], strict=True):
-    caption = bytes(int(i) - offset for i, m in zip(ids, mask, strict=True) if m and i >= offset)
-    on = np.abs(clip.astype(np.float32) - background).sum(-1) > 60  # [f, h, w] object pixels
-    ys, xs = np.mgrid[: on.shape[1], : on.shape[2]]
-    cx = [(xs * m).sum() / max(m.sum(), 1) for m in on]
-    cy = [(ys * m).sum() / max(m.sum(), 1) for m in on]
-    dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
-    seen = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-    matches += seen == caption.decode().split()[-1]
+  matches = sum(
+    motion.measure_clip(clip).direction == tokenizer.decode(ids).split()[-1]
+    for ids, clip in zip(batch["tokens"], batch["frames"], strict=True)
+  )
   print(
     f"decoder:{variant}: {matches} of {len(batch['frames'])} batch captions name the clip's motion"
   )
