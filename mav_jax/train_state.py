@@ -62,26 +62,25 @@ def is_text_pathway(path: tuple[str, ...]) -> bool:
   return any(p.startswith(TEXT_PATHWAY_PREFIXES) for p in path)
 
 
-def _text_mask(params):
-  def one(path, _):
-    return is_text_pathway(tuple(str(getattr(p, "key", p)) for p in path))
+def _by_name(fn):
+  """params -> a tree of fn(parameter path names) (boxed Partitioned leaves count as leaves)."""
 
-  return jax.tree_util.tree_map_with_path(
-    one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-  )
-
-
-def _labels(trainable: str):
-  def label(params):
+  def tree(params):
     def one(path, _):
-      names = tuple(str(getattr(p, "key", p)) for p in path)
-      return "train" if trainable == "all" or is_video_only(names) else "freeze"
+      return fn(tuple(str(getattr(p, "key", p)) for p in path))
 
     return jax.tree_util.tree_map_with_path(
       one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
     )
 
-  return label
+  return tree
+
+
+_text_mask = _by_name(is_text_pathway)
+
+
+def _labels(trainable: str):
+  return _by_name(lambda names: "train" if trainable == "all" or is_video_only(names) else "freeze")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
