@@ -180,6 +180,9 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # Not in the paper: one flag per level transition; True halves the frames from level i to i + 1
   # (make-a-video-pytorch's temporal compression). Empty: every level keeps every frame.
   config.model.temporal_downsample = ()
+  # Not in the paper: the upsampling conv narrows to the width of the level it enters (DDPM's
+  # keeps the deeper level's width at the larger size).
+  config.model.narrow_upsample = False
   # Levels with pseudo-3D attention (indices into channel_mults).
   config.model.attention_levels = (1, 2, 3)
   # Attention block in the middle of the UNet.

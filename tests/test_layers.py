@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mav_jax.models import axes
 from mav_jax.models.attention import MultiHeadAttention, Pseudo3DAttention, RelativePositionBias
+from mav_jax.models.common import spatial_conv
 from mav_jax.models.conv import Pseudo3DConv, TemporalConv
 
 
@@ -46,6 +48,31 @@ def test_temporal_conv_implementations_agree_in_value_and_gradient():
   np.testing.assert_allclose(values["conv"], values["matmul"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads["conv"]), jax.tree.leaves(grads["matmul"]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_conv_is_nn_conv_1x1_in_value_gradient_and_parameters():
+  """spatial_conv(kernel_size=1) is a channel matmul with nn.Conv's parameters (checkpoints
+  interchange), logical axes and dtypes."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 6))
+  pointwise = spatial_conv(
+    5, kernel_size=1, name="skip", dtype=jnp.float32, param_dtype=jnp.bfloat16
+  )
+  boxed = pointwise.init(jax.random.key(1), x)["params"]
+  assert boxed["kernel"].names == (axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT)
+  params = nn.unbox(boxed)
+  assert params["kernel"].shape == (1, 1, 6, 5) and params["kernel"].dtype == jnp.bfloat16
+  params = {"kernel": jax.random.normal(jax.random.key(2), (1, 1, 6, 5)), "bias": jnp.arange(5.0)}
+  conv = nn.Conv(5, (1, 1), padding="SAME")
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+  for a, b in zip(
+    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(pointwise, params, x)),
+    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(conv, params, x)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pseudo3d_conv_equals_its_spatial_conv_at_init():

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 from flax import traverse_util
 
 from configs import decoder
@@ -59,7 +60,10 @@ _SUBPROCESS_OVERRIDES = {
   "model.channels": 8,
   "model.head_dim": 4,
   "model.channel_mults": "(1,)",
-  "model.attention_levels": "(0,)",
+  # No attention blocks: these runs test the trainer's machinery, and every parameter leaf costs
+  # compile time (the optimizer, EMA and guard add ops per leaf).
+  "model.attention_levels": "()",
+  "model.mid_attention": False,
   "train.log_every": 1,
   "train.sample_every": 0,
 }
@@ -77,7 +81,7 @@ _SUBPROCESS_ENV = {
 
 def _train_cli(workdir, *extra, cpu_devices=4, env=None, **popen):
   env = {**os.environ, **_SUBPROCESS_ENV, **(env or {})}
-  env.pop("XLA_FLAGS", None)  # --cpu_devices sets the device count
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # without the device count: --cpu_devices sets it
   cmd = [
     sys.executable,
     "-m",
@@ -104,13 +108,28 @@ def _final_params(workdir) -> dict:
   return traverse_util.flatten_dict(checkpointing.restore_params(str(workdir)))
 
 
+# For tests of the trainer's machinery (not of the model's sharding): fewer leaves to compile.
+_NO_ATTENTION = {"model.attention_levels": (), "model.mid_attention": False}
+
+
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
   config = _test_config(**{"mesh.ici": (1, 1, 1), "sharding.strategy": "data_parallel"})
   return train_lib.train_and_evaluate(config, tmp_path_factory.mktemp("one"), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("strategy", ["data_parallel", "fsdp", "tensor", "fsdp_tensor"])
+# fsdp_tensor partitions with both the fsdp and the tensor rules and runs by default; the three
+# simpler strategies also compile and run on 8 devices by default in test_benchmark.py, and their
+# match with one device is checked here under -m slow.
+@pytest.mark.parametrize(
+  "strategy",
+  [
+    pytest.param("data_parallel", marks=pytest.mark.slow),
+    pytest.param("fsdp", marks=pytest.mark.slow),
+    pytest.param("tensor", marks=pytest.mark.slow),
+    "fsdp_tensor",
+  ],
+)
 def test_every_strategy_on_8_devices_matches_one_device(strategy, one_device_run, tmp_path):
   config = _test_config(**{"sharding.strategy": strategy})
   run = train_lib.train_and_evaluate(config, tmp_path)
@@ -136,8 +155,12 @@ def test_every_strategy_on_8_devices_matches_one_device(strategy, one_device_run
 
 
 def test_restore_onto_another_mesh_and_strategy(tmp_path):
-  saved = train_lib.train_and_evaluate(_test_config(**{"train.num_steps": 2}), tmp_path)
-  config = _test_config(**{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1)})
+  saved = train_lib.train_and_evaluate(
+    _test_config(**{"train.num_steps": 2, **_NO_ATTENTION}), tmp_path
+  )
+  config = _test_config(
+    **{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1), **_NO_ATTENTION}
+  )
   devices = jax.devices()[:4]
   mesh, *_, shardings, abstract, _ = train_step.setup(config, devices)
   restored = checkpointing.Checkpointer(str(tmp_path)).restore(
@@ -208,6 +231,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path):
       "optimizer.warmup_steps": 0,
       "train.num_steps": 6,
       "train.checkpoint_every": 1,
+      **_NO_ATTENTION,
     }
   )
   with pytest.raises(FloatingPointError, match="non-finite") as error:
@@ -226,7 +250,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path):
 
 def test_gradient_accumulation_and_mesh_sizes(tmp_path):
   run = train_lib.train_and_evaluate(
-    _test_config(**{"train.grad_accum_steps": 2, "train.num_steps": 2}), tmp_path
+    _test_config(**{"train.grad_accum_steps": 2, "train.num_steps": 2, **_NO_ATTENTION}), tmp_path
   )
   assert all(math.isfinite(v) for v in run["losses"].values())
   batch = {"x": np.arange(8)}

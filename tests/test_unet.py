@@ -310,6 +310,13 @@ def test_temporal_downsampling_and_per_level_blocks(inp):
     _abstract_params(_make_test_model(temporal_downsample=(True, True)), four)
   with pytest.raises(ValueError, match="one count per level"):
     _abstract_params(_make_test_model(level_res_blocks=(1,)), four)
+  # narrow_upsample: the upsampling conv narrows to the width of the level it enters (16, not 32).
+  wide, narrow = (
+    _abstract_params(_make_test_model(narrow_upsample=n), four) for n in (False, True)
+  )
+  assert wide["up_1_upsample"]["conv"]["kernel"].shape == (3, 3, 32, 32)
+  assert narrow["up_1_upsample"]["conv"]["kernel"].shape == (3, 3, 32, 16)
+  assert narrow["up_0_res_0"]["skip"]["kernel"].shape == (1, 1, 16 + 16, 16)
 
 
 @pytest.mark.parametrize(

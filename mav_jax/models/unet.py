@@ -49,6 +49,11 @@ class SpaceTimeUNet(nn.Module):
       much. Not in the paper (its D^t keeps every frame). The frame pair is merged by a learned
       projection that starts as their mean, and split back by one that starts as a repeat;
       image mode skips both.
+    narrow_upsample: the upsampling conv outputs the width of the level it enters
+      (`channels * channel_mults[i - 1]`) instead of keeping the deeper level's. The conv runs at
+      the larger size, so at a 4x width jump it costs 4x less, and so does the next block's
+      input (upsampled + skip). Not in the paper (DDPM's upsample keeps the width); off by
+      default, and a checkpoint's upsample kernels only fit the setting they were trained with.
     attention_levels: indices of the levels that get pseudo-3D attention after each block.
     mid_attention: put a pseudo-3D attention block in the middle.
     head_dim: features per attention head (heads = level width // head_dim).
@@ -95,6 +100,7 @@ class SpaceTimeUNet(nn.Module):
   num_res_blocks: int = 2
   level_res_blocks: tuple[int, ...] = ()
   temporal_downsample: tuple[bool, ...] = ()
+  narrow_upsample: bool = False
   attention_levels: tuple[int, ...] = (2,)
   mid_attention: bool = True
   head_dim: int = 64
@@ -348,7 +354,8 @@ class SpaceTimeUNet(nn.Module):
       if level != 0:
         if halve_time[level - 1]:
           h = TemporalUpsample(**kw, name=f"temporal_up_{level}")(h)
-        h = Upsample(h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
+        width = self.channels * self.channel_mults[level - 1] if self.narrow_upsample else None
+        h = Upsample(width or h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
 
     h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
     out = Pseudo3DConv(self.out_channels, **mode, name="conv_out")(h)
