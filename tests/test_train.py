@@ -54,16 +54,17 @@ def _flags(config_overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in config_overrides.items()]
 
 
+# No attention blocks, for tests of the trainer's machinery (not of the model's sharding): every
+# parameter leaf costs compile time (the optimizer, EMA and guard add ops per leaf).
+_NO_ATTENTION = {"model.attention_levels": (), "model.mid_attention": False}
+
 _SUBPROCESS_OVERRIDES = {
   "data.num_frames": 2,
   "data.resolution": 8,
   "model.channels": 8,
   "model.head_dim": 4,
   "model.channel_mults": "(1,)",
-  # No attention blocks: these runs test the trainer's machinery, and every parameter leaf costs
-  # compile time (the optimizer, EMA and guard add ops per leaf).
-  "model.attention_levels": "()",
-  "model.mid_attention": False,
+  **_NO_ATTENTION,
   "train.log_every": 1,
   "train.sample_every": 0,
 }
@@ -106,10 +107,6 @@ def _losses(output: str) -> dict[int, float]:
 
 def _final_params(workdir) -> dict:
   return traverse_util.flatten_dict(checkpointing.restore_params(str(workdir)))
-
-
-# For tests of the trainer's machinery (not of the model's sharding): fewer leaves to compile.
-_NO_ATTENTION = {"model.attention_levels": (), "model.mid_attention": False}
 
 
 @pytest.fixture(scope="module")

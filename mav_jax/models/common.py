@@ -119,17 +119,14 @@ def spatial_conv(
 ) -> nn.Module:
   """A 2D convolution applied to every frame (leading axes are batch axes), 'SAME' padding."""
   init = nn.initializers.zeros if zero_init else default_kernel_init
+  inits = dict(
+    kernel_init=axes.partitioned(
+      init, axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT
+    ),
+    bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
+  )
   if kernel_size == 1 and strides == 1:
-    return PointwiseConv(
-      features,
-      kernel_init=axes.partitioned(
-        init, axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT
-      ),
-      bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-    )
+    return PointwiseConv(features, dtype=dtype, param_dtype=param_dtype, name=name, **inits)
   return nn.Conv(
     features,
     (kernel_size, kernel_size),
@@ -137,9 +134,6 @@ def spatial_conv(
     padding="SAME",
     dtype=dtype,
     param_dtype=param_dtype,
-    kernel_init=axes.partitioned(
-      init, axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT
-    ),
-    bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
     name=name,
+    **inits,
   )
