@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     # XLA's CPU backend has no fast 3D conv (conv.TemporalConv).
     config.model.temporal_conv = "matmul"
+    # ... nor a fast 3x3 conv on small frames: one im2col matmul at <= 8x8 (common.Im2colConv).
+    config.model.spatial_conv = "auto"
     config.data.num_frames = 8
     config.data.resolution = 32
     config.batch_size = 2

@@ -207,6 +207,9 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # Beyond the paper, with temporal_text_attention: a caption x absolute (y, x, frame) field added
   # after the input conv (models/caption_field.py), so the caption can place motion in time.
   config.model.text_motion_field = False
+  # How the field summarises the caption: "mean" (mean of the normalised token features) or "sum"
+  # (a per-token SiLU layer, then a sum: a word that differs keeps its full weight instead of 1/s).
+  config.model.text_field_pool = "mean"
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.
@@ -214,6 +217,9 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # Temporal conv implementation: "conv" (a 3D conv) or "matmul" (one matmul per tap: the same
   # function and parameters, faster on XLA's CPU backend).
   config.model.temporal_conv = "conv"
+  # Spatial (3x3) conv implementation: "conv", "im2col" (one matmul of the shifted inputs) or
+  # "auto" (im2col on frames of at most 64 pixels, where XLA's CPU backend is slow at convs).
+  config.model.spatial_conv = "conv"
   # Dropout inside residual blocks.
   config.model.dropout = 0.0
   # Rematerialise block activations in the backward pass.

@@ -75,6 +75,36 @@ def test_pointwise_conv_is_nn_conv_1x1_in_value_gradient_and_parameters():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  "implementation, size", [("im2col", 6), ("im2col", 3), ("auto", 8), ("auto", 9)]
+)
+def test_im2col_conv_is_nn_conv_in_value_gradient_and_parameters(implementation, size):
+  """The 3x3 conv's im2col matmul (and "auto", which picks it on frames of <= 64 pixels and XLA's
+  conv above) equals nn.Conv with the same parameters, logical axes and dtypes."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, size, size, 6))
+  fast = spatial_conv(
+    5, implementation=implementation, name="conv", dtype=jnp.float32, param_dtype=jnp.bfloat16
+  )
+  boxed = fast.init(jax.random.key(1), x)["params"]
+  assert boxed["kernel"].names == (axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT)
+  params = nn.unbox(boxed)
+  assert params["kernel"].shape == (3, 3, 6, 5) and params["kernel"].dtype == jnp.bfloat16
+  params = {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 6, 5)), "bias": jnp.arange(5.0)}
+  conv = nn.Conv(5, (3, 3), padding="SAME")
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+  for a, b in zip(
+    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(fast, params, x)),
+    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(conv, params, x)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="unknown spatial conv implementation 'fft'"):
+    spatial_conv(5, implementation="fft", name="conv", dtype=jnp.float32, param_dtype=jnp.float32)
+
+
 def test_pseudo3d_conv_equals_its_spatial_conv_at_init():
   x = jax.random.normal(jax.random.key(0), (2, 4, 6, 6, 3))
   video = Pseudo3DConv(8)

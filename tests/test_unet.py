@@ -407,12 +407,14 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
     run(model, moved, inp)
 
 
-def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart():
-  """text_motion_field's CaptionField: zero at init (a paper checkpoint is unchanged), exactly zero
-  for clips without a caption, and once trained it differs between the first and last frame (what
-  relative temporal layers cannot tell apart) and between captions."""
+@pytest.mark.parametrize("pool", ["mean", "sum"])
+def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart(pool):
+  """text_motion_field's CaptionField (either caption summary): zero at init (a paper checkpoint is
+  unchanged), exactly zero for clips without a caption, blind to masked-out tokens, and once
+  trained it differs between the first and last frame (what relative temporal layers cannot tell
+  apart) and between captions."""
   inp = _inputs()
-  field = CaptionField(features=4)
+  field = CaptionField(features=4, pool=pool)
   params = field.init(jax.random.key(0), inp["ctx"], inp["ctx_mask"], 3, 4, 4)["params"]
   out = field.apply({"params": params}, inp["ctx"], inp["ctx_mask"], 3, 4, 4)
   assert out.shape == (B, 3, 4, 4, 4) and float(jnp.abs(out).max()) == 0.0
@@ -423,6 +425,14 @@ def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart():
   assert float(jnp.abs(other - out).max()) > 1e-3
   none = field.apply({"params": params}, inp["ctx"], jnp.zeros_like(inp["ctx_mask"]), 3, 4, 4)
   assert float(jnp.abs(none).max()) == 0.0
+  masked = jnp.where(inp["ctx_mask"][..., None], inp["ctx"], 100.0)
+  np.testing.assert_allclose(
+    field.apply({"params": params}, masked, inp["ctx_mask"], 3, 4, 4), out, rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="pool must be 'mean' or 'sum'"):
+    CaptionField(features=4, pool="max").init(jax.random.key(0), inp["ctx"], None, 3, 4, 4)
+  if pool == "sum":
+    return  # the UNet wiring below is the same for both
   # In the UNet: trained only with temporal_text_attention, named as a temporal parameter.
   model = _make_test_model(
     use_cross_attention=False, temporal_text_attention=True, text_motion_field=True

@@ -32,6 +32,7 @@ class CaptionField(nn.Module):
 
   features: int
   hidden: int | None = None
+  pool: str = "mean"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -44,8 +45,16 @@ class CaptionField(nn.Module):
     present, mask = caption_mask(context, context_mask)
     tokens = layer_norm("norm", **kw)(context.astype(self.dtype))
     weights = mask.astype(self.dtype)[..., None]
-    summary = jnp.sum(tokens * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-    what = dense(hidden, axes.CONTEXT, axes.MLP, name="caption", **kw)(summary)  # [b, hidden]
+    if self.pool == "mean":
+      summary = jnp.sum(tokens * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    elif self.pool == "sum":
+      per_token = nn.silu(dense(hidden, axes.CONTEXT, axes.MLP, name="token", **kw)(tokens))
+      summary = jnp.sum(per_token * weights, axis=1)
+    else:
+      raise ValueError(f"CaptionField pool must be 'mean' or 'sum', got {self.pool!r}")
+    what = dense(
+      hidden, axes.CONTEXT if self.pool == "mean" else axes.EMBED_IN, axes.MLP, name="caption", **kw
+    )(summary)  # [b, hidden]
     coords = space_time_features(frames, height, width).transpose(2, 0, 1, 3)  # [f, h, w, 24]
     where = dense(hidden, axes.EMBED_IN, axes.MLP, name="position", **kw)(coords.astype(self.dtype))
     field = nn.silu(what[:, None, None, None, :] + where[None])

@@ -95,6 +95,7 @@ class Pseudo3DConv(nn.Module):
     kernel_size: spatial kernel size.
     temporal_kernel_size: temporal taps.
     temporal_conv: the temporal conv's implementation ("conv" or "matmul", TemporalConv).
+    spatial_conv: the spatial conv's implementation (common.SPATIAL_CONV_IMPLEMENTATIONS).
     image_mode: skip the temporal conv (frames are independent images).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -104,6 +105,7 @@ class Pseudo3DConv(nn.Module):
   kernel_size: int = 3
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
+  spatial_conv: str = "conv"
   image_mode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -114,6 +116,7 @@ class Pseudo3DConv(nn.Module):
     y = spatial_conv(
       self.features,
       kernel_size=self.kernel_size,
+      implementation=self.spatial_conv,
       name="spatial",
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -144,18 +147,24 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Doubles height and width (nearest neighbour) then applies a spatial conv."""
+  """Doubles height and width (nearest neighbour) then applies a spatial conv (`spatial_conv`: its
+  implementation, common.SPATIAL_CONV_IMPLEMENTATIONS)."""
 
   features: int
+  spatial_conv: str = "conv"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
-    return spatial_conv(self.features, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(
-      x
-    )
+    return spatial_conv(
+      self.features,
+      implementation=self.spatial_conv,
+      name="conv",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(x)
 
 
 class TemporalDownsample(nn.Module):

@@ -79,12 +79,17 @@ class SpaceTimeUNet(nn.Module):
       (caption_field.CaptionField: caption summary x absolute y, x, frame position, zero-init) to
       the features after the input conv in video mode, so the caption can say where the object is
       in each frame; relative temporal layers alone cannot tell a clip from its time reversal.
+    text_field_pool: how that field summarises the caption's tokens: "mean" (their mean) or "sum"
+      (a SiLU layer per token, then their sum, so one differing word is not diluted by the rest).
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
     temporal_kernel_size: taps of every temporal conv.
     temporal_conv: their implementation: "conv" (a 3D conv) or "matmul" (a channel matmul per tap,
       faster on XLA's CPU backend); the same function and parameters (conv.TemporalConv).
+    spatial_conv: the 3x3 convs' implementation: "conv", "im2col" (one matmul of the shifted
+      inputs) or "auto" (im2col on frames of at most 64 pixels, where XLA's CPU backend is slower
+      at convs); the same function and parameters (common.Im2colConv).
     max_temporal_distance: clip of the temporal attention's relative-position buckets.
     dropout: dropout rate inside residual blocks.
     remat: recompute each block's activations in the backward pass (`nn.remat`) to save memory.
@@ -112,9 +117,11 @@ class SpaceTimeUNet(nn.Module):
   temporal_text_attention: bool = False
   text_vocab_size: int = 0
   text_motion_field: bool = False
+  text_field_pool: str = "mean"
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
+  spatial_conv: str = "conv"
   max_temporal_distance: int = 32
   dropout: float = 0.0
   remat: bool = False
@@ -275,6 +282,7 @@ class SpaceTimeUNet(nn.Module):
       image_mode=image_mode,
       temporal_kernel_size=self.temporal_kernel_size,
       temporal_conv=self.temporal_conv,
+      spatial_conv=self.spatial_conv,
       **kw,
     )
     res_cls, attn_cls = ResBlock, Pseudo3DAttention
@@ -314,9 +322,9 @@ class SpaceTimeUNet(nn.Module):
     x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
     h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
     if self.temporal_text_attention and self.text_motion_field and not image_mode:
-      h = h + CaptionField(self.channels, **kw, name="temporal_text_field")(
-        context, context_mask, *x.shape[1:4]
-      )
+      h = h + CaptionField(
+        self.channels, pool=self.text_field_pool, **kw, name="temporal_text_field"
+      )(context, context_mask, *x.shape[1:4])
     if self.extra_input_channels:
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
         extra_inputs.astype(self.dtype)
@@ -355,7 +363,7 @@ class SpaceTimeUNet(nn.Module):
         if halve_time[level - 1]:
           h = TemporalUpsample(**kw, name=f"temporal_up_{level}")(h)
         width = self.channels * self.channel_mults[level - 1] if self.narrow_upsample else None
-        h = Upsample(width or h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
+        h = Upsample(width or h.shape[-1], self.spatial_conv, **kw, name=f"up_{level}_upsample")(h)
 
     h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
     out = Pseudo3DConv(self.out_channels, **mode, name="conv_out")(h)
