@@ -7,14 +7,21 @@ r"""Micro-benchmarks behind the README's performance section, on the local CPU:
 2. The optimizer update of a 62.8M-parameter tree (the throughput variant's size): plain Adam, then
    adding what the train step does (global-norm clipping + AdamW, EMA, the non-finite guard, the
    logged norms), with the guard as a select over the whole state or as a `lax.cond`.
+3. The 3x3 spatial conv, forward + backward, at the shapes of `throughput_efficient`'s levels
+   (frames halved at each: 16, 8, 4, 2 images of 32x32 ... 4x4): XLA's conv against one im2col
+   matmul (mav_jax.models.common.spatial_conv's "conv" and "im2col" implementations).
+
+  --only temporal|optimizer|spatial runs one of them.
 """
 
+import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from mav_jax.models.common import spatial_conv
 from mav_jax.models.conv import TemporalConv
 
 
@@ -92,6 +99,46 @@ def optimizer_updates() -> None:
     print(f"  {name}: {(time.perf_counter() - start) / 5 * 1000:.0f} ms")
 
 
+# (input [images, h, w, c], output channels): throughput_efficient's 3x3 convs, level by level.
+SPATIAL_CONVS = [
+  ((16, 32, 32, 32), 32),
+  ((16, 32, 32, 64), 32),
+  ((8, 16, 16, 32), 128),
+  ((8, 16, 16, 128), 128),
+  ((8, 16, 16, 256), 128),
+  ((4, 8, 8, 128), 256),
+  ((4, 8, 8, 256), 256),
+  ((4, 8, 8, 512), 256),
+  ((2, 4, 4, 256), 512),
+  ((2, 4, 4, 512), 512),
+  ((2, 4, 4, 1024), 512),
+]
+
+
+def spatial_convs() -> None:
+  for shape, out in SPATIAL_CONVS:
+    x = jax.random.normal(jax.random.key(0), shape)
+    row = []
+    for implementation in ("conv", "im2col"):
+      conv = spatial_conv(
+        out, implementation=implementation, name="conv", dtype=jnp.float32, param_dtype=jnp.float32
+      )
+      params = conv.init(jax.random.key(1), x)["params"]
+      loss = lambda p, x, conv=conv: jnp.sum(conv.apply({"params": p}, x) ** 2)  # noqa: E731
+      row.append(timed(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, x))
+    print(
+      f"spatial 3x3 conv {shape} -> {out}: XLA conv {row[0]:.1f} ms, im2col matmul {row[1]:.1f} ms"
+    )
+
+
 if __name__ == "__main__":
-  temporal_convs()
-  optimizer_updates()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--only", choices=("temporal", "optimizer", "spatial"))
+  only = parser.parse_args().only
+  for name, run in (
+    ("temporal", temporal_convs),
+    ("optimizer", optimizer_updates),
+    ("spatial", spatial_convs),
+  ):
+    if only in (None, name):
+      run()

@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Tests compare float32 results with tight tolerances; keep matmuls exact on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -26,3 +27,21 @@ jax.config.update("jax_disable_most_optimizations", True)
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+  """With `--dist loadgroup` (pyproject.toml), tests that share a module-scoped fixture run on one
+  worker, so the fixture (a compiled benchmark grid, a trained cascade) is built once; every other
+  test goes to whichever worker is free, so one long file no longer holds one worker. The grouped
+  tests (the largest units of work) are handed out first, the single tests fill in at the end."""
+  for item in items:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+      continue
+    if any(
+      d.scope == "module" and getattr(d.func, "__module__", None) == item.module.__name__
+      for name in item.fixturenames
+      for d in info.name2fixturedefs.get(name, ())
+    ):
+      item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-shared-fixtures"))
+  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
