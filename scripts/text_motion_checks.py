@@ -4,6 +4,10 @@ r"""Two checks behind the README's text-aware motion section, for a text-aware D
    captions that differ in colour or shape (mean-pooled token features and the end token's).
 2. Whether the captions of a training batch match their clips' motion, read from the pixels by
    the motion benchmark's measure (mav_jax.eval.motion.measure_clip).
+3. How much the direction word can save at the highest noise, where a denoiser's best clean-clip
+   estimate is the mean clip of its condition: the mean squared error of the per-caption mean clip
+   (colour, shape and direction known) against that of the per-(colour, shape) mean, over
+   --clips training clips (model space, [-1, 1]).
 
   python scripts/text_motion_checks.py [--clip checkpoints/tiny/clip] [--variant tiny]
 """
@@ -77,14 +81,39 @@ def batch_matches_motion(variant: str, batch_size: int = 64) -> None:
   )
 
 
+def direction_share_at_high_noise(variant: str, clips: int, batch_size: int = 64) -> None:
+  config = decoder.get_config(variant)
+  data, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=batch_size)
+  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
+  frames, captions = [], []
+  for batch, _ in zip(data, range(-(-clips // batch_size)), strict=False):
+    frames.append(np.asarray(common.to_model_space(batch["frames"])))
+    captions += [tokenizer.decode(ids) for ids in batch["tokens"]]
+  x = np.concatenate(frames)
+  full = np.array(captions)
+  without = np.array([c.rsplit(" ", 1)[0] for c in captions])
+
+  def error_of_group_means(keys):
+    total = sum(((x[keys == k] - x[keys == k].mean(0)) ** 2).sum() for k in set(keys))
+    return total / x.size
+
+  print(
+    f"decoder:{variant}, {len(x)} clips: x0 error of the mean clip given nothing "
+    f"{((x - x.mean(0)) ** 2).mean():.5f}, given colour + shape {error_of_group_means(without):.5f}, "
+    f"given colour + shape + direction {error_of_group_means(full):.5f}"
+  )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--clip", default="checkpoints/tiny/clip")
   parser.add_argument("--variant", default="tiny", help="of configs/decoder.py")
   parser.add_argument("--max_tokens", type=int, default=32)
+  parser.add_argument("--clips", type=int, default=3840, help="for check 3")
   args = parser.parse_args()
   feature_distances(args.clip, args.max_tokens)
   batch_matches_motion(args.variant)
+  direction_share_at_high_noise(args.variant, args.clips)
 
 
 if __name__ == "__main__":

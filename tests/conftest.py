@@ -29,6 +29,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
   """With `--dist loadgroup` (pyproject.toml), tests that share a module-scoped fixture run on one
   worker, so the fixture (a compiled benchmark grid, a trained cascade) is built once; every other
