@@ -15,7 +15,8 @@ Variants (the part after the colon):
         the width at 32x32 (mults (1, 4, 8, 16) on 32 channels) and the frame count halved at every
         level (8, 4, 2, 1 frames), the upsampling convs narrowed to the level they enter
         (model.narrow_upsample), so the deep levels hold the parameters and the large ones little
-        of the compute (README, performance).
+        of the compute; 1.52-1.65x make-a-video-pytorch's samples/s on one CPU core (README,
+        performance).
 
 Train (images first, then video from that checkpoint with temporal layers added):
   python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny_image \

@@ -16,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 # Tests compare float32 results with tight tolerances; keep matmuls exact on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -29,20 +28,19 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-  """With `--dist loadgroup` (pyproject.toml), tests that share a module-scoped fixture run on one
-  worker, so the fixture (a compiled benchmark grid, a trained cascade) is built once; every other
-  test goes to whichever worker is free, so one long file no longer holds one worker. The grouped
-  tests (the largest units of work) are handed out first, the single tests fill in at the end."""
-  for item in items:
+  """Tests that build a module-scoped fixture of their own file (a compiled benchmark grid, a
+  trained cascade) are the largest units of work: they run first, so the two workers of
+  `--dist load` (pyproject.toml) end close together. (Each worker builds such a fixture for its own
+  tests of that file; pytest-xdist's `loadgroup`, which could keep them on one worker, assigns no
+  groups with this pytest/xdist pair.)"""
+
+  def builds_module_fixture(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-      continue
-    if any(
+    return info is not None and any(
       d.scope == "module" and getattr(d.func, "__module__", None) == item.module.__name__
       for name in item.fixturenames
       for d in info.name2fixturedefs.get(name, ())
-    ):
-      item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-shared-fixtures"))
-  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+    )
+
+  items.sort(key=lambda item: not builds_module_fixture(item))
