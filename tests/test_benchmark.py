@@ -55,7 +55,9 @@ def rows():
   return out
 
 
-def test_every_strategy_compiles_and_runs_on_8_devices(rows):
+def test_every_strategy_compiles_runs_on_8_devices_and_is_written_out(rows, tmp_path):
+  """One test for the whole 8-device grid (~300 s to build here): with `--dist load` a second test
+  using the module fixture could land on the other worker and build it again."""
   train = {r["strategy"]: r for r in rows if r["step"] == "train"}
   assert sorted(train) == sorted(sharding.STRATEGIES)
   assert {r["mesh"] for r in train.values()} == {"1x8x1", "1x4x2"}
@@ -82,9 +84,7 @@ def test_every_strategy_compiles_and_runs_on_8_devices(rows):
   }
   assert train["tensor"]["compiler_options"] == ""
   assert benchmark_lib.parse_options(["a=true", "b=3"]) == {"a": True, "b": "3"}
-
-
-def test_outputs_table_csv_json_plot(rows, tmp_path):
+  # The outputs: table, CSV, JSON and plot.
   benchmark._write(str(tmp_path), "results", rows, benchmark._CSV_COLUMNS)
   benchmark.plot(rows, str(tmp_path / "memory_time.png"))
   table = benchmark.format_table(rows)
