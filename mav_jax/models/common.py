@@ -111,8 +111,8 @@ class PointwiseConv(nn.Module):
 #   "conv": nn.Conv;
 #   "im2col": the k*k shifted copies of the input side by side in channels, then one matmul;
 #   "auto": im2col on frames of at most IM2COL_MAX_PIXELS pixels, nn.Conv on larger ones.
-# XLA's CPU backend runs a 3x3 conv's forward + backward 1.1-3.6x slower than im2col's matmul on
-# frames of 8x8 and less, but faster from 32x32 (README, performance).
+# On XLA's CPU backend a 3x3 conv's forward + backward takes 1.0-1.1x im2col's time at 8x8 and
+# 1.8-3.5x at 4x4, the same at 16x16, and 0.55x at 32x32 (README, performance).
 SPATIAL_CONV_IMPLEMENTATIONS = ("conv", "im2col", "auto")
 IM2COL_MAX_PIXELS = 64
 
