@@ -50,47 +50,37 @@ def test_temporal_conv_implementations_agree_in_value_and_gradient():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_pointwise_conv_is_nn_conv_1x1_in_value_gradient_and_parameters():
-  """spatial_conv(kernel_size=1) is a channel matmul with nn.Conv's parameters (checkpoints
-  interchange), logical axes and dtypes."""
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 6))
-  pointwise = spatial_conv(
-    5, kernel_size=1, name="skip", dtype=jnp.float32, param_dtype=jnp.bfloat16
-  )
-  boxed = pointwise.init(jax.random.key(1), x)["params"]
-  assert boxed["kernel"].names == (axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT)
-  params = nn.unbox(boxed)
-  assert params["kernel"].shape == (1, 1, 6, 5) and params["kernel"].dtype == jnp.bfloat16
-  params = {"kernel": jax.random.normal(jax.random.key(2), (1, 1, 6, 5)), "bias": jnp.arange(5.0)}
-  conv = nn.Conv(5, (1, 1), padding="SAME")
-
-  def loss(module, params, x):
-    return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
-
-  for a, b in zip(
-    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(pointwise, params, x)),
-    jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(conv, params, x)),
-    strict=True,
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize(
-  "implementation, size", [("im2col", 6), ("im2col", 3), ("auto", 8), ("auto", 9)]
+  "kernel_size, implementation, size, tol",
+  [
+    (1, "conv", 4, 1e-5),  # every 1x1 conv is a channel matmul
+    (3, "im2col", 6, 1e-4),
+    (3, "im2col", 3, 1e-4),
+    (3, "auto", 8, 1e-4),  # "auto": im2col on frames of <= 64 pixels ...
+    (3, "auto", 9, 1e-4),  # ... and XLA's conv above
+  ],
 )
-def test_im2col_conv_is_nn_conv_in_value_gradient_and_parameters(implementation, size):
-  """The 3x3 conv's im2col matmul (and "auto", which picks it on frames of <= 64 pixels and XLA's
-  conv above) equals nn.Conv with the same parameters, logical axes and dtypes."""
+def test_matmul_convs_are_nn_conv_in_value_gradient_and_parameters(
+  kernel_size, implementation, size, tol
+):
+  """spatial_conv's matmul forms (1x1 convs, the 3x3 im2col matmul and "auto") equal nn.Conv with
+  the same parameters (checkpoints interchange), logical axes and dtypes."""
+  k = kernel_size
   x = jax.random.normal(jax.random.key(0), (2, 3, size, size, 6))
   fast = spatial_conv(
-    5, implementation=implementation, name="conv", dtype=jnp.float32, param_dtype=jnp.bfloat16
+    5,
+    kernel_size=k,
+    implementation=implementation,
+    name="conv",
+    dtype=jnp.float32,
+    param_dtype=jnp.bfloat16,
   )
   boxed = fast.init(jax.random.key(1), x)["params"]
   assert boxed["kernel"].names == (axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT)
   params = nn.unbox(boxed)
-  assert params["kernel"].shape == (3, 3, 6, 5) and params["kernel"].dtype == jnp.bfloat16
-  params = {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 6, 5)), "bias": jnp.arange(5.0)}
-  conv = nn.Conv(5, (3, 3), padding="SAME")
+  assert params["kernel"].shape == (k, k, 6, 5) and params["kernel"].dtype == jnp.bfloat16
+  params = {"kernel": jax.random.normal(jax.random.key(2), (k, k, 6, 5)), "bias": jnp.arange(5.0)}
+  conv = nn.Conv(5, (k, k), padding="SAME")
 
   def loss(module, params, x):
     return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
@@ -100,7 +90,7 @@ def test_im2col_conv_is_nn_conv_in_value_gradient_and_parameters(implementation,
     jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(conv, params, x)),
     strict=True,
   ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
   with pytest.raises(ValueError, match="unknown spatial conv implementation 'fft'"):
     spatial_conv(5, implementation="fft", name="conv", dtype=jnp.float32, param_dtype=jnp.float32)
 

@@ -87,27 +87,8 @@ def dense(
   )
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution computed as a channel matmul, with nn.Conv's parameters (kernel
-  [1, 1, in, out], bias [out]): checkpoints are interchangeable. XLA's CPU backend runs a 1x1
-  conv's forward + backward 5-8x slower than the same matmul (README, performance)."""
-
-  features: int
-  kernel_init: Any
-  bias_init: Any
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    shape = (1, 1, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum("...c,cd->...d", x, kernel[0, 0]) + bias
-
-
-# Spatial conv implementations (stride 1, kernel > 1; strided and 1x1 convs ignore this):
+# Spatial conv implementations (stride 1, kernel > 1; strided convs ignore this, and 1x1 convs are
+# always a matmul: XLA's CPU backend runs a 1x1 conv's forward + backward 5-8x slower than it):
 #   "conv": nn.Conv;
 #   "im2col": the k*k shifted copies of the input side by side in channels, then one matmul;
 #   "auto": im2col on frames of at most IM2COL_MAX_PIXELS pixels, nn.Conv on larger ones.
@@ -119,8 +100,8 @@ IM2COL_MAX_PIXELS = 64
 
 class Im2colConv(nn.Module):
   """A stride-1 'SAME' 2D conv over the last three axes [..., h, w, c] as one matmul of the k*k
-  shifted inputs side by side in channels, with nn.Conv's parameters (kernel [k, k, in, out],
-  bias [out]): checkpoints interchange.
+  shifted inputs side by side in channels (for k = 1, the input itself), with nn.Conv's parameters
+  (kernel [k, k, in, out], bias [out]): checkpoints interchange.
 
   Attributes:
     features: output channels.
@@ -157,9 +138,8 @@ class Im2colConv(nn.Module):
       )
       return y.reshape(x.shape[:-1] + (self.features,)) + bias
     padded = jnp.pad(x, ((0, 0),) * (x.ndim - 3) + ((pad, pad), (pad, pad), (0, 0)))
-    columns = jnp.concatenate(
-      [padded[..., i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
-    )
+    shifted = [padded[..., i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
+    columns = shifted[0] if k == 1 else jnp.concatenate(shifted, axis=-1)
     return jnp.einsum("...c,cd->...d", columns, kernel.reshape(-1, self.features)) + bias
 
 
@@ -188,10 +168,8 @@ def spatial_conv(
     ),
     bias_init=axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT),
   )
-  if kernel_size == 1 and strides == 1:
-    return PointwiseConv(features, dtype=dtype, param_dtype=param_dtype, name=name, **inits)
-  if strides == 1 and implementation != "conv":
-    max_pixels = IM2COL_MAX_PIXELS if implementation == "auto" else None
+  if strides == 1 and (kernel_size == 1 or implementation != "conv"):
+    max_pixels = IM2COL_MAX_PIXELS if implementation == "auto" and kernel_size > 1 else None
     kw = dict(max_pixels=max_pixels, dtype=dtype, param_dtype=param_dtype, name=name)
     return Im2colConv(features, kernel_size, **kw, **inits)
   return nn.Conv(
