@@ -207,8 +207,8 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # Beyond the paper, with temporal_text_attention: a caption x absolute (y, x, frame) field added
   # after the input conv (models/caption_field.py), so the caption can place motion in time.
   config.model.text_motion_field = False
-  # How the field summarises the caption: "mean" (mean of the normalised token features) or "sum"
-  # (a per-token SiLU layer, then a sum: a word that differs keeps its full weight instead of 1/s).
+  # How the field reads the caption: "mean" (mean token feature, added to the position features) or
+  # "sum" (a per-token SiLU layer, summed and LayerNormed, multiplying the position features).
   config.model.text_field_pool = "mean"
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0

@@ -79,8 +79,9 @@ class SpaceTimeUNet(nn.Module):
       (caption_field.CaptionField: caption summary x absolute y, x, frame position, zero-init) to
       the features after the input conv in video mode, so the caption can say where the object is
       in each frame; relative temporal layers alone cannot tell a clip from its time reversal.
-    text_field_pool: how that field summarises the caption's tokens: "mean" (their mean) or "sum"
-      (a SiLU layer per token, then their sum, so one differing word is not diluted by the rest).
+    text_field_pool: how that field reads the caption's tokens: "mean" (their mean, added to the
+      position features) or "sum" (a SiLU layer per token, summed and LayerNormed, multiplying the
+      position features; caption_field.CaptionField).
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
