@@ -210,6 +210,10 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # How the field reads the caption: "mean" (mean token feature, added to the position features) or
   # "sum" (a per-token SiLU layer, summed and LayerNormed, multiplying the position features).
   config.model.text_field_pool = "mean"
+  # Beyond the paper, with temporal_text_attention: > 0 (an odd spatial size, e.g. 3) adds after every
+  # residual block a depthwise (frame, y, x) conv whose kernels the caption mixes, so the caption
+  # can say which way things move between frames (models/caption_field.py CaptionMotionConv).
+  config.model.text_motion_conv = 0
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.
@@ -245,6 +249,10 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.diffusion.min_snr_gamma = 5.0
   # Probability of dropping the conditioning (classifier-free guidance training).
   config.diffusion.cond_dropout = 0.1
+  # Beyond the paper: the fraction of training clips whose frames get independent noise levels
+  # (Diffusion Forcing): nearly clean frames beside noisy ones, so the caption must say where the
+  # object goes next (a strong signal for text-aware motion). 0: every frame at one level.
+  config.diffusion.frame_noise = 0.0
 
   # Sampling.
   config.sampling = ml_collections.ConfigDict()

@@ -98,7 +98,11 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   config.conditioning.embedding_frame = "last"
   with pytest.raises(ValueError, match="embedding_frame must be one of"):
     video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(2))
-  for field, value in [("text_vocab_size", 259), ("text_motion_field", True)]:
+  for field, value in [
+    ("text_vocab_size", 259),
+    ("text_motion_field", True),
+    ("text_motion_conv", 3),
+  ]:
     bad = decoder.get_config("tiny")
     bad.model[field] = value
     with pytest.raises(ValueError, match=f"model.{field} is part of the text pathway"):

@@ -126,6 +126,43 @@ def test_diffusion_loss_is_zero_for_an_oracle_and_one_for_a_zero_eps_model(targe
   assert float(zero_loss) == pytest.approx(1.0, abs=0.02)  # E[eps^2] = 1
 
 
+def test_frame_noise_gives_that_fraction_of_clips_a_time_per_frame():
+  """diffusion.frame_noise: the chosen clips' frames get independent times (the model sees
+  [b, f]), the rest one time for all frames; the weighted loss is the frames' mean, per frame
+  weighted by its own time, and an oracle still scores zero."""
+  schedule = NoiseSchedule()
+  x0 = jax.random.normal(jax.random.key(1), (400, 3, 2, 2, 1))
+  seen = {}
+
+  def oracle(z, t):
+    seen["t"] = t
+    alpha, sigma = schedule.alpha_sigma(t)
+    a, s = broadcast_to(alpha, z), broadcast_to(sigma, z)
+    return targets.target_from(x0, (z - a * x0) / s, a, s, "eps")
+
+  loss, aux = diffusion.diffusion_loss(oracle, x0, jax.random.key(2), schedule, frame_noise=0.25)
+  t = seen["t"]
+  assert t.shape == (400, 3) and aux["t"].shape == (400, 3) and float(loss) < 1e-6
+  independent = np.asarray(jnp.any(t != t[:, :1], axis=1))
+  assert 0.18 < independent.mean() < 0.32  # ~ a quarter of the clips
+
+  # A model off by 1 on frame 0 only: min-SNR weights that frame's error by its own time.
+  def off(z, t):
+    return oracle(z, t).at[:, 0].add(1.0)
+
+  weighted, aux = diffusion.diffusion_loss(
+    off, x0, jax.random.key(2), schedule, target="eps", weighting="min_snr", frame_noise=1.0
+  )
+  w = targets.loss_weight(schedule.logsnr(aux["t"][:, 0]), "eps", "min_snr")
+  np.testing.assert_allclose(aux["loss"], w / 3, rtol=1e-4)
+  plain, _ = diffusion.diffusion_loss(
+    oracle, x0[:, :1], jax.random.key(2), schedule, frame_noise=1.0
+  )
+  assert seen["t"].shape == (400,)  # one frame (images): one time per clip
+  with pytest.raises(ValueError, match="frame_noise is a probability"):
+    diffusion.diffusion_loss(oracle, x0, jax.random.key(2), schedule, frame_noise=1.5)
+
+
 def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_model():
   def model_fn(z, t, cond):
     return z * cond["emb"][:, :1, None] + t[:, None, None]

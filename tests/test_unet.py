@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mav_jax.models import SpaceTimeUNet, axes, inflate_image_params, is_temporal
-from mav_jax.models.caption_field import CaptionField
+from mav_jax.models.caption_field import CaptionField, CaptionMotionConv
 
 B, F, H, W = 2, 3, 8, 8
 EMB, CTX_LEN, CTX_DIM = 6, 5, 12
@@ -440,3 +440,84 @@ def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart(pool):
   names = traverse_util.flatten_dict(nn.unbox(_init(model, inp))["params"])
   added = [p for p in names if p[0] == "temporal_text_field"]
   assert added and all(is_temporal(p) for p in added)
+
+
+def test_caption_motion_conv_is_a_caption_mixed_depthwise_space_time_conv():
+  """text_motion_conv's CaptionMotionConv: zero at init, then per clip exactly a depthwise
+  (frame, y, x) conv (XLA's grouped conv as the reference) of the GroupNormed input with the
+  caption's mix of the kernel bank; a rightward-motion kernel answers rightward motion more than
+  leftward; exactly zero without a caption; in the UNet, the identity at init and a temporal,
+  text-pathway parameter."""
+  inp = _inputs()
+  x = jax.random.normal(jax.random.key(3), (B, 3, 6, 6, 4))
+  conv = CaptionMotionConv(kernel_size=3, kernels=5, hidden=8)
+  params = nn.unbox(conv.init(jax.random.key(0), x, inp["ctx"], inp["ctx_mask"]))["params"]
+  assert float(jnp.abs(conv.apply({"params": params}, x, inp["ctx"], inp["ctx_mask"])).max()) == 0
+  params = dict(params, out={"kernel": jnp.eye(4), "bias": jnp.zeros(4)})
+  out, state = conv.apply(
+    {"params": params}, x, inp["ctx"], inp["ctx_mask"], capture_intermediates=True
+  )
+  mix = state["intermediates"]["mix"]["__call__"][0]
+  normed = state["intermediates"]["in_norm"]["__call__"][0]
+  kernels = jnp.einsum("bn,ntyxc->btyxc", mix, params["kernel_bank"])
+  for i in range(B):
+    want = jax.lax.conv_general_dilated(
+      normed[i : i + 1],
+      kernels[i][:, :, :, None, :],
+      (1, 1, 1),
+      "SAME",
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      feature_group_count=4,
+    )
+    np.testing.assert_allclose(out[i : i + 1], want, atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(mix[0] - mix[1]).max()) > 1e-3  # the caption sets the mix
+  none = conv.apply({"params": params}, x, inp["ctx"], jnp.zeros_like(inp["ctx_mask"]))
+  assert float(jnp.abs(none).max()) == 0.0
+  # One kernel that takes the left pixel from the previous frame and the right one from the next.
+  bank = jnp.zeros_like(params["kernel_bank"]).at[:, 0, 1, 0].set(1.0).at[:, 2, 1, 2].set(1.0)
+  dot = lambda xs: jnp.zeros((1, 3, 6, 6, 4)).at[0, jnp.arange(3), 2, jnp.array(xs)].set(1.0)  # noqa: E731
+  ctx, ctx_mask = inp["ctx"][:1], inp["ctx_mask"][:1]
+  respond = lambda clip: conv.apply(  # noqa: E731
+    {"params": dict(params, kernel_bank=bank)}, clip, ctx, ctx_mask
+  )[0, 1, 2, 2]  # middle frame, where both dots pass
+  right, left = respond(dot([1, 2, 3])), respond(dot([3, 2, 1]))
+  assert float(jnp.abs(right - left).min()) > 0.1
+  with pytest.raises(ValueError, match="odd kernel_size"):
+    CaptionMotionConv(kernel_size=2).init(jax.random.key(0), x, inp["ctx"], None)
+  # In the UNet: after every residual block, the identity at init, trained as a temporal layer.
+  model = _make_test_model(
+    use_cross_attention=False, temporal_text_attention=True, text_motion_conv=3
+  )
+  plain = _make_test_model(use_cross_attention=False, temporal_text_attention=True)
+  flat = traverse_util.flatten_dict(nn.unbox(_init(model, inp))["params"])
+  added = {p for p in flat if p[0].startswith("temporal_text_motion_")}
+  assert {p[0] for p in added} >= {
+    "temporal_text_motion_down_0_res_0",
+    "temporal_text_motion_mid_res_1",
+  }
+  assert all(is_temporal(p) for p in added)
+  params = traverse_util.unflatten_dict(flat)
+  rest = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in added})
+  np.testing.assert_allclose(
+    _apply(model, params, inp), _apply(plain, rest, inp), atol=1e-6, rtol=1e-6
+  )
+  image = dict(inp, ctx=None, ctx_mask=None)
+  assert _apply(model, params, image, True).shape == inp["x"].shape
+
+
+def test_a_time_per_frame_conditions_each_frame_on_its_own_noise_level(model, video_params, inp):
+  """t [b, f] (diffusion.frame_noise): equal times are exactly t [b]; in image mode (frames
+  independent) changing one frame's time changes that frame alone; a wrong shape is named."""
+  per_frame = jnp.repeat(inp["t"][:, None], F, axis=1)
+  np.testing.assert_allclose(
+    _apply(model, video_params, dict(inp, t=per_frame)), _apply(model, video_params, inp), atol=1e-6
+  )
+  image = dict(inp, t=per_frame, fps=None)
+  moved = dict(image, t=per_frame.at[:, 0].set(0.97))
+  delta = jnp.abs(
+    _apply(model, video_params, moved, True) - _apply(model, video_params, image, True)
+  )
+  assert float(delta[:, 0].max()) > 1e-3
+  assert float(delta[:, 1:].max()) == 0.0
+  with pytest.raises(ValueError, match=r"or \[batch, frames\]"):
+    _apply(model, video_params, dict(inp, t=jnp.ones((B, F + 1))))

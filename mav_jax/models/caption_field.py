@@ -20,8 +20,17 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.attention import caption_mask
-from mav_jax.models.common import Array, Dtype, dense, layer_norm
+from mav_jax.models.common import Array, Dtype, FrameGroupNorm, dense, layer_norm
 from mav_jax.models.embeddings import space_time_features
+
+
+def summed_tokens(tokens: Array, weights: Array, hidden: int, kw: dict) -> Array:
+  """A SiLU layer per (LayerNormed) token [b, s, d], summed over the valid tokens (`weights`
+  [b, s, 1]) and LayerNormed -> [b, hidden]. Unlike a mean, one word that differs (a direction)
+  moves the summary as much as it moves its own token; the norm keeps ~25 tokens' sum in range.
+  Called inside a compact module (its layers are that module's "token" and "summary_norm")."""
+  per_token = nn.silu(dense(hidden, axes.CONTEXT, axes.MLP, name="token", **kw)(tokens))
+  return layer_norm("summary_norm", **kw)(jnp.sum(per_token * weights, axis=1))
 
 
 class CaptionField(nn.Module):
@@ -56,11 +65,80 @@ class CaptionField(nn.Module):
       what = dense(hidden, axes.CONTEXT, axes.MLP, name="caption", **kw)(summary)  # [b, hidden]
       field = nn.silu(what[:, None, None, None, :] + where[None])
     elif self.pool == "sum":
-      per_token = nn.silu(dense(hidden, axes.CONTEXT, axes.MLP, name="token", **kw)(tokens))
-      summary = layer_norm("summary_norm", **kw)(jnp.sum(per_token * weights, axis=1))
+      summary = summed_tokens(tokens, weights, hidden, kw)
       what = dense(hidden, axes.EMBED_IN, axes.MLP, name="caption", **kw)(summary)  # [b, hidden]
       field = nn.silu(where)[None] * what[:, None, None, None, :]
     else:
       raise ValueError(f"CaptionField pool must be 'mean' or 'sum', got {self.pool!r}")
     out = dense(self.features, axes.MLP, axes.CHANNELS_OUT, name="out", zero_init=True, **kw)(field)
+    return out * present.astype(out.dtype)[:, None, None, None, None]
+
+
+class CaptionMotionConv(nn.Module):
+  """A caption-steered space-time conv: a residual branch [b, f, h, w, c] -> [b, f, h, w, c].
+
+  Motion is a displacement between frames, which no factorised layer expresses on its own: a
+  spatial conv sees one frame, a temporal conv or attention one pixel. A depthwise conv over
+  (frame, y, x) does (its kernel taking the pixel to the left from the previous frame is a filter
+  for rightward motion), and its time reversal is the opposite direction, so which kernel applies
+  must come from the caption. Here each channel's `temporal_taps` x k x k kernel is a mix of
+  `kernels` learned kernels weighted by a summary of the caption's tokens (`summed_tokens`), run on
+  the GroupNormed features, followed by a zero-initialised 1x1 projection: the block starts as
+  the identity (a paper checkpoint is unchanged until trained) and adds exactly zero for clips
+  without a caption.
+
+  Attributes:
+    kernel_size: spatial size k of the kernels (odd; their reach is k // 2 pixels per frame).
+    kernels: learned kernels the caption mixes.
+    temporal_taps: frames each kernel spans (odd).
+    hidden: width of the per-token layer.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  kernel_size: int = 3
+  kernels: int = 8
+  temporal_taps: int = 3
+  hidden: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, context_mask: Array | None) -> Array:
+    k, taps = self.kernel_size, self.temporal_taps
+    if k < 1 or k % 2 != 1 or taps < 1 or taps % 2 != 1:
+      raise ValueError(
+        f"CaptionMotionConv needs odd kernel_size and temporal_taps ('same' padding), got "
+        f"kernel_size={k}, temporal_taps={taps}"
+      )
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, f, h, w, c = x.shape
+    present, mask = caption_mask(context, context_mask)
+    tokens = layer_norm("norm", **kw)(context.astype(self.dtype))
+    summary = summed_tokens(tokens, mask.astype(self.dtype)[..., None], self.hidden, kw)
+    mix = dense(self.kernels, axes.MLP, None, name="mix", **kw)(summary)  # [b, kernels]
+    bank = self.param(
+      "kernel_bank",
+      axes.partitioned(
+        nn.initializers.normal(1.0 / (taps * k)),
+        None,
+        axes.CONV_T,
+        axes.CONV_H,
+        axes.CONV_W,
+        axes.CHANNELS_IN,
+      ),
+      (self.kernels, taps, k, k, c),
+      self.param_dtype,
+    )
+    kernel = jnp.einsum("bn,ntyxc->btyxc", mix, bank.astype(self.dtype))
+    features = FrameGroupNorm(**kw, name="in_norm")(x)
+    pt, ps = taps // 2, k // 2
+    padded = jnp.pad(features, ((0, 0), (pt, pt), (ps, ps), (ps, ps), (0, 0)))
+    out = jnp.zeros_like(features)
+    for dt in range(taps):
+      for dy in range(k):
+        for dx in range(k):
+          window = padded[:, dt : dt + f, dy : dy + h, dx : dx + w]
+          out = out + kernel[:, dt, dy, dx][:, None, None, None, :] * window
+    out = dense(c, axes.CHANNELS_IN, axes.CHANNELS_OUT, name="out", zero_init=True, **kw)(out)
     return out * present.astype(out.dtype)[:, None, None, None, None]

@@ -13,12 +13,12 @@ from mav_jax.models.common import Array, Dtype, dense
 
 
 def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """Transformer-style sinusoidal features of a [batch] array of scalars -> [batch, dim]."""
+  """Transformer-style sinusoidal features of an array of scalars [...] -> [..., dim]."""
   if dim % 2:
     raise ValueError(f"sinusoidal embedding dim must be even, got {dim}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = x.astype(jnp.float32)[:, None] * freqs[None, :]
+  args = x.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 

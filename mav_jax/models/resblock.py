@@ -38,7 +38,7 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
-    """Args: x [b, f, h, w, c]; emb [b, e]. Returns [b, f, h, w, features]."""
+    """Args: x [b, f, h, w, c]; emb [b, e] or [b, f, e]. Returns [b, f, h, w, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = dict(
       features=self.features,
@@ -53,7 +53,9 @@ class ResBlock(nn.Module):
     scale_shift = dense(2 * self.features, axes.EMBED, axes.CHANNELS_OUT, name="emb_proj", **kw)(
       nn.silu(emb)
     )
-    scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
+    # emb [b, e] conditions every frame alike; [b, f, e] (a time per frame) each frame its own.
+    per_frame = scale_shift[:, :, None, None, :] if emb.ndim == 3 else scale_shift[:, None, None, None]
+    scale, shift = jnp.split(per_frame, 2, axis=-1)
     h = FrameGroupNorm(**kw, name="norm2")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)
     h = Pseudo3DConv(**conv, name="conv2")(h)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
-from mav_jax.models.caption_field import CaptionField
+from mav_jax.models.caption_field import CaptionField, CaptionMotionConv
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
 from mav_jax.models.conv import (
   Downsample,
@@ -82,6 +82,11 @@ class SpaceTimeUNet(nn.Module):
     text_field_pool: how that field reads the caption's tokens: "mean" (their mean, added to the
       position features) or "sum" (a SiLU layer per token, summed and LayerNormed, multiplying the
       position features; caption_field.CaptionField).
+    text_motion_conv: with `temporal_text_attention`, > 0 adds after every residual block in video
+      mode a caption-steered depthwise space-time conv of this spatial size (odd; it reaches
+      `text_motion_conv // 2` pixels per frame at its level; caption_field.CaptionMotionConv):
+      a mix, weighted by the caption, of learned (frame, y, x) kernels, so the caption can say
+      which way things move between frames. Zero-initialised; 0: off.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -119,6 +124,7 @@ class SpaceTimeUNet(nn.Module):
   text_vocab_size: int = 0
   text_motion_field: bool = False
   text_field_pool: str = "mean"
+  text_motion_conv: int = 0
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
@@ -158,8 +164,11 @@ class SpaceTimeUNet(nn.Module):
         f"{x.shape[1]} frames do not halve {sum(map(bool, self.temporal_downsample))} times "
         f"(temporal_downsample={self.temporal_downsample}); use a multiple of {frame_factor} frames"
       )
-    if t.shape != (x.shape[0],):
-      raise ValueError(f"t must have shape [batch]={x.shape[:1]}, got {t.shape}")
+    if t.shape not in (x.shape[:1], x.shape[:2]):
+      raise ValueError(
+        f"t must have shape [batch]={x.shape[:1]} or [batch, frames]={x.shape[:2]} (a time per "
+        f"frame), got {t.shape}"
+      )
     if self.conditioning_scalar_scales and len(self.conditioning_scalar_scales) != len(
       self.conditioning_scalars
     ):
@@ -231,6 +240,8 @@ class SpaceTimeUNet(nn.Module):
     emb = EmbeddingMLP(embed_dim, **kw, name="time_embed")(
       sinusoidal_embedding(t * TIME_SCALE, self.channels)
     )
+    if emb.ndim == 3:  # a time per frame [b, f, e]: the per-clip terms below broadcast over frames
+      emb = emb.swapaxes(0, 1)
     scales = self.conditioning_scalar_scales or (1.0,) * len(self.conditioning_scalars)
     for name, scale in zip(self.conditioning_scalars, scales, strict=True):
       if name in scalars:
@@ -241,7 +252,7 @@ class SpaceTimeUNet(nn.Module):
       emb = emb + EmbeddingMLP(embed_dim, in_axis=axes.CONTEXT, **kw, name="global_embed")(
         global_embedding.astype(self.dtype)
       )
-    return emb
+    return emb.swapaxes(0, 1) if emb.ndim == 3 else emb
 
   @nn.compact
   def __call__(
@@ -262,7 +273,7 @@ class SpaceTimeUNet(nn.Module):
 
     Args:
       x: noisy input [b, f, h, w, c].
-      t: diffusion time in [0, 1], shape [b].
+      t: diffusion time in [0, 1], shape [b], or [b, f] for a time per frame (diffusion.frame_noise).
       scalars: {name: [b]} values for `conditioning_scalars` in natural units (fps in frames per
         second, frame skip in frames). Optional in image mode.
       global_embedding: [b, d] conditioning vector (zeros are the null condition for guidance).
@@ -298,14 +309,25 @@ class SpaceTimeUNet(nn.Module):
     if self.temporal_text_attention and not image_mode:
       if self.text_vocab_size:
         context = context + self._learned_text(context_ids, context.shape)
-      emb = emb + CaptionPool(emb.shape[-1], self.head_dim, **kw, name="temporal_caption_embed")(
+      caption = CaptionPool(emb.shape[-1], self.head_dim, **kw, name="temporal_caption_embed")(
         context, context_mask
       )
+      emb = emb + (caption[:, None] if emb.ndim == 3 else caption)
+
+    steer_motion = self.temporal_text_attention and self.text_motion_conv and not image_mode
 
     def res_block(h, features, name):
-      return res_cls(
-        features, dropout=self.dropout, deterministic=deterministic, **mode, name=name
-      )(h, emb)
+      level_emb = emb
+      if emb.ndim == 3 and emb.shape[1] != h.shape[1]:  # frames halved: mean of each group's
+        level_emb = emb.reshape(emb.shape[0], h.shape[1], -1, emb.shape[-1]).mean(axis=2)
+      h = res_cls(features, dropout=self.dropout, deterministic=deterministic, **mode, name=name)(
+        h, level_emb
+      )
+      if steer_motion:
+        h = h + CaptionMotionConv(self.text_motion_conv, **kw, name=f"temporal_text_motion_{name}")(
+          h, context, context_mask
+        )
+      return h
 
     def attention(h, name):
       heads = max(1, h.shape[-1] // self.head_dim)

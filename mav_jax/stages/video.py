@@ -113,7 +113,7 @@ class VideoStage:
         f"model.temporal_text_attention applies to the decoder and interp stages (they read "
         f"CLIP), not to {self.name}; leave it False"
       )
-    for field in ("text_vocab_size", "text_motion_field"):
+    for field in ("text_vocab_size", "text_motion_field", "text_motion_conv"):
       if config.model.get(field) and not config.model.get("temporal_text_attention", False):
         raise ValueError(
           f"model.{field} is part of the text pathway of model.temporal_text_attention; set "
