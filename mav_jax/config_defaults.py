@@ -260,6 +260,10 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.sampling.sampler = "ddim"
   # Model evaluations per sample.
   config.sampling.num_steps = 50
+  # Beyond the paper: > 0 denoises the first frames ahead of the last (the last frame starts this
+  # fraction of the run after the first, the others in between), for a model trained with
+  # diffusion.frame_noise; "ddim" / "ddpm" only. 0: every frame at one time.
+  config.sampling.frame_lead = 0.0
   # DDIM eta (0: deterministic).
   config.sampling.eta = 0.0
   # Classifier-free guidance scale (1: no guidance).

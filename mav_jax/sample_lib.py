@@ -122,9 +122,13 @@ class Progress:
       )
 
 
-def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
+def _sampling(
+  config, steps: dict, samplers: dict, guidance: dict, name: str, frame_lead: dict | None = None
+):
   s = config.sampling.copy_and_resolve_references()
   with s.unlocked():
+    if name in (frame_lead or {}):
+      s.frame_lead = float(frame_lead[name])
     if name in steps:
       s.num_steps = int(steps[name])
     if name in samplers:
@@ -165,7 +169,8 @@ class Cascade:
     clip: CLIP checkpoint (default: the prior's or the decoder's conditioning.clip).
     devices: devices for the mesh (default: all).
     strategy: sharding strategy for the parameters (data_parallel replicates them).
-    steps, samplers, guidance: per-stage overrides ({stage: value}).
+    steps, samplers, guidance, frame_lead: per-stage overrides ({stage: value}; frame_lead is
+      sampling.frame_lead, for stages trained with diffusion.frame_noise).
   """
 
   def __init__(
@@ -177,6 +182,7 @@ class Cascade:
     steps: dict | None = None,
     samplers: dict | None = None,
     guidance: dict | None = None,
+    frame_lead: dict | None = None,
   ):
     devices = np.asarray(devices if devices is not None else jax.devices())
     # All devices on the axis the strategy shards parameters over (data_parallel: replicated).
@@ -185,6 +191,7 @@ class Cascade:
     self.strategy = strategy
     self.stages = {n: load_stage(n, p, self.mesh, strategy) for n, p in checkpoints.items() if p}
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
+    self.frame_lead = frame_lead or {}
     self._check_chain()
     self.clip, self.clip_params = None, None
     clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
@@ -253,7 +260,7 @@ class Cascade:
   def _run(self, name: str, fn, *args, batches: int = 1):
     """Runs jitted `fn(progress, *args)` under the mesh with a progress line."""
     loaded = self.stages[name]
-    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name)
+    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name, self.frame_lead)
     progress = Progress(name, s.num_steps, batches)
     with jax.set_mesh(self.mesh):
       out = jax.jit(functools.partial(fn, s, progress))(*args)

@@ -239,3 +239,8 @@ def test_per_stage_flag_values():
     parse("sr=3", "steps", int)
   with pytest.raises(ValueError, match="--steps: cannot read 'x'"):
     parse("decoder=x", "steps", int)
+  # The overrides reach the stage's sampling section (a copy: the loaded config is unchanged).
+  config = decoder.get_config("tiny")
+  s = sample_lib._sampling(config, {"decoder": 7}, {}, {}, "decoder", {"decoder": 0.5})
+  assert (s.num_steps, s.frame_lead) == (7, 0.5) and config.sampling.frame_lead == 0.0
+  assert sample_lib._sampling(config, {}, {}, {}, "interp", {"decoder": 0.5}).frame_lead == 0.0

@@ -186,3 +186,45 @@ def test_one_step_with_the_true_x0_keeps_the_forward_marginal(step):
     z_s = samplers._ddim_step(z_t, x0, eps, a_t, s_t, a_s, s_s, noise, False, eta=eta)
   np.testing.assert_allclose(z_s.mean(), a_s * 0.7, atol=5 * float(s_s) / np.sqrt(N))
   np.testing.assert_allclose(z_s.std(), s_s, rtol=0.01)
+
+
+def test_staggered_frames_each_follow_their_own_grid_and_keep_the_data():
+  """frame_lead: every frame walks its own time grid (the first ahead of the last; frames that
+  wait stay put) and, with the exact denoiser, every frame still reproduces the data."""
+  schedule = NoiseSchedule()
+  ts = schedule.time_grid(8)
+  grid = np.asarray(diffusion.samplers.frame_time_grid(ts, 3, 1.0))
+  assert grid.shape == (9, 3)
+  np.testing.assert_array_equal(grid[0], 1.0)
+  np.testing.assert_array_equal(grid[-1], 0.0)
+  assert (np.diff(grid, axis=0) <= 0).all()  # every frame's time only falls
+  assert grid[4, 0] == 0.0 and grid[4, 2] == 1.0  # halfway: the first frame done, the last waits
+  assert (grid[:, 0] <= grid[:, 1]).all() and (grid[:, 1] <= grid[:, 2]).all()
+  assert grid[3, 0] < grid[3, 1] < grid[3, 2] == 1.0  # two on the way, the first ahead
+  seen = []
+  denoise = gaussian_denoiser(schedule, "v")
+
+  def model(z, t):
+    seen.append(t.shape)
+    return denoise(z, t)
+
+  n = N // 4  # each frame walks half of the 400 steps: 200, as in the DDIM check above
+  out = jax.jit(
+    functools.partial(
+      diffusion.sample, model, schedule, sampler="ddim", num_steps=400, target="v", frame_lead=1.0
+    )
+  )(jax.random.normal(jax.random.key(1), (n, 3, 1, 1, 4)), jax.random.key(2))
+  assert seen == [(n, 3)]  # traced once, with a time per frame
+  for f in range(3):
+    frame = out[:, f, 0, 0]
+    np.testing.assert_allclose(frame.mean(0), MU, atol=float(5 * STD.max() / n**0.5))
+    np.testing.assert_allclose(frame.std(0), STD, rtol=0.04)
+  with pytest.raises(ValueError, match="frame_lead needs the 'ddim' or 'ddpm'"):
+    diffusion.sample(
+      model,
+      schedule,
+      jnp.zeros((2, 3, 1, 1, 4)),
+      jax.random.key(0),
+      sampler="dpm++2m",
+      frame_lead=0.5,
+    )

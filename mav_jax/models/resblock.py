@@ -54,7 +54,9 @@ class ResBlock(nn.Module):
       nn.silu(emb)
     )
     # emb [b, e] conditions every frame alike; [b, f, e] (a time per frame) each frame its own.
-    per_frame = scale_shift[:, :, None, None, :] if emb.ndim == 3 else scale_shift[:, None, None, None]
+    per_frame = (
+      scale_shift[:, :, None, None, :] if emb.ndim == 3 else scale_shift[:, None, None, None]
+    )
     scale, shift = jnp.split(per_frame, 2, axis=-1)
     h = FrameGroupNorm(**kw, name="norm2")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)

@@ -343,6 +343,7 @@ class VideoStage:
       share_noise_across_frames=per_frame,
       clip_x0=1.0,
       t_start=strength if init is not None else 1.0,
+      frame_lead=0.0 if per_frame or image_mode else float(s.get("frame_lead", 0.0)),
       progress=progress,
     )
     # The last step leaves sigma_min * eps of noise: clip to the pixel range.
