@@ -8,7 +8,10 @@ averaged over the same noise draws.
 A model that uses the direction scores lower with the true captions than with the swapped ones.
 With --times, the mean squared error of the model's clean-clip estimate (x0) at each of those
 diffusion times instead of the training loss: the caption should matter most at high noise, where
-the clip's motion is not yet visible in its noisy frames.
+the clip's motion is not yet visible in its noisy frames. With --times and --clean_first, the
+first frame is given clean (time 0, a model trained with diffusion.frame_noise reads a time per
+frame) and the error is of the later frames: given where the object starts, the direction word says
+where it goes.
 """
 
 import argparse
@@ -42,6 +45,12 @@ def main():
     help="drop the image embedding (zeros): the caption is the only condition, as in training "
     "with conditioning.caption_only_dropout",
   )
+  parser.add_argument(
+    "--clean_first",
+    action="store_true",
+    help="with --times: the first frame at time 0, the error of the later frames (needs a model "
+    "trained with diffusion.frame_noise)",
+  )
   args = parser.parse_args()
   config = checkpointing.load_config(args.path)
   if config.stage != "decoder" or not config.model.get("temporal_text_attention", False):
@@ -69,7 +78,15 @@ def main():
   variants = {n: {k: jnp.asarray(v) for k, v in b.items()} for n, b in variants.items()}
   if args.times:
     x0_error = jax.jit(
-      functools.partial(_x0_error, model, config, params, frozen, caption_only=args.caption_only)
+      functools.partial(
+        _x0_error,
+        model,
+        config,
+        params,
+        frozen,
+        caption_only=args.caption_only,
+        clean_first=args.clean_first,
+      ),
     )
     for t in (float(x) for x in args.times.split(",")):
       row = {
@@ -84,13 +101,16 @@ def main():
     print(f"{name:<20} loss {np.mean(values):.6f}")
 
 
-def _x0_error(model, config, params, frozen, batch, t, rng, caption_only=False):
-  """Mean squared error of the model's x0 estimate at diffusion time t (same noise per rng)."""
+def _x0_error(model, config, params, frozen, batch, t, rng, caption_only=False, clean_first=False):
+  """Mean squared error of the model's x0 estimate at diffusion time t (same noise per rng); with
+  `clean_first`, the first frame at time 0 and the error of the others."""
   x0 = common.to_model_space(batch["frames"])
   cond = video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(7))
   if caption_only:
     cond["embedding"] = jnp.zeros_like(cond["embedding"])
-  times = jnp.full((x0.shape[0],), t)
+  times = jnp.full(x0.shape[:2] if clean_first else x0.shape[:1], t)
+  if clean_first:
+    times = times.at[:, 0].set(0.0)
   schedule = schedules.schedule_from_config(config.diffusion)
   alpha, sigma = (schedules.broadcast_to(a, x0) for a in schedule.alpha_sigma(times))
   z = alpha * x0 + sigma * jax.random.normal(rng, x0.shape)
@@ -99,7 +119,8 @@ def _x0_error(model, config, params, frozen, batch, t, rng, caption_only=False):
   estimate = targets.convert(
     pred.astype(jnp.float32), z, alpha, sigma, config.diffusion.target, "x0"
   )
-  return jnp.mean(jnp.square(estimate - x0))
+  first = 1 if clean_first else 0
+  return jnp.mean(jnp.square(estimate[:, first:] - x0[:, first:]))
 
 
 if __name__ == "__main__":

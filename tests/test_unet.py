@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mav_jax.models import SpaceTimeUNet, axes, inflate_image_params, is_temporal
-from mav_jax.models.caption_field import CaptionField, CaptionMotionConv
+from mav_jax.models.caption_field import CaptionField, CaptionMotionConv, shift_kernels
 
 B, F, H, W = 2, 3, 8, 8
 EMB, CTX_LEN, CTX_DIM = 6, 5, 12
@@ -482,6 +482,25 @@ def test_caption_motion_conv_is_a_caption_mixed_depthwise_space_time_conv():
   )[0, 1, 2, 2]  # middle frame, where both dots pass
   right, left = respond(dot([1, 2, 3])), respond(dot([3, 2, 1]))
   assert float(jnp.abs(right - left).min()) > 0.1
+  # The initial bank: kernel i follows one pixel per frame towards compass direction i.
+  initial = shift_kernels(jax.random.key(0), (8, 3, 3, 3, 4))
+  for i, xs, ys in [
+    (0, [1, 2, 3], [2, 2, 2]),
+    (2, [2, 2, 2], [1, 2, 3]),
+    (4, [3, 2, 1], [2, 2, 2]),
+  ]:
+    clip = jnp.zeros((1, 3, 6, 6, 4)).at[0, jnp.arange(3), jnp.array(ys), jnp.array(xs)].set(1.0)
+    for n in range(8):
+      got = jax.lax.conv_general_dilated(
+        clip,
+        initial[n][:, :, :, None, :],
+        (1, 1, 1),
+        "SAME",
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        feature_group_count=4,
+      )[0, 1, 2, 2]
+      # Its own motion: both taps on the dot (~1); any other direction: at most one (~0.5).
+      assert (float(got.min()) > 0.9) if n == i else (float(got.max()) < 0.6), (i, n, got)
   with pytest.raises(ValueError, match="odd kernel_size"):
     CaptionMotionConv(kernel_size=2).init(jax.random.key(0), x, inp["ctx"], None)
   # In the UNet: after every residual block, the identity at init, trained as a temporal layer.

@@ -15,7 +15,10 @@ was so large that the layer stayed linear or dead, so no interaction formed. A p
 unchanged until trained, and clips without a caption get exactly zero.
 """
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mav_jax.models import axes
@@ -74,6 +77,34 @@ class CaptionField(nn.Module):
     return out * present.astype(out.dtype)[:, None, None, None, None]
 
 
+def shift_kernels(key, shape, dtype=jnp.float32):
+  """Initial kernel bank [n, taps, k, k, c]: kernel i (i < 8) follows content that moves one pixel
+  per frame towards compass direction i (0: +x, 2: +y, ...): it takes the previous frame one step
+  back along that direction and the next frame one step ahead (bilinear weights), so the caption's
+  mix starts as a choice among motions rather than among random filters. Kernels past the eighth
+  (and banks too small for a one-pixel step) start as small random filters."""
+  n, taps, k, _, c = shape
+  bank = jax.random.normal(key, shape, jnp.float32) * 0.01
+  if taps < 3 or k < 3:
+    return bank.astype(dtype)
+  mid_t, mid = taps // 2, k // 2
+  for i in range(min(n, 8)):
+    angle = 2.0 * math.pi * i / 8
+    vx, vy = round(math.cos(angle), 6), round(math.sin(angle), 6)
+    for dt, sign in ((-1, -1.0), (1, 1.0)):  # previous frame: one step back; next: one ahead
+      for yy, wy in _bilinear(mid + sign * vy):
+        for xx, wx in _bilinear(mid + sign * vx):
+          bank = bank.at[i, mid_t + dt, yy, xx].add(0.5 * wy * wx)
+  return bank.astype(dtype)
+
+
+def _bilinear(position: float) -> list[tuple[int, float]]:
+  """The (index, weight) pairs that linearly interpolate at `position` (one pair if integral)."""
+  low = math.floor(position)
+  frac = position - low
+  return [(low, 1.0 - frac)] + ([(low + 1, frac)] if frac > 1e-6 else [])
+
+
 class CaptionMotionConv(nn.Module):
   """A caption-steered space-time conv: a residual branch [b, f, h, w, c] -> [b, f, h, w, c].
 
@@ -120,7 +151,7 @@ class CaptionMotionConv(nn.Module):
     bank = self.param(
       "kernel_bank",
       axes.partitioned(
-        nn.initializers.normal(1.0 / (taps * k)),
+        shift_kernels,
         None,
         axes.CONV_T,
         axes.CONV_H,
