@@ -60,12 +60,15 @@ def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
 
 
 def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(tmp_path):
-  """model.temporal_text_attention: starts from the shipped D^t (the new layers add zero), trains,
-  exports, and in the cascade its clips depend on the caption given the same embedding."""
+  """model.temporal_text_attention (with its caption field, motion convs and a time per frame):
+  starts from the shipped D^t (the new layers add zero), trains, exports, and in the cascade (frames
+  staggered) its clips depend on the caption given the same embedding."""
   config = _short(decoder.get_config("tiny"), 2)
   config.model.temporal_text_attention = True
   config.model.text_vocab_size = 259  # the byte tokenizer's ids get learned embeddings too
   config.model.text_motion_field = True
+  config.model.text_motion_conv = 1  # the wiring (k = 3 is checked in test_unet.py)
+  config.diffusion.frame_noise = 0.5  # a time per frame for half the clips
   config.conditioning.embedding_frame = "first"
   config.conditioning.caption_only_dropout = 0.5  # half the captioned clips: caption alone
   config.train.init_from = SHIPPED["decoder"]
@@ -74,7 +77,9 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   assert result["step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
   checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))
   cascade = sample_lib.Cascade(
-    {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")}, steps={"decoder": 2}
+    {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")},
+    steps={"decoder": 2},
+    frame_lead={"decoder": 0.5},  # staggered frames, as such a model may be sampled
   )
   embedding = jnp.ones((2, 32))  # any fixed embedding: only the caption differs
   key = jax.random.key(0)
