@@ -127,7 +127,13 @@ def run_motion() -> list[dict]:
     cascade, _PER.value, _SEED.value, fps=_FPS.value, batch_size=_BATCH.value, log=log
   )
   os.makedirs(out, exist_ok=True)
-  meta = {"checkpoints": checkpoints, "per_combination": _PER.value, "seed": _SEED.value}
+  meta = {
+    "checkpoints": checkpoints,
+    "per_combination": _PER.value,
+    "seed": _SEED.value,
+    # The sampling overrides as given (None: the checkpoints' configs).
+    **{f.name: f.value for f in (_STEPS, _GUIDANCE, _FRAME_LEAD)},
+  }
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"setup": meta, "rows": rows}, f, indent=2)
   table = motion_benchmark.format_table(rows)
