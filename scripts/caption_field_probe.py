@@ -1,7 +1,8 @@
 r"""Inside a text-aware D^t's caption field (model.text_motion_field): on one training batch, the
 mean size of each layer's output (and its spread over the batch's captions), how much the field's
 output changes when the captions' direction words are swapped, and how much it differs between the
-first and last frame.
+first and last frame. For a D^t with model.text_motion_conv, the same for every motion conv's
+kernel mix (how much of its spread over the captions the direction word accounts for) and output.
 
   python scripts/caption_field_probe.py WORKDIR_OR_MODEL [--batch 8]
 """
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mav_jax import checkpointing  # noqa: E402
 from mav_jax.data import pipeline, tokenizers  # noqa: E402
 from mav_jax.models.caption_field import CaptionField  # noqa: E402
-from mav_jax.stages import video  # noqa: E402
+from mav_jax.stages import common, video  # noqa: E402
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -30,8 +31,12 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   args = parser.parse_args()
   config = checkpointing.load_config(args.path)
-  if config.stage != "decoder" or not config.model.get("text_motion_field", False):
-    sys.exit(f"error: {args.path} is not a decoder with model.text_motion_field=True")
+  field_on = config.model.get("text_motion_field", False)
+  conv_on = config.model.get("text_motion_conv", 0)
+  if config.stage != "decoder" or not (field_on or conv_on):
+    sys.exit(
+      f"error: {args.path} is not a decoder with model.text_motion_field or model.text_motion_conv"
+    )
   if config.data.tokenizer != "byte":
     sys.exit("error: this probe decodes byte-tokenized captions only")
   model = video.DECODER.make_model(config)
@@ -62,6 +67,13 @@ def main():
       **kwargs,
     )
 
+  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
+  swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c in captions]
+  ids, mask = tokenizers.tokenize_batch(tokenizer, swapped, config.data.max_tokens)
+  if conv_on:
+    _motion_convs(model, config, params, frozen, batch, jnp.asarray(ids), jnp.asarray(mask))
+  if not field_on:
+    return
   out, state = field_of(batch["tokens"], batch["token_mask"], capture_intermediates=True)
   for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
     name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
@@ -69,15 +81,39 @@ def main():
       f"{name or 'field'}: mean |value| {float(jnp.abs(value).mean()):.4f}, "
       f"spread over the batch {float(value.std(0).mean()):.4f}"
     )
-  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
-  swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c in captions]
-  ids, mask = tokenizers.tokenize_batch(tokenizer, swapped, config.data.max_tokens)
   other = field_of(jnp.asarray(ids), jnp.asarray(mask))
   print(
     f"field output: mean |out| {float(jnp.abs(out).mean()):.5f}; true vs swapped directions "
     f"{float(jnp.abs(out - other).mean()):.5f}; first vs last frame "
     f"{float(jnp.abs(out[:, 0] - out[:, -1]).mean()):.5f}"
   )
+
+
+def _motion_convs(model, config, params, frozen, batch, swapped_ids, swapped_mask):
+  """Per motion conv: its kernel mix's size, spread over the batch and change when the direction
+  words are swapped, and the same for its output (the UNet run at t = 0.8 on the clean clips)."""
+  x0 = common.to_model_space(batch["frames"])
+  t = jnp.full(x0.shape[:1], 0.8)
+
+  def run(b):
+    cond = video.DECODER.condition(model, config, x0, b, frozen, jax.random.key(7))
+    kwargs = video.VideoStage._net_kwargs(cond, image_mode=False)
+    _, state = model.net.apply({"params": params}, x0, t, **kwargs, capture_intermediates=True)
+    return {
+      name: (v["mix"]["__call__"][0], v["out"]["__call__"][0])
+      for name, v in state["intermediates"].items()
+      if name.startswith("temporal_text_motion_")
+    }
+
+  true, other = run(batch), run(dict(batch, tokens=swapped_ids, token_mask=swapped_mask))
+  for name in sorted(true):
+    (mix, out), (mix_s, out_s) = true[name], other[name]
+    print(
+      f"{name}: mix |m| {float(jnp.abs(mix).mean()):.3f}, spread over the batch "
+      f"{float(mix.std(0).mean()):.3f}, true vs swapped directions "
+      f"{float(jnp.abs(mix - mix_s).mean()):.3f}; output |o| {float(jnp.abs(out).mean()):.4f}, "
+      f"true vs swapped {float(jnp.abs(out - out_s).mean()):.5f}"
+    )
 
 
 if __name__ == "__main__":
