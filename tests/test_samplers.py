@@ -219,6 +219,10 @@ def test_staggered_frames_each_follow_their_own_grid_and_keep_the_data():
     frame = out[:, f, 0, 0]
     np.testing.assert_allclose(frame.mean(0), MU, atol=float(5 * STD.max() / n**0.5))
     np.testing.assert_allclose(frame.std(0), STD, rtol=0.04)
+  with pytest.raises(ValueError, match="frame_lead must be >= 0, got -0.5"):
+    diffusion.sample(
+      model, schedule, jnp.zeros((2, 3, 1, 1, 4)), jax.random.key(0), frame_lead=-0.5
+    )
   with pytest.raises(ValueError, match="frame_lead needs the 'ddim' or 'ddpm'"):
     diffusion.sample(
       model,

@@ -119,6 +119,8 @@ def sample(
   b = noise.shape[0]
   ts = schedule.time_grid(num_steps, spacing, t_start)
   expand = lambda a: jnp.reshape(a, (1,) * noise.ndim)  # noqa: E731
+  if frame_lead < 0:  # not silently "off": a negative lead is a mistake
+    raise ValueError(f"frame_lead must be >= 0, got {frame_lead}")
   staggered = frame_lead > 0
   if staggered:
     if sampler == "dpm++2m":
