@@ -70,6 +70,7 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   config.model.text_vocab_size = 259  # the byte tokenizer's ids get learned embeddings too
   config.model.text_motion_field = True
   config.model.text_motion_conv = 1  # the wiring (k = 3 is checked in test_unet.py)
+  config.model.text_motion_attention = True  # its attention readout too
   config.diffusion.frame_noise = 0.5  # a time per frame for half the clips
   config.conditioning.embedding_frame = "first"
   config.conditioning.caption_only_dropout = 0.5  # half the captioned clips: caption alone
@@ -114,6 +115,10 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
     bad.model[field] = value
     with pytest.raises(ValueError, match=f"model.{field} is part of the text pathway"):
       video.DECODER.make_model(bad)
+  bad = decoder.get_config("tiny")
+  bad.model.temporal_text_attention, bad.model.text_motion_attention = True, True
+  with pytest.raises(ValueError, match="text_motion_attention reads the caption for the motion"):
+    video.DECODER.make_model(bad)
   small = decoder.get_config("tiny")
   small.model.temporal_text_attention, small.model.text_vocab_size = True, 100
   with pytest.raises(ValueError, match="text_vocab_size = 100 is smaller"):
