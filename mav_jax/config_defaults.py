@@ -214,9 +214,6 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   # residual block a depthwise (frame, y, x) conv whose kernels the caption mixes, so the caption
   # can say which way things move between frames (models/caption_field.py CaptionMotionConv).
   config.model.text_motion_conv = 0
-  # With text_motion_conv: each motion conv's kernel mix also reads the caption through a learned
-  # query per kernel (attention over the tokens, zero-initialised), so one word can set the mix.
-  config.model.text_motion_attention = False
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.

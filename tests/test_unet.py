@@ -524,37 +524,6 @@ def test_caption_motion_conv_is_a_caption_mixed_depthwise_space_time_conv():
   assert _apply(model, params, image, True).shape == inp["x"].shape
 
 
-def test_motion_conv_attention_readout_adds_zero_at_init_then_reads_single_valid_tokens():
-  """text_motion_attention: with its values at zero the mix is the summed summary's alone (a
-  trained model gains it unchanged); once trained, a kernel's query can read the mix off one token
-  (a changed token moves it, a masked token does not)."""
-  inp = _inputs()
-  x = jax.random.normal(jax.random.key(3), (B, 3, 6, 6, 4))
-  ctx, ctx_mask = inp["ctx"], inp["ctx_mask"].at[:, -1].set(False)
-  conv = CaptionMotionConv(kernel_size=3, kernels=5, hidden=8, attention_readout=True)
-  plain = CaptionMotionConv(kernel_size=3, kernels=5, hidden=8)
-  params = nn.unbox(conv.init(jax.random.key(0), x, ctx, ctx_mask))["params"]
-  added = {"readout_key", "readout_query", "readout_value"}
-  assert added <= set(params)
-  params = dict(params, out={"kernel": jnp.eye(4), "bias": jnp.zeros(4)})
-  shared = {k: v for k, v in params.items() if k not in added}
-  np.testing.assert_allclose(
-    conv.apply({"params": params}, x, ctx, ctx_mask),
-    plain.apply({"params": shared}, x, ctx, ctx_mask),
-    atol=1e-6,
-  )
-
-  value = jax.random.normal(jax.random.key(4), params["readout_value"]["kernel"].shape)
-  trained = dict(params, readout_value={"kernel": value, "bias": jnp.zeros(5)})
-  base = conv.apply({"params": trained}, x, ctx, ctx_mask)
-  assert float(jnp.abs(base - conv.apply({"params": params}, x, ctx, ctx_mask)).max()) > 1e-4
-  other = jax.random.normal(jax.random.key(5), ctx[:, 1].shape)
-  moved = ctx.at[:, 1].set(other)  # a valid token changes: the output follows
-  assert float(jnp.abs(conv.apply({"params": trained}, x, moved, ctx_mask) - base).max()) > 1e-4
-  masked = ctx.at[:, -1].set(other)  # a masked token changes: nothing does
-  np.testing.assert_allclose(conv.apply({"params": trained}, x, masked, ctx_mask), base, atol=1e-6)
-
-
 def test_a_time_per_frame_conditions_each_frame_on_its_own_noise_level(model, video_params, inp):
   """t [b, f] (diffusion.frame_noise): equal times are exactly t [b]; in image mode (frames
   independent) changing one frame's time changes that frame alone; a wrong shape is named."""

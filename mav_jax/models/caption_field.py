@@ -128,10 +128,6 @@ class CaptionMotionConv(nn.Module):
     kernels: learned kernels the caption mixes.
     temporal_taps: frames each kernel spans (odd).
     hidden: width of the per-token layer.
-    attention_readout: also add to the mix, per kernel, a learned query's softmax attention over
-      the caption's tokens reading one value per token (values zero-initialised, so a trained
-      model gains it as an unchanged model): the summed summary weighs every word alike and lets
-      colour and shape words dominate the mix, while a query can single out the direction word.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -140,7 +136,6 @@ class CaptionMotionConv(nn.Module):
   kernels: int = 8
   temporal_taps: int = 3
   hidden: int = 64
-  attention_readout: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -158,8 +153,6 @@ class CaptionMotionConv(nn.Module):
     tokens = layer_norm("norm", **kw)(context.astype(self.dtype))
     summary = summed_tokens(tokens, mask.astype(self.dtype)[..., None], self.hidden, kw)
     mix = dense(self.kernels, axes.MLP, None, name="mix", **kw)(summary)  # [b, kernels]
-    if self.attention_readout:
-      mix = mix + self._attention_readout(tokens, mask, kw)
     bank = self.param(
       "kernel_bank",
       axes.partitioned(
@@ -185,21 +178,3 @@ class CaptionMotionConv(nn.Module):
           out = out + kernel[:, dt, dy, dx][:, None, None, None, :] * window
     out = dense(c, axes.CHANNELS_IN, axes.CHANNELS_OUT, name="out", zero_init=True, **kw)(out)
     return out * present.astype(out.dtype)[:, None, None, None, None]
-
-  def _attention_readout(self, tokens: Array, mask: Array, kw: dict) -> Array:
-    """Per kernel n: softmax over the valid tokens of (query_n . key(token)), the weighted sum of
-    the tokens' values for kernel n -> [b, kernels]."""
-    keys = dense(self.hidden, axes.CONTEXT, axes.MLP, name="readout_key", **kw)(tokens)
-    query = self.param(
-      "readout_query",
-      axes.partitioned(nn.initializers.normal(1.0), None, axes.MLP),
-      (self.kernels, self.hidden),
-      self.param_dtype,
-    )
-    logits = jnp.einsum("bsh,nh->bns", keys, query.astype(self.dtype)) / math.sqrt(self.hidden)
-    logits = jnp.where(mask[:, None, :], logits.astype(jnp.float32), -1e9)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [b, kernels, s]
-    values = dense(self.kernels, axes.CONTEXT, None, name="readout_value", zero_init=True, **kw)(
-      tokens
-    )  # [b, s, kernels]
-    return jnp.einsum("bns,bsn->bn", weights, values)

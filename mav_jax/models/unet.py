@@ -87,9 +87,6 @@ class SpaceTimeUNet(nn.Module):
       `text_motion_conv // 2` pixels per frame at its level; caption_field.CaptionMotionConv):
       a mix, weighted by the caption, of learned (frame, y, x) kernels, so the caption can say
       which way things move between frames. Zero-initialised; 0: off.
-    text_motion_attention: with `text_motion_conv`, each motion conv's kernel mix also reads the
-      caption through a learned query per kernel (softmax attention over the tokens, values
-      zero-initialised), so one word (the direction) can set the mix; off: the summed summary only.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
@@ -128,7 +125,6 @@ class SpaceTimeUNet(nn.Module):
   text_motion_field: bool = False
   text_field_pool: str = "mean"
   text_motion_conv: int = 0
-  text_motion_attention: bool = False
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
   temporal_conv: str = "conv"
@@ -328,12 +324,9 @@ class SpaceTimeUNet(nn.Module):
         h, level_emb
       )
       if steer_motion:
-        h = h + CaptionMotionConv(
-          self.text_motion_conv,
-          attention_readout=self.text_motion_attention,
-          **kw,
-          name=f"temporal_text_motion_{name}",
-        )(h, context, context_mask)
+        h = h + CaptionMotionConv(self.text_motion_conv, **kw, name=f"temporal_text_motion_{name}")(
+          h, context, context_mask
+        )
       return h
 
     def attention(h, name):

@@ -113,11 +113,6 @@ class VideoStage:
         f"model.temporal_text_attention applies to the decoder and interp stages (they read "
         f"CLIP), not to {self.name}; leave it False"
       )
-    if config.model.get("text_motion_attention") and not config.model.get("text_motion_conv"):
-      raise ValueError(
-        "model.text_motion_attention reads the caption for the motion convs; set "
-        "--config.model.text_motion_conv=3 (or another odd size) or turn it off"
-      )
     for field in ("text_vocab_size", "text_motion_field", "text_motion_conv"):
       if config.model.get(field) and not config.model.get("temporal_text_attention", False):
         raise ValueError(
