@@ -13,16 +13,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mav_jax import checkpointing  # noqa: E402
-from mav_jax.data import pipeline, tokenizers  # noqa: E402
+import caption_probes  # noqa: E402
+
 from mav_jax.models.caption_field import CaptionField  # noqa: E402
 from mav_jax.stages import common, video  # noqa: E402
-
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def main():
@@ -30,22 +28,21 @@ def main():
   parser.add_argument("path", help="a decoder training workdir or exported model")
   parser.add_argument("--batch", type=int, default=8)
   args = parser.parse_args()
-  config = checkpointing.load_config(args.path)
+  probe = caption_probes.load(
+    args.path,
+    args.batch,
+    "model.text_motion_field or model.text_motion_conv",
+    lambda c: c.model.get("text_motion_field", False) or c.model.get("text_motion_conv", 0),
+  )
+  config, model, params, frozen, batch = (
+    probe.config,
+    probe.model,
+    probe.params,
+    probe.frozen,
+    probe.batch,
+  )
   field_on = config.model.get("text_motion_field", False)
   conv_on = config.model.get("text_motion_conv", 0)
-  if config.stage != "decoder" or not (field_on or conv_on):
-    sys.exit(
-      f"error: {args.path} is not a decoder with model.text_motion_field or model.text_motion_conv"
-    )
-  if config.data.tokenizer != "byte":
-    sys.exit("error: this probe decodes byte-tokenized captions only")
-  model = video.DECODER.make_model(config)
-  params = jax.tree.map(jnp.asarray, checkpointing.restore_params(args.path, "params"))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-  frozen = video.DECODER.load_frozen(model, config, mesh)
-  data, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=args.batch)
-  batch = {k: jnp.asarray(v) for k, v in next(iter(data)).items()}
-  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
   field = CaptionField(config.model.channels, pool=config.model.get("text_field_pool", "mean"))
   frames, size = config.data.num_frames, config.data.resolution
 
@@ -67,11 +64,9 @@ def main():
       **kwargs,
     )
 
-  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
-  swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c in captions]
-  ids, mask = tokenizers.tokenize_batch(tokenizer, swapped, config.data.max_tokens)
+  ids, mask = probe.swapped["tokens"], probe.swapped["token_mask"]
   if conv_on:
-    _motion_convs(model, config, params, frozen, batch, jnp.asarray(ids), jnp.asarray(mask))
+    _motion_convs(model, config, params, frozen, batch, ids, mask)
   if not field_on:
     return
   out, state = field_of(batch["tokens"], batch["token_mask"], capture_intermediates=True)
@@ -81,7 +76,7 @@ def main():
       f"{name or 'field'}: mean |value| {float(jnp.abs(value).mean()):.4f}, "
       f"spread over the batch {float(value.std(0).mean()):.4f}"
     )
-  other = field_of(jnp.asarray(ids), jnp.asarray(mask))
+  other = field_of(ids, mask)
   print(
     f"field output: mean |out| {float(jnp.abs(out).mean()):.5f}; true vs swapped directions "
     f"{float(jnp.abs(out - other).mean()):.5f}; first vs last frame "

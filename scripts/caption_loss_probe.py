@@ -24,13 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mav_jax import checkpointing  # noqa: E402
-from mav_jax.data import pipeline, tokenizers  # noqa: E402
+import caption_probes  # noqa: E402
+
 from mav_jax.diffusion import schedules, targets  # noqa: E402
 from mav_jax.stages import common, video  # noqa: E402
-
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def main():
@@ -52,30 +51,24 @@ def main():
     "trained with diffusion.frame_noise)",
   )
   args = parser.parse_args()
-  config = checkpointing.load_config(args.path)
-  if config.stage != "decoder" or not config.model.get("temporal_text_attention", False):
-    sys.exit(f"error: {args.path} is not a decoder with model.temporal_text_attention=True")
-  with config.unlocked():
-    config.diffusion.cond_dropout = 0.0  # compare conditions, never drop them
-    config.conditioning.caption_only_dropout = 0.0
-  model = video.DECODER.make_model(config)
-  params = jax.tree.map(jnp.asarray, checkpointing.restore_params(args.path, "params"))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-  frozen = video.DECODER.load_frozen(model, config, mesh)
-  data, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=args.batch)
-  batch = next(iter(data))
-  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
-  if config.data.tokenizer != "byte":
-    sys.exit("error: this probe decodes byte-tokenized captions only")
-  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
-  swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c in captions]
-  ids, mask = tokenizers.tokenize_batch(tokenizer, swapped, config.data.max_tokens)
+  probe = caption_probes.load(
+    args.path,
+    args.batch,
+    "model.temporal_text_attention=True",
+    lambda c: c.model.get("temporal_text_attention", False),
+  )
+  model, config, params, frozen, batch = (
+    probe.model,
+    probe.config,
+    probe.params,
+    probe.frozen,
+    probe.batch,
+  )
   variants = {
     "true captions": batch,
-    "directions swapped": dict(batch, tokens=ids, token_mask=mask),
-    "no caption": dict(batch, has_caption=np.zeros_like(batch["has_caption"])),
+    "directions swapped": probe.swapped,
+    "no caption": dict(batch, has_caption=jnp.zeros_like(batch["has_caption"])),
   }
-  variants = {n: {k: jnp.asarray(v) for k, v in b.items()} for n, b in variants.items()}
   if args.times:
     x0_error = jax.jit(
       functools.partial(
