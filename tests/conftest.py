@@ -10,6 +10,10 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The CLIs that tests start (mav_jax.sample, mav_jax.evaluate, ...) compile with most XLA
+# optimisations off too, as the in-process tests do below: tiny models, and compiles dominate
+# (the main-job and MSR-VTT CLI tests took 102 and 158 s with them on, 52 and 69 s off, one core).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # With libtpu installed (requirements-tpu.txt), every JAX process on this TPU-less machine probes it;
 # its lockfile admits one process at a time, so a test that compiles for a TPU topology would make
 # later subprocesses (the CLIs under test) fail their probe. Let them all load it.
