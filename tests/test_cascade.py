@@ -254,7 +254,8 @@ def test_shipped_text_aware_decoder_moves_the_object_the_prompted_way():
   prompts = [synthetic.video_caption(*combo) for combo in combos]
   clips, _ = cascade.text_to_video(prompts, jax.random.key(0), until="decoder")
   scores = motion_benchmark.measure(video_io.to_uint8(np.asarray(clips)), combos)
-  assert scores["direction_accuracy"] >= 0.75 and scores["colour_accuracy"] == 1.0, scores
+  # 7 of 8 here; a model at chance (25%) gets 5 or more with probability 2.7%.
+  assert scores["direction_accuracy"] >= 5 / 8 and scores["colour_accuracy"] == 1.0, scores
 
 
 def test_per_stage_flag_values():
