@@ -1,4 +1,4 @@
-"""mav_jax.benchmark: every strategy compiled and timed on 8 fake CPU devices, the compiler's figures
+"""mav_jax.benchmark: three strategies compiled and timed on 8 fake CPU devices, the compiler's figures
 checked against the shardings, collectives parsed from HLO, the outputs written; with libtpu
 installed, one ahead-of-time compile for a small TPU topology."""
 
@@ -35,11 +35,16 @@ def _small_decoder():
   return config
 
 
+# fsdp_tensor is left out of the grid to save one ~60 s compile: it only composes the fsdp and the
+# tensor rules, and tests/test_train.py compiles and runs it on 8 devices against one device.
+GRID = ("data_parallel", "fsdp", "tensor")
+
+
 @pytest.fixture(scope="module")
 def rows():
   target = targets.get_target("local")
   assert target.num_devices == 8 and target.runnable
-  cases = benchmark_lib.default_cases(list(sharding.STRATEGIES), 8, tensor=2)
+  cases = benchmark_lib.default_cases(list(GRID), 8, tensor=2)
   out = []
   for case in cases:
     fsdp = case.strategy == "fsdp"
@@ -55,11 +60,11 @@ def rows():
   return out
 
 
-def test_every_strategy_compiles_runs_on_8_devices_and_is_written_out(rows, tmp_path):
-  """One test for the whole 8-device grid (~300 s to build here): with `--dist load` a second test
+def test_strategies_compile_run_on_8_devices_and_are_written_out(rows, tmp_path):
+  """One test for the whole 8-device grid (~195 s to build here): with `--dist load` a second test
   using the module fixture could land on the other worker and build it again."""
   train = {r["strategy"]: r for r in rows if r["step"] == "train"}
-  assert sorted(train) == sorted(sharding.STRATEGIES)
+  assert sorted(train) == sorted(GRID) and set(GRID) < set(sharding.STRATEGIES)
   assert {r["mesh"] for r in train.values()} == {"1x8x1", "1x4x2"}
   for r in train.values():
     assert r["measured_s"] > 0 and r["flops"] > 0 and r["total_bytes"] > 0
