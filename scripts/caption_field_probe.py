@@ -34,13 +34,7 @@ def main():
     "model.text_motion_field or model.text_motion_conv",
     lambda c: c.model.get("text_motion_field", False) or c.model.get("text_motion_conv", 0),
   )
-  config, model, params, frozen, batch = (
-    probe.config,
-    probe.model,
-    probe.params,
-    probe.frozen,
-    probe.batch,
-  )
+  config, model, params, frozen, batch, swapped = probe
   field_on = config.model.get("text_motion_field", False)
   conv_on = config.model.get("text_motion_conv", 0)
   field = CaptionField(config.model.channels, pool=config.model.get("text_field_pool", "mean"))
@@ -64,7 +58,7 @@ def main():
       **kwargs,
     )
 
-  ids, mask = probe.swapped["tokens"], probe.swapped["token_mask"]
+  ids, mask = swapped["tokens"], swapped["token_mask"]
   if conv_on:
     _motion_convs(model, config, params, frozen, batch, ids, mask)
   if not field_on:

@@ -57,16 +57,10 @@ def main():
     "model.temporal_text_attention=True",
     lambda c: c.model.get("temporal_text_attention", False),
   )
-  model, config, params, frozen, batch = (
-    probe.model,
-    probe.config,
-    probe.params,
-    probe.frozen,
-    probe.batch,
-  )
+  config, model, params, frozen, batch, swapped = probe
   variants = {
     "true captions": batch,
-    "directions swapped": probe.swapped,
+    "directions swapped": swapped,
     "no caption": dict(batch, has_caption=jnp.zeros_like(batch["has_caption"])),
   }
   if args.times:

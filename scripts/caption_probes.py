@@ -2,9 +2,8 @@
 loaded from a workdir or exported model, its frozen CLIP, one training batch of synthetic clips, and
 the same batch's captions with their direction words swapped (left<->right, up<->down)."""
 
-import dataclasses
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,7 @@ from mav_jax.stages import video
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
-@dataclasses.dataclass
-class Probe:
+class Probe(NamedTuple):
   config: Any
   model: Any
   params: Any
