@@ -11,16 +11,22 @@ and runs nothing. Only the Python standard library and the gcloud CLI are needed
   python launch/tpu.py train --config configs/decoder.py:paper --workdir gs://BUCKET/decoder \
       -- --config.train.num_steps=200000          # anything after -- goes to mav_jax.train
   python launch/tpu.py logs --follow               # worker 0; --fetch DIR copies every worker's
-  python launch/tpu.py status
-  python launch/tpu.py stop                        # kill the run on every worker (checkpoints stay)
+  python launch/tpu.py status                      # per worker: running, finished, failed (why)
+  python launch/tpu.py stop                        # SIGTERM: every worker checkpoints and exits
   python launch/tpu.py delete
 
-Multi-slice: `create --num_slices 2` asks for a queued resource of two slices (nodes NAME-0, NAME-1);
-`train` then runs on every worker of every slice and sets the mesh's cross-slice (dcn) axis.
-Run `python launch/tpu.py SUBCOMMAND --help` for each subcommand's options.
+On each worker, `train`, `status` and `stop` run launch/worker.py (shipped by `setup`): it starts the
+trainer detached and knows it by a PID file, so a second `train` is refused while a run is going and
+`stop` signals exactly the trainers. Multi-slice: `create --num_slices 2` asks for a queued resource
+of two slices (nodes NAME-0, NAME-1); `train` then runs on every worker of every slice and sets the
+mesh's cross-slice (dcn) axis. Run `python launch/tpu.py SUBCOMMAND --help` for each subcommand's
+options.
 """
 
 import argparse
+import concurrent.futures
+import dataclasses
+import functools
 import os
 import re
 import shlex
@@ -44,6 +50,21 @@ _ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")
 
 class LaunchError(Exception):
   """A problem with the arguments, said so the user can fix it."""
+
+
+@dataclasses.dataclass
+class Step:
+  """One step of a subcommand: a command, or several run at once (one per worker).
+
+  `error` is said when it fails; `note` is printed before it runs."""
+
+  commands: list[str] | list[list[str]]
+  error: str = ""
+  note: str | None = None
+
+  def __post_init__(self):
+    if self.commands and isinstance(self.commands[0], str):
+      self.commands = [self.commands]
 
 
 def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
@@ -84,14 +105,16 @@ class Resource:
     self.project = args.project
     self.num_slices = args.num_slices
     self.queued = args.queued or args.num_slices > 1
-    if not self.name or not self.zone:
-      raise LaunchError("give --name and --zone (or set MAV_TPU_NAME and MAV_TPU_ZONE)")
+    missing = [f"--{k}" for k in ("project", "zone", "name") if not getattr(args, k)]
+    if missing:
+      raise LaunchError(
+        f"give {', '.join(missing)} (or set MAV_TPU_PROJECT, MAV_TPU_ZONE, MAV_TPU_NAME)"
+      )
+    if args.accelerator_type:
+      parse_accelerator(args.accelerator_type)  # a typo is named before anything runs
 
   def _where(self) -> list[str]:
-    where = [f"--zone={self.zone}"]
-    if self.project:
-      where.append(f"--project={self.project}")
-    return where
+    return [f"--zone={self.zone}", f"--project={self.project}"]
 
   def group(self) -> list[str]:
     return ["gcloud", "compute", "tpus"] + (["queued-resources"] if self.queued else ["tpu-vm"])
@@ -124,6 +147,10 @@ class Resource:
     where = self._where() + self._hosts(worker, node)
     return self.group() + ["ssh", self.name] + where + [f"--command={command}"]
 
+  def ssh_one(self, node: int, worker: int):
+    """ssh to one worker of one slice: a function of the command."""
+    return functools.partial(self.ssh, worker=str(worker), node=str(node))
+
   def scp(self, source: str, dest: str, worker: str = "all", node: str = "all") -> list[str]:
     return self.group() + ["scp", source, dest] + self._where() + self._hosts(worker, node)
 
@@ -142,118 +169,181 @@ class Resource:
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_create(args, res: Resource) -> list[list[str]]:
+def cmd_create(args, res: Resource) -> list[Step]:
   if not args.accelerator_type:
     raise LaunchError("create needs --accelerator_type (e.g. v5p-128, v6e-256)")
   generation, _ = parse_accelerator(args.accelerator_type)
   accelerator = args.accelerator_type.replace("v5e-", "v5litepod-")
   version = args.runtime_version or RUNTIME_VERSIONS[generation]
-  return [res.create(accelerator, version, args.spot, args.create_flag)]
+  return [Step(res.create(accelerator, version, args.spot, args.create_flag))]
 
 
 def _requirements_line() -> str:
+  # An existing venv is kept (re-running setup updates the code and the pinned packages only).
   return (
-    f"cd {REMOTE_DIR} && python3 -m venv {REMOTE_VENV} && "
+    f"cd {REMOTE_DIR} && (test -x {REMOTE_VENV}/bin/python || python3 -m venv {REMOTE_VENV}) && "
     f"{REMOTE_VENV}/bin/pip install -q --upgrade pip && "
     f"{REMOTE_VENV}/bin/pip install -q -r requirements.txt -r requirements-tpu.txt && "
     f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
   )
 
 
-def cmd_setup(args, res: Resource) -> list[list[str]]:
-  commands = []
+def _uncommitted_note() -> str | None:
+  """A note if the checkout has changes that `git archive HEAD` leaves out."""
+  try:
+    changed = subprocess.run(
+      ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.splitlines()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  if not changed:
+    return None
+  return (
+    f"note: {len(changed)} changed file(s) are not committed and stay behind (setup copies git "
+    f"HEAD): {', '.join(line[3:] for line in changed[:5])}{' ...' if len(changed) > 5 else ''}"
+  )
+
+
+def cmd_setup(args, res: Resource) -> list[Step]:
+  steps = []
   if args.source == "copy":
     archive = os.path.join(tempfile.gettempdir(), f"mav_jax_{res.name}.tar.gz")
     # The committed tree (git HEAD): what every worker runs is a known commit.
-    commands.append(
-      ["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
+    steps.append(
+      Step(
+        ["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={archive}", "HEAD"],
+        note=_uncommitted_note(),
+      )
     )
-    commands.append(res.scp(archive, f"{res.name}:~/mav_jax.tar.gz"))
+    steps.append(Step(res.scp(archive, f"{res.name}:~/mav_jax.tar.gz")))
     unpack = (
       f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf ~/mav_jax.tar.gz -C {REMOTE_DIR}"
     )
-    commands.append(res.ssh(unpack))
+    steps.append(Step(res.ssh(unpack)))
   else:
     if not args.repo_url:
       raise LaunchError("--source=git needs --repo_url (and optionally --ref)")
+    # A fresh clone unless ~/mav_jax is one already; then the ref as fetched now (a branch's
+    # latest commit, not a stale local branch), detached.
     clone = (
-      f"(test -d {REMOTE_DIR}/.git || git clone -q {shlex.quote(args.repo_url)} {REMOTE_DIR}) && "
-      f"git -C {REMOTE_DIR} fetch -q origin && git -C {REMOTE_DIR} checkout -q "
-      f"{shlex.quote(args.ref)}"
+      f"(test -d {REMOTE_DIR}/.git || (rm -rf {REMOTE_DIR} && "
+      f"git clone -q {shlex.quote(args.repo_url)} {REMOTE_DIR})) && "
+      f"git -C {REMOTE_DIR} remote set-url origin {shlex.quote(args.repo_url)} && "
+      f"git -C {REMOTE_DIR} fetch -q origin {shlex.quote(args.ref)} && "
+      f"git -C {REMOTE_DIR} checkout -q --detach FETCH_HEAD && "
+      f"echo \"$(hostname): $(git -C {REMOTE_DIR} log -1 --format='%h %s')\""
     )
-    commands.append(res.ssh(clone))
-  commands.append(res.ssh(_requirements_line()))
-  return commands
+    steps.append(Step(res.ssh(clone)))
+  steps.append(Step(res.ssh(_requirements_line())))
+  return steps
 
 
-def train_command(args, res: Resource) -> str:
-  """The shell command every worker runs."""
-  if not args.config or not args.workdir:
-    raise LaunchError("train needs --config (e.g. configs/decoder.py:paper) and --workdir")
-  if not args.workdir.startswith("gs://") and not args.allow_local_workdir:
-    raise LaunchError(
-      f"--workdir {args.workdir!r} is not on GCS: every worker must write to the same place; use "
-      f"gs://BUCKET/PATH (or --allow_local_workdir for a single-host run)"
-    )
+def _worker(action: str) -> str:
+  """The shell line that runs launch/worker.py ACTION on a worker."""
+  return (
+    f"cd {REMOTE_DIR} 2>/dev/null && test -x {REMOTE_VENV}/bin/python || "
+    f'{{ echo "$(hostname): no code or venv in {REMOTE_DIR}, {REMOTE_VENV}: run '
+    f"'launch/tpu.py setup' first\"; exit 1; }}; {REMOTE_VENV}/bin/python launch/worker.py {action}"
+  )
+
+
+def _hosts_per_slice(args) -> int | None:
+  return num_workers(args.accelerator_type) if args.accelerator_type else None
+
+
+def train_args(args, res: Resource, process_id: int | None = None) -> list[str]:
+  """The interpreter's arguments on one worker (`process_id`: its index when the launcher names
+  the coordinator itself; None: every worker finds its peers through the TPU runtime)."""
   overrides = list(args.overrides)
   if res.num_slices > 1 and not any(o.startswith("--config.mesh.dcn") for o in overrides):
     overrides.append(f"--config.mesh.dcn=({res.num_slices},1,1)")  # data parallel across slices
-  train = [
-    "-m",
-    "mav_jax.train",
-    f"--config={args.config}",
-    f"--workdir={args.workdir}",
-    "--multihost",
-    *overrides,
-  ]
-  # The interpreter path is left unquoted so that the remote shell expands its "~".
-  run = f"PYTHONUNBUFFERED=1 {REMOTE_VENV}/bin/python " + shlex.join(train)
-  log_dir = os.path.dirname(REMOTE_LOG)
-  if args.foreground:
-    return f"cd {REMOTE_DIR} && {run}"
-  # In the background, detached from the ssh session; the log stays on each worker.
-  return (
-    f"cd {REMOTE_DIR} && mkdir -p {log_dir} && "
-    f"(pgrep -f 'mav_jax[.]train' >/dev/null && echo 'a run is already going: stop it first' && "
-    f"exit 1 || (setsid nohup {run} > {REMOTE_LOG} 2>&1 < /dev/null &))"
+  if process_id is None:
+    join = ["--multihost"]
+  else:
+    join = [
+      f"--coordinator_address={args.coordinator_address}",
+      f"--num_processes={_hosts_per_slice(args) * res.num_slices}",
+      f"--process_id={process_id}",
+    ]
+  return ["-m", "mav_jax.train", f"--config={args.config}", f"--workdir={args.workdir}", *join,
+          *overrides]  # fmt: skip
+
+
+def cmd_train(args, res: Resource) -> list[Step]:
+  if not args.config or not args.workdir:
+    raise LaunchError("train needs --config (e.g. configs/decoder.py:paper) and --workdir")
+  hosts = _hosts_per_slice(args)
+  one_host = hosts == 1 and res.num_slices == 1
+  if not args.workdir.startswith("gs://") and not (args.shared_workdir or one_host):
+    raise LaunchError(
+      f"--workdir {args.workdir!r} is not on GCS and the workers do not share a disk: use "
+      f"gs://BUCKET/PATH, or --shared_workdir if every worker sees that path as the same folder "
+      f"(an NFS / Filestore mount)"
+    )
+  if args.coordinator_address and not hosts:
+    raise LaunchError("--coordinator_address needs --accelerator_type (to count the processes)")
+  # The workers are checked first, so that a run going on some of them stops the launch before
+  # any other starts (a half-started job would wait for its missing processes).
+  check = Step(
+    res.ssh(_worker("check")),
+    error="nothing was started: a run is going on the worker(s) above (`launch/tpu.py stop` it, or "
+    "wait for it to end: `launch/tpu.py status`), or they are not set up (`launch/tpu.py setup`)",
   )
+  if args.coordinator_address:  # one command per worker, each with its process index
+    workers = [(n, w) for n in range(res.num_slices) for w in range(hosts)]
+    per_worker = [
+      (res.ssh_one(n, w), train_args(args, res, process_id=n * hosts + w)) for n, w in workers
+    ]
+  else:
+    per_worker = [(res.ssh, train_args(args, res))]
+  if args.foreground:  # attached: every worker's output streams here until the run ends
+    line = f"cd {REMOTE_DIR} && PYTHONUNBUFFERED=1 {REMOTE_VENV}/bin/python "
+    start = Step([ssh(line + shlex.join(a)) for ssh, a in per_worker])
+  else:
+    start = Step(
+      [ssh(_worker("start -- " + shlex.join(a))) for ssh, a in per_worker],
+      error="the run did not start on the worker(s) above (their log lines are printed); "
+      "`launch/tpu.py stop` the others before trying again",
+    )
+  return [check, start]
 
 
-def cmd_train(args, res: Resource) -> list[list[str]]:
-  return [res.ssh(train_command(args, res))]
-
-
-def cmd_logs(args, res: Resource) -> list[list[str]]:
+def cmd_logs(args, res: Resource) -> list[Step]:
   if args.fetch:
     if not args.accelerator_type:
       raise LaunchError("--fetch needs --accelerator_type to know how many workers there are")
-    commands = [["mkdir", "-p", args.fetch]]
+    steps = [Step(["mkdir", "-p", args.fetch])]
     for node_index, node in enumerate(res.node_names()):
       for worker in range(num_workers(args.accelerator_type)):
         local = os.path.join(args.fetch, f"{node}-worker{worker}.log")
-        commands.append(
-          res.scp(f"{res.name}:{REMOTE_LOG}", local, worker=str(worker), node=str(node_index))
+        steps.append(
+          Step(res.scp(f"{res.name}:{REMOTE_LOG}", local, worker=str(worker), node=str(node_index)))
         )
-    return commands
+    return steps
   tail = f"tail -n {args.lines}" + (" -F" if args.follow else "")
-  return [res.ssh(f"{tail} {REMOTE_LOG}", worker=args.worker, node=args.node)]
+  return [Step(res.ssh(f"{tail} {REMOTE_LOG}", worker=args.worker, node=args.node))]
 
 
-def cmd_status(args, res: Resource) -> list[list[str]]:
-  check = (
-    f"echo \"$(hostname): $(pgrep -f 'mav_jax[.]train' >/dev/null && echo running || "
-    f"echo 'not running')\"; tail -n 2 {REMOTE_LOG} 2>/dev/null || true"
-  )
-  return [res.describe(), res.ssh(check)]
+def cmd_status(args, res: Resource) -> list[Step]:
+  return [Step(res.describe()), Step(res.ssh(_worker("status")))]
 
 
-def cmd_stop(args, res: Resource) -> list[list[str]]:
-  # SIGTERM: the trainer saves a checkpoint and exits (multi-host runs agree on the step).
-  return [res.ssh("pkill -TERM -f 'mav_jax[.]train' || echo 'no run to stop'")]
+def cmd_stop(args, res: Resource) -> list[Step]:
+  # SIGTERM to each worker's trainer (by its PID file): it saves a checkpoint and exits 0; with
+  # several hosts, JAX's preemption service makes them agree on the step to stop at.
+  return [
+    Step(
+      res.ssh(_worker(f"stop --wait={args.wait:g}")),
+      error="the run did not stop cleanly on the worker(s) above",
+    )
+  ]
 
 
-def cmd_delete(args, res: Resource) -> list[list[str]]:
-  return [res.delete()]
+def cmd_delete(args, res: Resource) -> list[Step]:
+  return [Step(res.delete())]
 
 
 SUBCOMMANDS = {
@@ -279,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument(
     "--project",
     default=env("MAV_TPU_PROJECT"),
-    help="GCP project ($MAV_TPU_PROJECT; default: gcloud's)",
+    help="GCP project ($MAV_TPU_PROJECT)",
   )
   common.add_argument(
     "--accelerator_type",
@@ -342,10 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     "--foreground", action="store_true", help="stay attached and stream every worker's output"
   )
   p.add_argument(
-    "--allow_local_workdir", action="store_true", help="allow a non-GCS workdir (one host only)"
+    "--shared_workdir",
+    action="store_true",
+    help="the (non-GCS) workdir is one folder that every worker sees, e.g. an NFS / Filestore "
+    "mount (a one-host slice needs no flag)",
+  )
+  p.add_argument(
+    "--coordinator_address",
+    metavar="HOST:PORT",
+    help="name process 0's address and give each worker its process index (needs "
+    "--accelerator_type), for workers whose runtime does not find its peers itself; on TPU VMs "
+    "leave it out (the TPU runtime finds them)",
   )
   p.add_argument(
     "overrides", nargs="*", help="after --: flags for mav_jax.train, e.g. --config.batch_size=512"
+  )
+  p = parsers["stop"]
+  p.add_argument(
+    "--wait",
+    type=float,
+    default=600,
+    help="seconds each worker waits for its trainer to checkpoint and exit (default 600)",
   )
   p = parsers["logs"]
   p.add_argument("--follow", action="store_true", help="keep following (tail -F)")
@@ -356,22 +463,39 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def run(commands: list[list[str]], dry_run: bool) -> int:
-  for cmd in commands:
-    print("+ " + shlex.join(cmd), flush=True)
+def _call(cmd: list[str]) -> int:
+  try:
+    return subprocess.call(cmd)
+  except FileNotFoundError:
+    print(
+      f"error: {cmd[0]} is not installed (https://cloud.google.com/sdk/docs/install)",
+      file=sys.stderr,
+    )
+    return 127
+
+
+def run(steps: list[Step], dry_run: bool) -> int:
+  """Runs the steps in order (the commands of one step at once); stops at the first failure."""
+  for step in steps:
+    if step.note:
+      print(step.note, file=sys.stderr, flush=True)
+    for cmd in step.commands:
+      print("+ " + shlex.join(cmd), flush=True)
     if dry_run:
       continue
-    try:
-      code = subprocess.call(cmd)
-    except FileNotFoundError:
+    if len(step.commands) == 1:
+      codes = [_call(step.commands[0])]
+    else:
+      with concurrent.futures.ThreadPoolExecutor(len(step.commands)) as pool:
+        codes = list(pool.map(_call, step.commands))
+    code = next((c for c in codes if c), 0)
+    if code:
       print(
-        f"error: {cmd[0]} is not installed (https://cloud.google.com/sdk/docs/install)",
+        f"error: {step.error or f'the command above exited with {code}'}",
         file=sys.stderr,
+        flush=True,
       )
       return 1
-    if code:
-      print(f"error: the command above exited with {code}", file=sys.stderr)
-      return code
   return 0
 
 
@@ -382,10 +506,10 @@ def main(argv=None) -> int:
     if args.num_slices < 1:
       raise LaunchError(f"--num_slices must be >= 1, got {args.num_slices}")
     resource = Resource(args)
-    commands = SUBCOMMANDS[args.subcommand][0](args, resource)
+    steps = SUBCOMMANDS[args.subcommand][0](args, resource)
   except LaunchError as e:
-    parser.exit(2, f"error: {e}\n")
-  return run(commands, args.dry_run)
+    parser.exit(1, f"error: {e}\n")
+  return run(steps, args.dry_run)
 
 
 if __name__ == "__main__":

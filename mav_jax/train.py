@@ -25,6 +25,12 @@ _MULTIHOST = flags.DEFINE_bool(
   "Join the other hosts with jax.distributed.initialize() and its cluster auto-detection (Cloud "
   "TPU pods and multi-slice; launch/tpu.py sets it). Pod slices are detected without it.",
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+  "heartbeat_timeout",
+  100,
+  "Several processes: seconds without a heartbeat after which JAX's coordination service declares "
+  "a process lost and stops the others (default: JAX's 100).",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", None, "Fake this many CPU devices per process (for trying sharding on a laptop)."
 )
@@ -47,9 +53,14 @@ def main(argv):
 
   if (_NUM_PROCESSES.value or 1) > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+    )
   elif _MULTIHOST.value or _is_tpu_pod():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   logging.info(
     "process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count()
   )
@@ -60,6 +71,18 @@ def main(argv):
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
+  except Exception as e:
+    if jax.process_count() > 1:
+      # A failed collective usually means another process died; JAX's coordination service names
+      # it once its heartbeats stop, then ends this process too.
+      first = (str(e).strip().splitlines() or [""])[0][:300].rstrip(".")
+      train_lib.say(
+        f"[train] error: process {jax.process_index()} of {jax.process_count()} stopped: "
+        f"{type(e).__name__}: {first}. If another process died, the coordination service names "
+        f"it within --heartbeat_timeout={_HEARTBEAT_TIMEOUT.value} s and this process then ends; "
+        f"rerun the same command to resume from the last complete checkpoint.",
+      )
+    raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The mesh, the sharded state and the jitted step are `mav_jax.train_step`'s; this
 
 import os
 import signal
+import sys
 import tempfile
 from typing import Any
 
@@ -34,6 +35,13 @@ from mav_jax.utils import video_io
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
+
+
+def say(message: str) -> None:
+  """Prints one line in one write: the log's lines stay whole beside the metric writer's thread
+  (print writes the text and its newline separately)."""
+  sys.stdout.write(message + "\n")
+  sys.stdout.flush()
 
 
 @flax.struct.dataclass
@@ -134,11 +142,10 @@ def train_and_evaluate(
     if t.init_from:
       state = state_from_image_checkpoint(state, shardings, t.init_from)
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  print(
+  say(
     f"[train] {config.stage} ({config.variant}, {config.data.kind}): {n_params:,} parameters; "
     f"mesh {dict(mesh.shape)}; strategy {config.sharding.strategy}; "
     f"{'resumed at step ' + str(latest) if latest is not None else 'fresh start'}",
-    flush=True,
   )
 
   # Frozen models the stage reads (CLIP for the prior, D^t and ↑F), sharded like trained params.
@@ -192,7 +199,7 @@ def train_and_evaluate(
             checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         if stop:
-          print(f"[train] preempted at step {step}: checkpoint saved", flush=True)
+          say(f"[train] preempted at step {step}: checkpoint saved")
           break
       if pending is not None:
         _check_and_log(*pending, writer, losses, grad_norms, t, interval)
@@ -202,6 +209,8 @@ def train_and_evaluate(
     checkpointer.close()
     writer.flush()
   logging.info("data: %d examples made, %d skipped", data_stats.valid, data_stats.skipped)
+  if step >= t.num_steps:
+    say(f"[train] finished at step {step} (checkpoint saved)")
   return {"step": step, "losses": losses, "grad_norms": grad_norms, "state": state}
 
 
@@ -225,8 +234,7 @@ def _check_and_log(step, step_metrics, writer, losses, grad_norms, t, interval):
     interval[0] = None
     writer.write_scalars(step, scalars)
     # The loss printed is this step's, in full (runs can be compared); TensorBoard gets averages.
-    print(
+    say(
       f"[train] step {step}/{t.num_steps} loss {losses[step]!r} (avg {scalars['loss']:.4f}) "
       f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e}",
-      flush=True,
     )

@@ -1,13 +1,23 @@
-"""launch/: the Cloud TPU launcher's gcloud commands (dry runs, single host and multi-slice), its
-errors, and the local multi-host runner training a tiny stage with two processes."""
+"""launch/: the Cloud TPU launcher run against a stand-in gcloud (tests/fake_gcloud.py) whose
+TPU VM workers are folders on this machine: a run's whole life on 2 simulated workers forming one JAX
+job, a lost worker, setup's copy; the commands of a 2-slice queued resource (dry run: a multi-slice
+mesh cannot form on CPU); errors; and the local multi-host runner."""
 
+import glob
 import importlib.util
+import json
 import os
+import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from conftest import TEST_XLA_FLAGS
+from test_train import _SUBPROCESS_ENV, _SUBPROCESS_OVERRIDES, _flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +33,8 @@ def _load(name):
 
 tpu = _load("tpu")
 local = _load("local")
+worker = _load("worker")
 
-SINGLE = ["--name=mav-1", "--zone=us-east5-a", "--project=proj", "--accelerator_type=v5p-8"]
 MULTI = [
   "--name=mav-ms",
   "--zone=us-east5-a",
@@ -32,52 +42,279 @@ MULTI = [
   "--accelerator_type=v5p-128",
   "--num_slices=2",
 ]
+_MAV_VARS = ("MAV_TPU_NAME", "MAV_TPU_ZONE", "MAV_TPU_PROJECT", "MAV_TPU_TYPE", "MAV_TPU_SLICES")
+# How long JAX's coordination service waits for a lost process's heartbeats in these tests (its
+# default is 100 s; MAV_TEST_HEARTBEAT_TIMEOUT=100 measures that).
+HEARTBEAT = int(os.environ.get("MAV_TEST_HEARTBEAT_TIMEOUT", "10"))
 
 
 def _commands(capsys, *argv) -> list[list[str]]:
   """The commands a dry run prints (each '+ ' line, split like a shell would)."""
-  for var in ("MAV_TPU_NAME", "MAV_TPU_ZONE", "MAV_TPU_PROJECT", "MAV_TPU_TYPE", "MAV_TPU_SLICES"):
+  for var in _MAV_VARS:
     os.environ.pop(var, None)
   assert tpu.main([argv[0], "--dry_run", *argv[1:]]) == 0  # before any "--"
   out = capsys.readouterr().out
   return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
 
 
-def test_single_host_commands(capsys):
-  [create] = _commands(capsys, "create", *SINGLE, "--spot")
-  assert create == [
-    "gcloud", "compute", "tpus", "tpu-vm", "create", "mav-1", "--zone=us-east5-a",
-    "--project=proj", "--accelerator-type=v5p-8", "--version=v2-alpha-tpuv5", "--spot",
-  ]  # fmt: skip
-  archive, copy, unpack, install = _commands(capsys, "setup", *SINGLE)
-  assert archive[:3] == ["git", "-C", REPO] and archive[-1] == "HEAD"
-  assert copy[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
-  assert copy[6] == "mav-1:~/mav_jax.tar.gz" and "--worker=all" in copy
-  assert unpack[4:6] == ["ssh", "mav-1"] and "--worker=all" in unpack
-  assert "pip install -q -r requirements.txt -r requirements-tpu.txt" in install[-1]
-  [train] = _commands(
-    capsys, "train", *SINGLE, "--config=configs/decoder.py:paper", "--workdir=gs://b/run",
-    "--", "--config.batch_size=64",
-  )  # fmt: skip
-  assert train[:9] == [
-    "gcloud", "compute", "tpus", "tpu-vm", "ssh", "mav-1", "--zone=us-east5-a", "--project=proj",
-    "--worker=all",
-  ]  # fmt: skip
-  remote = train[9].removeprefix("--command=")
-  assert (
-    "~/mav_jax_venv/bin/python -m mav_jax.train --config=configs/decoder.py:paper "
-    "--workdir=gs://b/run --multihost --config.batch_size=64 > ~/mav_jax_logs/train.log" in remote
+# ---------------------------------------------------------------------------------------------
+# The launcher executed against the stand-in gcloud.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def source_repo(tmp_path_factory):
+  """This checkout's files (committed or not, as the tests see them) as one commit of a git
+  repository: what `setup --source=git` clones on the workers."""
+  repo = tmp_path_factory.mktemp("source")
+  files = subprocess.run(
+    ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    cwd=REPO, capture_output=True, check=True,
+  ).stdout.decode().split("\0")  # fmt: skip
+  for name in filter(None, files):
+    if os.path.isfile(os.path.join(REPO, name)):  # deleted but not yet committed: left out
+      os.makedirs(repo / os.path.dirname(name), exist_ok=True)
+      os.link(os.path.join(REPO, name), repo / name)
+  git = ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+  subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+  subprocess.run(git + ["add", "-A"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "the tree under test"], check=True)
+  return str(repo)
+
+
+class FakeCloud:
+  """launch/tpu.py run with tests/fake_gcloud.py as `gcloud` (one TPU VM, MAV_TPU_* set)."""
+
+  def __init__(self, root, name: str, accelerator_type: str):
+    self.root, self.name = str(root), name
+    bin_dir = os.path.join(self.root, "bin")
+    os.makedirs(bin_dir)
+    with open(os.path.join(bin_dir, "gcloud"), "w") as f:
+      f.write(f'#!/bin/sh\nexec {sys.executable} {REPO}/tests/fake_gcloud.py "$@"\n')
+    os.chmod(os.path.join(bin_dir, "gcloud"), 0o755)
+    # The workers' own environment (ssh does not carry ours): this machine has no package index,
+    # and every JAX process of the suite compiles the same way, into one cache.
+    with open(os.path.join(self.root, "worker_env.json"), "w") as f:
+      json.dump(
+        {
+          **_SUBPROCESS_ENV,
+          "XLA_FLAGS": TEST_XLA_FLAGS,
+          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+          "PIP_NO_INDEX": "1",
+          "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        },
+        f,
+      )
+    self.env = {k: v for k, v in os.environ.items() if k not in _MAV_VARS}
+    self.env.update(
+      PATH=f"{bin_dir}:{os.environ['PATH']}",
+      FAKE_GCLOUD_ROOT=self.root,
+      MAV_TPU_PROJECT="proj",
+      MAV_TPU_ZONE="us-east5-a",
+      MAV_TPU_NAME=name,
+      MAV_TPU_TYPE=accelerator_type,
+    )
+
+  def launch(self, *argv, check=True, timeout=300) -> str:
+    """Runs launch/tpu.py; returns its stdout and stderr together."""
+    done = subprocess.run(
+      [sys.executable, "launch/tpu.py", *argv],
+      cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    if check:
+      assert done.returncode == 0, out
+    self.returncode = done.returncode
+    return out
+
+  def home(self, i: int) -> str:
+    return os.path.join(self.root, "workers", self.name, f"w{i}")
+
+  def files(self, i: int):
+    return worker.Files(os.path.join(self.home(i), "mav_jax_logs"))
+
+  def log(self, i: int) -> str:
+    with open(self.files(i).log, errors="replace") as f:
+      return f.read()
+
+  def steps(self, i: int) -> int:
+    found = re.findall(r"^\[train\] step (\d+)/", self.log(i), re.M)
+    return int(found[-1]) if found else 0
+
+  def wait(self, condition, what: str, timeout: float = 240) -> float:
+    start = time.monotonic()
+    while not condition():
+      assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s\n" + "\n".join(
+        self.log(i)[-3000:] for i in (0, 1)
+      )
+      time.sleep(0.2)
+    return time.monotonic() - start
+
+  def calls(self) -> list[list[str]]:
+    with open(os.path.join(self.root, "calls.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+  def kill_runs(self):
+    """Leaves no trainer behind (a failed test may)."""
+    for logs in glob.glob(os.path.join(self.root, "workers", "*", "*", "mav_jax_logs")):
+      pid = worker.running_pid(worker.Files(logs))
+      if pid:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def make_cloud(tmp_path):
+  clouds = []
+
+  def make(name, accelerator_type="v5p-16"):
+    clouds.append(FakeCloud(tmp_path / f"cloud_{name}", name, accelerator_type))
+    return clouds[-1]
+
+  yield make
+  for cloud in clouds:
+    cloud.kill_runs()
+
+
+def _up(cloud, source_repo) -> None:
+  """create -> (the pre-built venv on each worker) -> setup from the tree under test."""
+  cloud.launch("create")
+  for i in range(2):
+    os.symlink(os.path.join(REPO, ".venv"), os.path.join(cloud.home(i), "mav_jax_venv"))
+  out = cloud.launch("setup", "--source=git", f"--repo_url={source_repo}")
+  commit = subprocess.run(
+    ["git", "-C", source_repo, "log", "-1", "--format=%h"], capture_output=True, text=True
+  ).stdout.strip()
+  assert out.count(f": {commit} the tree under test") == 2, out  # each worker says what it has
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _train_flags(workdir, num_steps, launcher=(), trainer=()) -> list[str]:
+  """`train` for the 2 simulated workers: a workdir both see, process 0's address (they are not
+  TPU VMs, whose runtime finds the peers), a tiny decoder on 2 fake CPU devices each."""
+  return [
+    "--config=configs/decoder.py:tiny",
+    f"--workdir={workdir}",
+    "--shared_workdir",
+    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    *launcher,
+    "--",
+    "--cpu_devices=2",
+    f"--heartbeat_timeout={HEARTBEAT}",
+    *_flags(_SUBPROCESS_OVERRIDES),
+    f"--config.train.num_steps={num_steps}",
+    *trainer,
+  ]
+
+
+def _checkpoints(workdir) -> list[int]:
+  """The complete checkpoints' steps (Orbax renames a step's folder to its number once written)."""
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def test_life_of_a_run_on_two_workers(make_cloud, source_repo, tmp_path):
+  """create -> setup -> train (2 processes, one JAX job) -> status -> a second train refused ->
+  stop (both checkpoint, exit 0) -> train resumes and finishes -> status -> logs --fetch -> delete."""
+  cloud = make_cloud("mav")
+  _up(cloud, source_repo)
+  workdir = tmp_path / "run"
+
+  out = cloud.launch("train", *_train_flags(workdir, 10_000))
+  assert out.count(": started (pid") == 2, out
+  out = cloud.launch("status")
+  assert "state: READY" in out and out.count(": running (pid") == 2, out
+  pids = [worker.running_pid(cloud.files(i)) for i in (0, 1)]
+
+  out = cloud.launch("train", *_train_flags(workdir, 10_000), check=False)  # refused: busy
+  assert cloud.returncode == 1, out
+  assert out.count(": a run is going (pid") == 2 and "error: nothing was started" in out, out
+  assert [worker.running_pid(cloud.files(i)) for i in (0, 1)] == pids
+
+  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) >= 3, "3 steps on both workers")
+  out = cloud.launch("stop")
+  stopped = re.findall(r"\[train\] preempted at step (\d+): checkpoint saved", out)
+  assert out.count(": stopped (pid") == 2 and out.count("exited 0") == 2, out
+  assert len(stopped) == 2 and stopped[0] == stopped[1], out  # both stopped at the same step
+  step = int(stopped[0])
+  assert _checkpoints(workdir)[-1] == step
+  out = cloud.launch("stop")
+  assert out.count(": no run to stop") == 2, out
+
+  cloud.launch("train", *_train_flags(workdir, step + 2))
+  cloud.wait(lambda: worker.running_pid(cloud.files(0)) is None, "the run finishing")
+  cloud.wait(lambda: worker.running_pid(cloud.files(1)) is None, "the run finishing")
+  for i in (0, 1):
+    assert cloud.log(i).count(f"resumed at step {step}") == 1  # one JAX job: both resumed
+  out = cloud.launch("status")
+  assert out.count(": exited 0") == 2, out
+  assert out.count(f"[train] finished at step {step + 2} (checkpoint saved)") == 2, out
+  assert "process 1 of 2, 4 devices" in cloud.log(1)
+
+  out = cloud.launch("logs", f"--fetch={tmp_path / 'logs'}")
+  for i in (0, 1):
+    with open(tmp_path / "logs" / f"mav-worker{i}.log") as f:
+      fetched = f.read()
+    assert fetched == cloud.log(i) and fetched.startswith(f"[worker] t1v-n-mav-w-{i} ")
+  out = cloud.launch("logs", "--lines=1")  # worker 0's last line
+  assert out.strip().endswith(cloud.log(0).strip().splitlines()[-1])
+
+  cloud.launch("delete")
+  out = cloud.launch("status", check=False)
+  assert cloud.returncode == 1 and "NOT_FOUND" in out
+  verbs = [call[3] for call in cloud.calls()]
+  assert verbs[:3] == ["create", "ssh", "ssh"] and verbs[-2:] == ["delete", "describe"]
+
+
+def test_a_lost_worker_stops_the_other_and_the_next_run_resumes(make_cloud, source_repo, tmp_path):
+  """One worker's trainer is killed: the other ends within the heartbeat timeout, `status` names
+  the lost process, and `train` (attached, --foreground) resumes from the last complete
+  checkpoint."""
+  cloud = make_cloud("lost")
+  _up(cloud, source_repo)
+  workdir = tmp_path / "run"
+  cloud.launch(
+    "train", *_train_flags(workdir, 10_000, trainer=["--config.train.checkpoint_every=2"])
   )
-  assert "setsid nohup" in remote and "mesh.dcn" not in remote
-  [logs] = _commands(capsys, "logs", *SINGLE, "--follow")
-  assert logs[-2:] == ["--worker=0", "--command=tail -n 100 -F ~/mav_jax_logs/train.log"]
-  describe, check = _commands(capsys, "status", *SINGLE)
-  assert describe[4:6] == ["describe", "mav-1"] and "pgrep" in check[-1]
-  [delete] = _commands(capsys, "delete", *SINGLE)
-  assert delete == [
-    "gcloud", "compute", "tpus", "tpu-vm", "delete", "mav-1", "--zone=us-east5-a",
-    "--project=proj", "--quiet",
-  ]  # fmt: skip
+  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) >= 5, "5 steps on both workers")
+  survivor = worker.running_pid(cloud.files(0))
+  os.kill(worker.running_pid(cloud.files(1)), signal.SIGKILL)
+  noticed = cloud.wait(lambda: worker.running_pid(cloud.files(0)) is None, "the survivor", 600)
+  print(f"survivor (pid {survivor}) ended {noticed:.1f} s after its peer was killed")
+  assert noticed < 2 * HEARTBEAT + 30, noticed  # bounded: JAX's heartbeat timeout, and margin
+  out = cloud.launch("status")
+  assert "t1v-n-lost-w-1: ended by SIGKILL" in out, out
+  assert "t1v-n-lost-w-0: ended by SIGABRT" in out and "lost contact with process 1" in out, out
+  assert "[train] error: process 0 of 2 stopped" in cloud.log(0)
+
+  last = _checkpoints(workdir)[-1]
+  out = cloud.launch("train", *_train_flags(workdir, last + 1, launcher=["--foreground"]))
+  assert out.count(f"resumed at step {last}") == 2, out
+  assert out.count(f"[train] finished at step {last + 1}") == 2, out
+
+
+def test_setup_copies_the_committed_tree_and_installs(make_cloud):
+  """`setup` (default: git HEAD copied) gives every worker the committed tree and a venv."""
+  cloud = make_cloud("copy")
+  cloud.launch("create")
+  for i in range(2):
+    os.symlink(os.path.join(REPO, ".venv"), os.path.join(cloud.home(i), "mav_jax_venv"))
+  out = cloud.launch("setup")
+  assert re.findall(r"^0 1$", out, re.M) == ["0 1"] * 2, out  # jax imports: process 0, 1 device
+  committed = subprocess.run(
+    ["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=REPO, capture_output=True, text=True
+  ).stdout.split()
+  for i in range(2):
+    copied = subprocess.run(
+      ["find", ".", "-type", "f"], cwd=os.path.join(cloud.home(i), "mav_jax"),
+      capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert sorted(p[2:] for p in copied) == sorted(committed)
+  out = cloud.launch("status")  # set up, nothing run yet
+  assert out.count(": no run started") == 2, out
 
 
 def test_multi_host_multi_slice_commands(capsys):
@@ -89,10 +326,12 @@ def test_multi_host_multi_slice_commands(capsys):
   ]  # fmt: skip
   for cmd in _commands(capsys, "setup", *MULTI)[1:]:  # every worker of every slice
     assert cmd[3] == "queued-resources" and "--worker=all" in cmd and "--node=all" in cmd
-  [train] = _commands(
+  check, train = _commands(
     capsys, "train", *MULTI, "--config=configs/sr_low.py:paper", "--workdir=gs://b/sr"
   )
-  assert "--worker=all" in train and "--node=all" in train
+  for cmd in (check, train):
+    assert "--worker=all" in cmd and "--node=all" in cmd
+  assert check[-1].endswith("launch/worker.py check")
   remote = train[-1].removeprefix("--command=")
   assert "--multihost '--config.mesh.dcn=(2,1,1)'" in remote  # data parallel across the 2 slices
   fetch = _commands(capsys, "logs", *MULTI, "--fetch=logs")
@@ -113,69 +352,76 @@ def test_workers_per_slice(accelerator, hosts):
   assert tpu.num_workers(accelerator) == hosts
 
 
+W = ["--name=n", "--zone=z", "--project=p"]  # where
+
+
 @pytest.mark.parametrize(
   "argv,message",
   [
-    (["create", "--zone=z", "--accelerator_type=v5p-8"], "give --name and --zone"),
-    (["create", "--name=n", "--zone=z", "--accelerator_type=v9-8"], "is not one of"),
-    (["train", "--name=n", "--zone=z", "--config=c", "--workdir=/tmp/w"], "is not on GCS"),
-    (["logs", "--name=n", "--zone=z", "--fetch=d"], "--fetch needs --accelerator_type"),
-    (["setup", "--name=n", "--zone=z", "--source=git"], "--source=git needs --repo_url"),
+    (["create", "--zone=z", "--project=p", "--accelerator_type=v5p-8"], "give --name (or set"),
+    (["status", "--name=n", "--zone=z"], "give --project (or set"),
+    (["create", *W, "--accelerator_type=v9-8"], "'v9-8' is not one of v4-N, v5p-N"),
+    (["train", *W, "--config=c", "--workdir=/tmp/w"], "is not on GCS and the workers do not"),
+    (["train", *W, "--accelerator_type=v5p-16", "--config=c", "--workdir=w"], "--shared_workdir"),
+    (["train", *W, "--config=c", "--workdir=gs://b/w", "--coordinator_address=h:1"],
+     "--coordinator_address needs --accelerator_type"),
+    (["logs", *W, "--fetch=d"], "--fetch needs --accelerator_type"),
+    (["setup", *W, "--source=git"], "--source=git needs --repo_url"),
   ],
-)
+)  # fmt: skip
 def test_errors_name_the_fix_and_run_nothing(argv, message, capsys):
-  for var in ("MAV_TPU_NAME", "MAV_TPU_ZONE"):
+  for var in _MAV_VARS:
     os.environ.pop(var, None)
   with pytest.raises(SystemExit) as exit_info:
     tpu.main([argv[0], "--dry_run", *argv[1:]])
-  assert exit_info.value.code == 2
+  assert exit_info.value.code == 1
   captured = capsys.readouterr()
+  assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
   assert message in captured.err and "+ " not in captured.out
 
 
+def test_a_one_host_slice_may_use_a_local_workdir(capsys):
+  _, start = _commands(capsys, "train", *W, "--accelerator_type=v5p-8", "--config=c", "--workdir=w")
+  assert "--workdir=w --multihost" in start[-1]
+
+
 def test_help_of_every_script_and_subcommand():
-  for argv in (["launch/tpu.py"], ["launch/local.py"]) + tuple(
+  for argv in (["launch/tpu.py"], ["launch/local.py"], ["launch/worker.py"]) + tuple(
     ["launch/tpu.py", name] for name in tpu.SUBCOMMANDS
   ):
     out = subprocess.run(
       [sys.executable, *argv, "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    assert "--dry_run" in out, argv
+    assert "--dry_run" in out or argv[0] == "launch/worker.py", argv
+    assert "usage:" in out
 
 
 def test_local_runner_trains_a_tiny_stage_with_two_processes(tmp_path):
-  """Two processes of 4 fake devices train, checkpoint and resume together."""
-  from test_train import _SUBPROCESS_ENV, _SUBPROCESS_OVERRIDES, _flags
-
-  def run(num_steps):
-    args = [
-      "--num_processes=2",
-      "--cpu_devices=4",
-      "--",
-      "--config=configs/decoder.py:tiny",
-      f"--workdir={tmp_path}",
-      *_flags(_SUBPROCESS_OVERRIDES),
-      f"--config.train.num_steps={num_steps}",
-    ]
-    done = subprocess.run(
-      [sys.executable, "launch/local.py", *args],
-      cwd=REPO,
-      env={**os.environ, **_SUBPROCESS_ENV},
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-  out = run(2)
-  assert "[process 0] [train] decoder (tiny, video)" in out
-  assert "[process 1] [train] decoder (tiny, video)" in out
+  """Two processes of 4 fake devices train one 8-device mesh (resuming is the Cloud TPU tests')."""
+  args = [
+    "--num_processes=2",
+    "--cpu_devices=4",
+    "--",
+    "--config=configs/decoder.py:tiny",
+    f"--workdir={tmp_path}",
+    *_flags(_SUBPROCESS_OVERRIDES),
+    "--config.train.num_steps=2",
+  ]
+  done = subprocess.run(
+    [sys.executable, "launch/local.py", *args],
+    cwd=REPO,
+    env={**os.environ, **_SUBPROCESS_ENV},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  out = done.stdout
+  assert done.returncode == 0, out + done.stderr
+  for i in (0, 1):
+    assert f"[process {i}] [train] decoder (tiny, video)" in out
+    assert f"[process {i}] [train] finished at step 2" in out
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-  out = run(4)
-  assert "[process 0]" in out and out.count("resumed at step 2") == 2
-  assert "4" in os.listdir(tmp_path / "checkpoints")
+  assert _checkpoints(tmp_path) == [2]
 
 
 def test_local_runner_stops_the_others_when_one_fails(tmp_path):
