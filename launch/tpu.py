@@ -244,9 +244,9 @@ def cmd_setup(args, res: Resource) -> list[Step]:
 def _worker(action: str) -> str:
   """The shell line that runs launch/worker.py ACTION on a worker."""
   return (
-    f"cd {REMOTE_DIR} 2>/dev/null && test -x {REMOTE_VENV}/bin/python || "
-    f'{{ echo "$(hostname): no code or venv in {REMOTE_DIR}, {REMOTE_VENV}: run '
-    f"'launch/tpu.py setup' first\"; exit 1; }}; {REMOTE_VENV}/bin/python launch/worker.py {action}"
+    f"cd {REMOTE_DIR} 2>/dev/null && test -f launch/worker.py -a -x {REMOTE_VENV}/bin/python || "
+    f'{{ echo "$(hostname): no code (or an older one) in {REMOTE_DIR}, or no {REMOTE_VENV}: run '
+    f"'launch/tpu.py setup'\"; exit 1; }}; {REMOTE_VENV}/bin/python launch/worker.py {action}"
   )
 
 
