@@ -165,7 +165,7 @@ class Resource:
 
 
 # ---------------------------------------------------------------------------------------------
-# Subcommands: each returns the list of commands to run.
+# Subcommands: each returns its steps (the commands to run).
 # ---------------------------------------------------------------------------------------------
 
 
