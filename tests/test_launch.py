@@ -402,10 +402,10 @@ def test_help_of_every_script_and_subcommand():
 
 
 def test_local_runner_trains_a_tiny_stage_with_two_processes(tmp_path):
-  """Two processes of 4 fake devices train one 8-device mesh (resuming is the Cloud TPU tests')."""
+  """Two processes of 2 fake devices train one 4-device mesh (resuming is the Cloud TPU tests')."""
   args = [
     "--num_processes=2",
-    "--cpu_devices=4",
+    "--cpu_devices=2",
     "--",
     "--config=configs/decoder.py:tiny",
     f"--workdir={tmp_path}",
@@ -425,7 +425,7 @@ def test_local_runner_trains_a_tiny_stage_with_two_processes(tmp_path):
   for i in (0, 1):
     assert f"[process {i}] [train] decoder (tiny, video)" in out
     assert f"[process {i}] [train] finished at step 2" in out
-  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
   assert _checkpoints(tmp_path) == [2]
 
 
