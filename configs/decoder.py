@@ -8,15 +8,10 @@ Variants (the part after the colon):
         conditioned on the shipped tiny CLIP (checkpoints/tiny/clip).
   base: 16 frames of 64x64 (the paper's D^t resolution), a mid-sized UNet for one accelerator.
   paper: 16 frames of 64x64 with a UNet sized like DALL-E 2's 64px decoder (~1.2B parameters).
-  throughput: the CPU throughput benchmark's model (README, performance): 61.9M parameters on a
-        batch of 2 clips of 8 frames at 32x32, float32, matched to make-a-video-pytorch's
-        SpaceTimeUnet reference (scripts/reference_throughput_pytorch.py).
-  throughput_efficient: the same parameter budget (62.7M) and input, spent where it is cheap: half
-        the width at 32x32 (mults (1, 4, 8, 16) on 32 channels) and the frame count halved at every
-        level (8, 4, 2, 1 frames), the upsampling convs narrowed to the level they enter
-        (model.narrow_upsample), so the deep levels hold the parameters and the large ones little
-        of the compute; 1.52-1.65x make-a-video-pytorch's samples/s on one CPU core (README,
-        performance).
+  tiny_text: the tiny D^t made text-aware (beyond the paper, docs/text_motion.md): the caption
+        steers motion (model.text_motion), trained on with a time per frame
+        (diffusion.frame_noise) from the shipped paper-faithful tiny D^t (train.init_from); the
+        recipe of checkpoints/tiny/decoder_text as one schedule (scripts/train_decoder_text.sh).
 
 Train (images first, then video from that checkpoint with temporal layers added):
   python -m mav_jax.train --config configs/decoder.py:tiny --workdir workdirs/tiny_image \
@@ -30,7 +25,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "base", "paper", "throughput", "throughput_efficient")
+VARIANTS = ("tiny", "tiny_text", "base", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,33 +42,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Device mesh, sharding strategy and training loop.
   config_defaults.add_runtime(config)
 
-  if config.variant == "tiny":
+  if config.variant in ("tiny", "tiny_text"):
     config_defaults.make_tiny(config)
-  elif config.variant in ("throughput", "throughput_efficient"):
-    # Width and depth matched to the reference's parameter count (61.9M vs its 60.5M).
-    config.model.channels = 64
-    config.model.channel_mults = (1, 2, 4, 8)
-    config.model.num_res_blocks = 1
-    config.model.attention_levels = (3,)
-    config.model.mid_attention = False
-    config.model.dtype = "float32"
-    # XLA's CPU backend has no fast 3D conv (conv.TemporalConv).
-    config.model.temporal_conv = "matmul"
-    # ... nor a fast 3x3 conv on small frames: one im2col matmul at <= 8x8 (common.Im2colConv).
-    config.model.spatial_conv = "auto"
-    config.data.num_frames = 8
-    config.data.resolution = 32
-    config.batch_size = 2
-    config.conditioning.clip = config_defaults.TINY_CLIP
-    config.conditioning.embedding_dim = 32
-    if config.variant == "throughput_efficient":
-      # Efficient U-Net's allocation (Imagen): parameters at the small levels, FLOPs off the large.
-      config.model.channels = 32
-      config.model.channel_mults = (1, 4, 8, 16)
-      config.model.temporal_downsample = (True, True, True)
-      config.model.narrow_upsample = True
-      # One more block at 8x8 (2 frames there) brings the count to 62.7M, 3.6% over the reference.
-      config.model.level_res_blocks = (1, 1, 2, 1)
+  if config.variant == "tiny_text":
+    text = config.model.text_motion
+    text.enabled = True
+    text.vocab_size = 259  # the tiny CLIP's byte tokenizer: 256 bytes + 3 special tokens
+    text.conv_size = 3
+    # Half the clips train with a noise level per frame: the caption must say where things go.
+    config.diffusion.frame_noise = 0.5
+    config.diffusion.shift = 2.0
+    config.diffusion.weighting = "plain"  # equal weight on every noise level
+    config.data.fps_max = 4.0  # training clips at 2-4 fps
+    config.batch_size = 16
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.final_lr_ratio = 0.05
+    config.optimizer.text_lr_multiplier = 3.0  # the text pathway's learning rate: 3e-3
+    config.train.init_from = "checkpoints/tiny/decoder"  # the shipped paper-faithful D^t
+    config.train.num_steps = 4500
+    config.train.checkpoint_every = 500
+    config.train.sample_every = 0
   elif config.variant == "paper":
     config.model.channels = 320
     config.model.num_res_blocks = 3

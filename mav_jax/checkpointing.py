@@ -177,8 +177,54 @@ def _tuples(value):
   return value
 
 
+# Options a config of an earlier mav_jax may hold that are gone (docs/benchmarks.md, CPU
+# throughput; docs/text_motion.md, what did not work), with their neutral values: at those values a
+# model built without them is the same; at any other the checkpoint needs that earlier mav_jax.
+_REMOVED = {
+  "model": {
+    "spatial_conv": "conv",
+    "temporal_conv": "conv",
+    "narrow_upsample": False,
+    "temporal_downsample": [],
+    "level_res_blocks": [],
+    "text_motion_field": False,
+    "text_field_pool": None,  # any: it only shaped text_motion_field
+  },
+  "conditioning": {"caption_only_dropout": 0.0, "embedding_frame": "random"},
+  "sampling": {"frame_lead": 0.0},
+  "train": {"kill_at_step": 0},
+}
+_LAST_WITH_REMOVED = "020500d"  # the last commit with every removed option
+
+
+def upgrade_config(data: dict) -> dict:
+  """A config (as JSON data) from an earlier mav_jax in today's form: model.temporal_text_attention,
+  text_vocab_size and text_motion_conv become model.text_motion (enabled, vocab_size, conv_size);
+  removed options at their neutral values are dropped, and any other value is an error."""
+  data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+  for section, fields in _REMOVED.items():
+    for field, neutral in fields.items():
+      if field not in data.get(section, {}):
+        continue
+      value = data[section].pop(field)
+      if neutral is not None and value != neutral and value != _tuples(neutral):
+        raise ValueError(
+          f"this checkpoint was made with {section}.{field} = {value!r}, an option mav_jax no "
+          f"longer has; run it with mav_jax at commit {_LAST_WITH_REMOVED} "
+          f"(git checkout {_LAST_WITH_REMOVED})"
+        )
+  model = data.get("model", {})
+  if "temporal_text_attention" in model:
+    model["text_motion"] = {
+      "enabled": model.pop("temporal_text_attention"),
+      "vocab_size": model.pop("text_vocab_size", 0),
+      "conv_size": model.pop("text_motion_conv", 0),
+    }
+  return data
+
+
 def config_from_json(data: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(_tuples(data))
+  return ml_collections.ConfigDict(_tuples(upgrade_config(data)))
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

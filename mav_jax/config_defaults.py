@@ -88,7 +88,7 @@ def add_optimizer(config: ml_collections.ConfigDict) -> None:
   config.optimizer.b2 = 0.99
   # Global gradient-norm clip.
   config.optimizer.grad_clip = 1.0
-  # Learning-rate multiplier for the text-aware motion parameters (model.temporal_text_attention).
+  # Learning-rate multiplier for the text-aware motion parameters (model.text_motion).
   config.optimizer.text_lr_multiplier = 1.0
   # Examples per step, over all hosts.
   config.batch_size = 8
@@ -135,9 +135,6 @@ def add_runtime(config: ml_collections.ConfigDict) -> None:
   config.train.num_samples = 4
   # Capture a profile (clu.periodic_actions.Profile) early in the run.
   config.train.profile = False
-  # Testing only: SIGKILL the process right after saving the checkpoint at this step (which must
-  # be a checkpoint step; 0: never).
-  config.train.kill_at_step = 0
 
 
 def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
@@ -150,12 +147,6 @@ def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
   config.conditioning.embedding_dim = 512
   # Width of CLIP's text tower (token features the prior reads).
   config.conditioning.text_width = 512
-  # Beyond the paper (with model.temporal_text_attention): probability that a captioned clip trains
-  # without its image embedding, caption only, so the caption pathway has to carry the content.
-  config.conditioning.caption_only_dropout = 0.0
-  # D^t: the frame whose CLIP embedding conditions a training clip: "random" (default) or "first"
-  # (the embedding then anchors the clip's start; the sampler's embedding plays that frame).
-  config.conditioning.embedding_frame = "random"
   # Super-resolution: side of the low-resolution input.
   config.conditioning.low_resolution = 64
   # Super-resolution: largest noise-augmentation level (diffusion time) in training.
@@ -175,14 +166,6 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.channel_mults = (1, 2, 3, 4)
   # Residual blocks per level.
   config.model.num_res_blocks = 2
-  # Per-level residual block counts overriding num_res_blocks (empty: num_res_blocks everywhere).
-  config.model.level_res_blocks = ()
-  # Not in the paper: one flag per level transition; True halves the frames from level i to i + 1
-  # (make-a-video-pytorch's temporal compression). Empty: every level keeps every frame.
-  config.model.temporal_downsample = ()
-  # Not in the paper: the upsampling conv narrows to the width of the level it enters (DDPM's
-  # keeps the deeper level's width at the larger size).
-  config.model.narrow_upsample = False
   # Levels with pseudo-3D attention (indices into channel_mults).
   config.model.attention_levels = (1, 2, 3)
   # Attention block in the middle of the UNet.
@@ -197,33 +180,25 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.use_global_embedding = True
   # Cross-attention to context tokens (off: D^t sees text only through the embedding).
   config.model.use_cross_attention = False
-  # Beyond the paper: temporal layers also cross-attend to the caption's CLIP token features, so
-  # motion can follow the text (D^t and ↑F; clips without a caption train as in the paper).
-  config.model.temporal_text_attention = False
-  # Beyond the paper, with temporal_text_attention: > 0 (the tokenizer's vocabulary size) adds a
-  # learned embedding of the caption's token ids to CLIP's token features for the text pathway, so
-  # captioned video can teach it words a still-image CLIP barely separates (motion words).
-  config.model.text_vocab_size = 0
-  # Beyond the paper, with temporal_text_attention: a caption x absolute (y, x, frame) field added
-  # after the input conv (models/caption_field.py), so the caption can place motion in time.
-  config.model.text_motion_field = False
-  # How the field reads the caption: "mean" (mean token feature, added to the position features) or
-  # "sum" (a per-token SiLU layer, summed and LayerNormed, multiplying the position features).
-  config.model.text_field_pool = "mean"
-  # Beyond the paper, with temporal_text_attention: > 0 (an odd spatial size, e.g. 3) adds after every
-  # residual block a depthwise (frame, y, x) conv whose kernels the caption mixes, so the caption
-  # can say which way things move between frames (models/caption_field.py CaptionMotionConv).
-  config.model.text_motion_conv = 0
+  # Beyond the paper: text-aware motion (docs/text_motion.md; configs/decoder.py:tiny_text). The
+  # paper's temporal layers never see the caption; these let the caption steer motion.
+  config.model.text_motion = ml_collections.ConfigDict()
+  # The temporal layers also cross-attend to the caption's CLIP token features, and a pooled
+  # summary joins the conditioning embedding (video mode; clips without a caption train as in the
+  # paper). Needed by the two fields below.
+  config.model.text_motion.enabled = False
+  # > 0 (the tokenizer's vocabulary size): a learned embedding of the caption's token ids is added
+  # to CLIP's token features, so captioned video can teach words a still-image CLIP barely
+  # separates (motion words). 0: CLIP's features only.
+  config.model.text_motion.vocab_size = 0
+  # > 0 (odd, e.g. 3): after every residual block a depthwise (frame, y, x) conv of this spatial
+  # size whose kernels the caption mixes (models/caption_motion.py), so the caption can say which
+  # way things move between frames. 0: off.
+  config.model.text_motion.conv_size = 0
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
   # Taps of every temporal conv.
   config.model.temporal_kernel_size = 3
-  # Temporal conv implementation: "conv" (a 3D conv) or "matmul" (one matmul per tap: the same
-  # function and parameters, faster on XLA's CPU backend).
-  config.model.temporal_conv = "conv"
-  # Spatial (3x3) conv implementation: "conv", "im2col" (one matmul of the shifted inputs) or
-  # "auto" (im2col on frames of at most 64 pixels, where XLA's CPU backend is slow at convs).
-  config.model.spatial_conv = "conv"
   # Dropout inside residual blocks.
   config.model.dropout = 0.0
   # Rematerialise block activations in the backward pass.
@@ -260,10 +235,6 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.sampling.sampler = "ddim"
   # Model evaluations per sample.
   config.sampling.num_steps = 50
-  # Beyond the paper: > 0 denoises the first frames ahead of the last (the last frame starts this
-  # fraction of the run after the first, the others in between), for a model trained with
-  # diffusion.frame_noise; "ddim" / "ddpm" only. 0: every frame at one time.
-  config.sampling.frame_lead = 0.0
   # DDIM eta (0: deterministic).
   config.sampling.eta = 0.0
   # Classifier-free guidance scale (1: no guidance).

@@ -48,12 +48,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 60, "Motion: clips per cascade call.
 _FPS = flags.DEFINE_float("fps", None, "Motion: D^t's frame rate (default: the decoder's).")
 _STEPS = flags.DEFINE_string("steps", None, "Sampler steps, or stage=n,... (default: configs).")
 _GUIDANCE = flags.DEFINE_string("guidance", None, "Guidance scale, or stage=scale,...")
-_FRAME_LEAD = flags.DEFINE_string(
-  "frame_lead",
-  None,
-  "Denoise the first frames ahead of the last by this fraction of the run, or stage=x,... (for "
-  "stages trained with diffusion.frame_noise; default: configs' sampling.frame_lead).",
-)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 _FILES = ("results.json", "results.md", "preview.gif")
@@ -88,7 +82,6 @@ def _cascade(until: str):
     clip=_CLIP.value,
     steps=sample_lib._per_stage(_STEPS.value, "steps", int),
     guidance=sample_lib._per_stage(_GUIDANCE.value, "guidance", float),
-    frame_lead=sample_lib._per_stage(_FRAME_LEAD.value, "frame_lead", float),
   )
   return cascade, checkpoints
 
@@ -132,7 +125,7 @@ def run_motion() -> list[dict]:
     "per_combination": _PER.value,
     "seed": _SEED.value,
     # The sampling overrides as given (None: the checkpoints' configs).
-    **{f.name: f.value for f in (_STEPS, _GUIDANCE, _FRAME_LEAD)},
+    **{f.name: f.value for f in (_STEPS, _GUIDANCE)},
   }
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"setup": meta, "rows": rows}, f, indent=2)

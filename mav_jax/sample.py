@@ -45,12 +45,6 @@ _UNTIL = flags.DEFINE_enum("until", "sr_high", STAGES[1:], "Last cascade stage t
 _SAMPLER = flags.DEFINE_string("sampler", None, "ddpm, ddim or dpm++2m, or stage=name,...")
 _STEPS = flags.DEFINE_string("steps", None, "Sampler steps, or stage=n,... (default: configs).")
 _GUIDANCE = flags.DEFINE_string("guidance", None, "Guidance scale, or stage=scale,...")
-_FRAME_LEAD = flags.DEFINE_string(
-  "frame_lead",
-  None,
-  "Denoise the first frames ahead of the last by this fraction of the run, or stage=x,... (for "
-  "stages trained with diffusion.frame_noise; default: configs' sampling.frame_lead).",
-)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "D^t frames (default: the decoder's).")
 _FPS = flags.DEFINE_float(
@@ -152,7 +146,6 @@ def run() -> list[str]:
     steps=sample_lib._per_stage(_STEPS.value, "steps", int),
     samplers=sample_lib._per_stage(_SAMPLER.value, "sampler", str),
     guidance=sample_lib._per_stage(_GUIDANCE.value, "guidance", float),
-    frame_lead=sample_lib._per_stage(_FRAME_LEAD.value, "frame_lead", float),
   )
   print(
     f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s), "

@@ -122,13 +122,9 @@ class Progress:
       )
 
 
-def _sampling(
-  config, steps: dict, samplers: dict, guidance: dict, name: str, frame_lead: dict | None = None
-):
+def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
   s = config.sampling.copy_and_resolve_references()
   with s.unlocked():
-    if name in (frame_lead or {}):
-      s.frame_lead = float(frame_lead[name])
     if name in steps:
       s.num_steps = int(steps[name])
     if name in samplers:
@@ -169,8 +165,7 @@ class Cascade:
     clip: CLIP checkpoint (default: the prior's or the decoder's conditioning.clip).
     devices: devices for the mesh (default: all).
     strategy: sharding strategy for the parameters (data_parallel replicates them).
-    steps, samplers, guidance, frame_lead: per-stage overrides ({stage: value}; frame_lead is
-      sampling.frame_lead, for stages trained with diffusion.frame_noise).
+    steps, samplers, guidance: per-stage overrides ({stage: value}).
   """
 
   def __init__(
@@ -182,7 +177,6 @@ class Cascade:
     steps: dict | None = None,
     samplers: dict | None = None,
     guidance: dict | None = None,
-    frame_lead: dict | None = None,
   ):
     devices = np.asarray(devices if devices is not None else jax.devices())
     # All devices on the axis the strategy shards parameters over (data_parallel: replicated).
@@ -191,7 +185,6 @@ class Cascade:
     self.strategy = strategy
     self.stages = {n: load_stage(n, p, self.mesh, strategy) for n, p in checkpoints.items() if p}
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
-    self.frame_lead = frame_lead or {}
     self._check_chain()
     self.clip, self.clip_params = None, None
     clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
@@ -260,7 +253,7 @@ class Cascade:
   def _run(self, name: str, fn, *args, batches: int = 1):
     """Runs jitted `fn(progress, *args)` under the mesh with a progress line."""
     loaded = self.stages[name]
-    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name, self.frame_lead)
+    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name)
     progress = Progress(name, s.num_steps, batches)
     with jax.set_mesh(self.mesh):
       out = jax.jit(functools.partial(fn, s, progress))(*args)
@@ -307,7 +300,7 @@ class Cascade:
       return jax.jit(self.clip.image_embedding)(self.clip_params, frames)
 
   def caption_tokens(self, name: str, prompts: list[str] | None, batch: int):
-    """(tokens, mask) for a stage with `model.temporal_text_attention` (None for other stages):
+    """(tokens, mask) for a stage with `model.text_motion` (None for other stages):
     the prompts' tokens, or an all-False mask (no caption) when there are none."""
     if not self.stages[name].model.uses_text:
       return None

@@ -20,7 +20,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mav_jax import checkpointing
+from mav_jax import checkpointing, paths
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.parallel import sharding
 from mav_jax.train_step import (
@@ -140,7 +140,7 @@ def train_and_evaluate(
   else:
     state = init_state(create, shardings, config)
     if t.init_from:
-      state = state_from_image_checkpoint(state, shardings, t.init_from)
+      state = state_from_image_checkpoint(state, shardings, paths.resolve(t.init_from))
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   say(
     f"[train] {config.stage} ({config.variant}, {config.data.kind}): {n_params:,} parameters; "
@@ -195,9 +195,6 @@ def train_and_evaluate(
           _check_and_log(*pending, writer, losses, grad_norms, t, interval)
           pending = None
           checkpointer.save(step, state, data_iter, config)
-          if t.kill_at_step == step:  # crash-recovery tests: die the hardest way after saving
-            checkpointer.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
         if stop:
           say(f"[train] preempted at step {step}: checkpoint saved")
           break

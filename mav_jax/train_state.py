@@ -58,7 +58,7 @@ TEXT_PATHWAY_PREFIXES = ("temporal_cross_", "temporal_caption_", "temporal_text_
 
 
 def is_text_pathway(path: tuple[str, ...]) -> bool:
-  """Parameters of the text-aware motion option (model.temporal_text_attention and its parts)."""
+  """Parameters of the text-aware motion option (model.text_motion and its parts)."""
   return any(p.startswith(TEXT_PATHWAY_PREFIXES) for p in path)
 
 

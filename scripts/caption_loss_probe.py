@@ -18,18 +18,66 @@ import argparse
 import functools
 import os
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import caption_probes  # noqa: E402
-
+from mav_jax import checkpointing  # noqa: E402
+from mav_jax.data import pipeline, tokenizers  # noqa: E402
 from mav_jax.diffusion import schedules, targets  # noqa: E402
 from mav_jax.stages import common, video  # noqa: E402
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+class Probe(NamedTuple):
+  config: Any
+  model: Any
+  params: Any
+  frozen: Any
+  batch: dict  # a training batch, as jax arrays
+  swapped: dict  # the same batch with every caption's direction word swapped
+
+
+def swap_directions(captions: list[str]) -> list[str]:
+  """'a red circle moving left' -> 'a red circle moving right' (the direction is the last word)."""
+  out = []
+  for caption in captions:
+    head, _, word = caption.rpartition(" ")
+    if word not in OPPOSITE:
+      raise ValueError(f"caption {caption!r} does not end in a direction ({sorted(OPPOSITE)})")
+    out.append(f"{head} {OPPOSITE[word]}")
+  return out
+
+
+def load(path: str, batch_size: int, needs: str, ok) -> Probe:
+  """The decoder at `path` (exits with `needs` in the message unless `ok(config)`), with one batch
+  of `batch_size` training clips and its direction-swapped twin."""
+  config = checkpointing.load_config(path)
+  if config.stage != "decoder" or not ok(config):
+    sys.exit(f"error: {path} is not a decoder with {needs}")
+  if config.data.tokenizer != "byte":
+    sys.exit("error: the caption probes decode byte-tokenized captions only")
+  with config.unlocked():
+    config.diffusion.cond_dropout = 0.0  # compare conditions, never drop them
+  model = video.DECODER.make_model(config)
+  params = jax.tree.map(jnp.asarray, checkpointing.restore_params(path, "params"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  frozen = video.DECODER.load_frozen(model, config, mesh)
+  data, _ = pipeline.pipeline_from_config(config.data, "train", batch_size=batch_size)
+  batch = next(iter(data))
+  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, None)
+  captions = [tokenizer.decode(ids) for ids in batch["tokens"]]
+  ids, mask = tokenizers.tokenize_batch(
+    tokenizer, swap_directions(captions), config.data.max_tokens
+  )
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  swapped = dict(batch, tokens=jnp.asarray(ids), token_mask=jnp.asarray(mask))
+  return Probe(config, model, params, frozen, batch, swapped)
 
 
 def main():
@@ -41,8 +89,7 @@ def main():
   parser.add_argument(
     "--caption_only",
     action="store_true",
-    help="drop the image embedding (zeros): the caption is the only condition, as in training "
-    "with conditioning.caption_only_dropout",
+    help="drop the image embedding (zeros): the caption is the only condition",
   )
   parser.add_argument(
     "--clean_first",
@@ -51,11 +98,8 @@ def main():
     "trained with diffusion.frame_noise)",
   )
   args = parser.parse_args()
-  probe = caption_probes.load(
-    args.path,
-    args.batch,
-    "model.temporal_text_attention=True",
-    lambda c: c.model.get("temporal_text_attention", False),
+  probe = load(
+    args.path, args.batch, "model.text_motion.enabled=True", lambda c: c.model.text_motion.enabled
   )
   config, model, params, frozen, batch, swapped = probe
   variants = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import decoder, interp, prior, sr_high, sr_low
-from mav_jax import checkpointing, sample_lib, train_lib
+from mav_jax import checkpointing, paths, sample_lib, train_lib
 from mav_jax.data import synthetic
 from mav_jax.eval import motion_benchmark
 from mav_jax.stages import common, video
@@ -66,26 +66,18 @@ def test_each_stage_trains_with_the_trainer(tmp_path, module, overrides):
 
 
 def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(tmp_path):
-  """model.temporal_text_attention (with its caption field, motion convs and a time per frame):
-  starts from the shipped D^t (the new layers add zero), trains, exports, and in the cascade (frames
-  staggered) its clips depend on the caption given the same embedding."""
-  config = _short(decoder.get_config("tiny"), 2)
-  config.model.temporal_text_attention = True
-  config.model.text_vocab_size = 259  # the byte tokenizer's ids get learned embeddings too
-  config.model.text_motion_field = True
-  config.model.text_motion_conv = 1  # the wiring (k = 3 is checked in test_unet.py)
-  config.diffusion.frame_noise = 0.5  # a time per frame for half the clips
-  config.conditioning.embedding_frame = "first"
-  config.conditioning.caption_only_dropout = 0.5  # half the captioned clips: caption alone
-  config.train.init_from = SHIPPED["decoder"]
+  """configs/decoder.py:tiny_text (model.text_motion: caption attention, learned token embeddings,
+  motion convs; a time per frame): starts from the shipped D^t (the new layers add zero), trains,
+  exports, and in the cascade its clips depend on the caption given the same embedding."""
+  config = _short(decoder.get_config("tiny_text"), 2)
+  config.model.text_motion.conv_size = 1  # the wiring (k = 3 is checked in test_unet.py)
+  assert paths.resolve(config.train.init_from) == paths.resolve(SHIPPED["decoder"])
   config.train.sample_every = 0
   result = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert result["step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
   checkpointing.export_model(str(tmp_path), str(tmp_path / "model"))
   cascade = sample_lib.Cascade(
-    {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")},
-    steps={"decoder": 2},
-    frame_lead={"decoder": 0.5},  # staggered frames, as such a model may be sampled
+    {"prior": SHIPPED["prior"], "decoder": str(tmp_path / "model")}, steps={"decoder": 2}
   )
   embedding = jnp.ones((2, 32))  # any fixed embedding: only the caption differs
   key = jax.random.key(0)
@@ -93,42 +85,18 @@ def test_text_aware_decoder_trains_from_the_paper_decoder_and_reads_the_prompt(t
   right = cascade.decoder(embedding, 4.0, 4, key, prompts=["a red circle moving right"] * 2)
   _check_video(left, 4, 16)
   assert float(jnp.abs(left - right).max()) > 0  # (no caption adds exactly zero: test_unet.py)
-  # embedding_frame="first": the training clip's embedding is its first frame's.
-  model = video.DECODER.make_model(config)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-  frozen = video.DECODER.load_frozen(model, config, mesh)
-  x0 = jax.random.uniform(jax.random.key(1), (2, 4, 16, 16, 3), minval=-1.0, maxval=1.0)
-  batch = {
-    "fps": jnp.full((2,), 4.0),
-    "tokens": jnp.ones((2, 32), jnp.int32),
-    "token_mask": jnp.ones((2, 32), bool),
-  }
-  cond = video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(2))
-  first = model.clip.image_embedding(frozen["clip"], x0[:, 0])
-  np.testing.assert_allclose(cond["embedding"], first, rtol=1e-5, atol=1e-6)
-  config.conditioning.embedding_frame = "last"
-  with pytest.raises(ValueError, match="embedding_frame must be one of"):
-    video.DECODER.condition(model, config, x0, batch, frozen, jax.random.key(2))
-  for field, value in [
-    ("text_vocab_size", 259),
-    ("text_motion_field", True),
-    ("text_motion_conv", 3),
-  ]:
+  for field, value in [("vocab_size", 259), ("conv_size", 3)]:
     bad = decoder.get_config("tiny")
-    bad.model[field] = value
-    with pytest.raises(ValueError, match=f"model.{field} is part of the text pathway"):
+    bad.model.text_motion[field] = value
+    with pytest.raises(ValueError, match=f"model.text_motion.{field} is part of the text pathway"):
       video.DECODER.make_model(bad)
-  small = decoder.get_config("tiny")
-  small.model.temporal_text_attention, small.model.text_vocab_size = True, 100
-  with pytest.raises(ValueError, match="text_vocab_size = 100 is smaller"):
+  small = decoder.get_config("tiny_text")
+  small.model.text_motion.vocab_size = 100
+  with pytest.raises(ValueError, match="text_motion.vocab_size = 100 is smaller"):
     _ = video.DECODER.make_model(small).clip
-  paper = _short(decoder.get_config("tiny"), 1)
-  paper.conditioning.caption_only_dropout = 0.5
-  with pytest.raises(ValueError, match="caption_only_dropout needs"):
-    train_lib.train_and_evaluate(paper, str(tmp_path / "paper"), devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match="temporal_text_attention applies to the decoder and interp"):
+  with pytest.raises(ValueError, match="text_motion applies to the decoder and interp"):
     bad = sr_low.get_config("tiny")
-    bad.model.temporal_text_attention = True
+    bad.model.text_motion.enabled = True
     video.SR_LOW.make_model(bad)
 
 
@@ -241,7 +209,7 @@ def test_shipped_cascade_draws_the_prompted_colour():
 
 
 def test_shipped_text_aware_decoder_moves_the_object_the_prompted_way():
-  """checkpoints/tiny/decoder_text (model.temporal_text_attention with motion convs, trained beyond
+  """checkpoints/tiny/decoder_text (model.text_motion with motion convs, trained beyond
   the paper, README): prior + that D^t move the object the way the caption says, read from the
   pixels as the motion benchmark reads them (the paper-faithful D^t is at chance, 25%)."""
   text_decoder = os.path.join(os.path.dirname(SHIPPED["decoder"]), "decoder_text")
@@ -270,6 +238,6 @@ def test_per_stage_flag_values():
     parse("decoder=x", "steps", int)
   # The overrides reach the stage's sampling section (a copy: the loaded config is unchanged).
   config = decoder.get_config("tiny")
-  s = sample_lib._sampling(config, {"decoder": 7}, {}, {}, "decoder", {"decoder": 0.5})
-  assert (s.num_steps, s.frame_lead) == (7, 0.5) and config.sampling.frame_lead == 0.0
-  assert sample_lib._sampling(config, {}, {}, {}, "interp", {"decoder": 0.5}).frame_lead == 0.0
+  s = sample_lib._sampling(config, {"decoder": 7}, {}, {"decoder": 2.0}, "decoder")
+  assert (s.num_steps, s.guidance_scale) == (7, 2.0) and config.sampling.num_steps == 10
+  assert sample_lib._sampling(config, {"decoder": 7}, {}, {}, "interp").num_steps == 10

@@ -202,19 +202,6 @@ def test_conditioning_dropout_drops_whole_examples_at_the_given_rate():
     diffusion.drop_conditioning(jax.random.key(0), cond, 1.5)
 
 
-def test_caption_only_dropout_zeroes_the_embedding_of_captioned_clips():
-  embedding = jnp.ones((4000, 3))
-  mask = jnp.zeros((4000, 5), bool).at[:3000, :2].set(True)  # the last 1000 have no caption
-  out = diffusion.drop_embedding_keep_caption(jax.random.key(0), embedding, mask, 0.5)
-  gone = np.asarray(jnp.all(out == 0, axis=1))
-  assert 0.46 < gone[:3000].mean() < 0.54 and not gone[3000:].any()
-  assert bool(jnp.all(out[~gone] == 1))
-  always = diffusion.drop_embedding_keep_caption(jax.random.key(0), embedding, mask, 1.0)
-  assert float(always[:3000].sum()) == 0 and float(always[3000:].sum()) == 3000
-  with pytest.raises(ValueError, match="caption_only_dropout"):
-    diffusion.drop_embedding_keep_caption(jax.random.key(0), embedding, mask, -0.1)
-
-
 def test_noise_augmentation_levels_and_noise_scale():
   schedule = NoiseSchedule()
   x = jnp.zeros((2000, 8, 8, 3))

@@ -107,13 +107,13 @@ def test_video_writer_round_trips_gif_and_mp4(tmp_path):
 def test_evaluate_motion_cli_writes_rows_per_stage_and_keeps_results(tmp_path):
   out = tmp_path / "motion"
   args = [sys.executable, "-m", "mav_jax.evaluate", "--protocol=motion", f"--output={out}"]
-  args += ["--until=decoder", "--steps=2", "--per_combination=1", "--frame_lead=decoder=0.5"]
+  args += ["--until=decoder", "--steps=2", "--per_combination=1", "--guidance=decoder=2"]
   proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((out / "results.json").read_text())
   rows = result["rows"]
-  # The sampling overrides are recorded with the results (staggered frames: any D^t samples so).
-  assert (result["setup"]["steps"], result["setup"]["frame_lead"]) == ("2", "decoder=0.5")
+  # The sampling overrides are recorded with the results.
+  assert (result["setup"]["steps"], result["setup"]["guidance"]) == ("2", "decoder=2")
   # Every stage's rows: tests/test_eval.py runs the whole chain on a stand-in cascade.
   assert [(r["stage"], r["kind"]) for r in rows] == [
     ("decoder", "generated"),

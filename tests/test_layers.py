@@ -12,10 +12,9 @@ from mav_jax.models.common import spatial_conv
 from mav_jax.models.conv import Pseudo3DConv, TemporalConv
 
 
-@pytest.mark.parametrize("implementation", ["conv", "matmul"])
-def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only(implementation):
+def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only():
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4, 6))
-  conv = TemporalConv(kernel_size=3, implementation=implementation)
+  conv = TemporalConv(kernel_size=3)
   params = nn.unbox(conv.init(jax.random.key(1), x))["params"]
   np.testing.assert_allclose(conv.apply({"params": params}, x), x, atol=1e-6)
 
@@ -31,56 +30,19 @@ def test_temporal_conv_is_identity_at_init_and_convolves_over_frames_only(implem
 def test_temporal_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="odd"):
     TemporalConv(kernel_size=2).init(jax.random.key(0), jnp.zeros((1, 4, 2, 2, 3)))
-  with pytest.raises(ValueError, match="unknown temporal conv implementation"):
-    TemporalConv(implementation="fft").init(jax.random.key(0), jnp.zeros((1, 4, 2, 2, 3)))
 
 
-def test_temporal_conv_implementations_agree_in_value_and_gradient():
-  x = jax.random.normal(jax.random.key(0), (2, 6, 3, 2, 8))
-  params = {"kernel": jax.random.normal(jax.random.key(1), (5, 8, 8)), "bias": jnp.ones(8)}
-
-  def loss(params, x, implementation):
-    y = TemporalConv(5, implementation).apply({"params": params}, x)
-    return jnp.sum(jnp.sin(y))
-
-  grads = {i: jax.grad(loss, argnums=(0, 1))(params, x, i) for i in ("conv", "matmul")}
-  values = {i: loss(params, x, i) for i in ("conv", "matmul")}
-  np.testing.assert_allclose(values["conv"], values["matmul"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads["conv"]), jax.tree.leaves(grads["matmul"]), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize(
-  "kernel_size, implementation, size, tol",
-  [
-    (1, "conv", 4, 1e-5),  # every 1x1 conv is a channel matmul
-    (3, "im2col", 6, 1e-4),
-    (3, "im2col", 3, 1e-4),
-    (3, "auto", 8, 1e-4),  # "auto": im2col on frames of <= 64 pixels ...
-    (3, "auto", 9, 1e-4),  # ... and XLA's conv above
-  ],
-)
-def test_matmul_convs_are_nn_conv_in_value_gradient_and_parameters(
-  kernel_size, implementation, size, tol
-):
-  """spatial_conv's matmul forms (1x1 convs, the 3x3 im2col matmul and "auto") equal nn.Conv with
-  the same parameters (checkpoints interchange), logical axes and dtypes."""
-  k = kernel_size
-  x = jax.random.normal(jax.random.key(0), (2, 3, size, size, 6))
-  fast = spatial_conv(
-    5,
-    kernel_size=k,
-    implementation=implementation,
-    name="conv",
-    dtype=jnp.float32,
-    param_dtype=jnp.bfloat16,
-  )
+def test_pointwise_conv_is_nn_conv_in_value_gradient_and_parameters():
+  """Every 1x1 conv is a channel matmul (PointwiseConv) equal to nn.Conv with the same parameters
+  (checkpoints interchange), logical axes and dtypes."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 6))
+  fast = spatial_conv(5, kernel_size=1, name="conv", dtype=jnp.float32, param_dtype=jnp.bfloat16)
   boxed = fast.init(jax.random.key(1), x)["params"]
   assert boxed["kernel"].names == (axes.CONV_H, axes.CONV_W, axes.CHANNELS_IN, axes.CHANNELS_OUT)
   params = nn.unbox(boxed)
-  assert params["kernel"].shape == (k, k, 6, 5) and params["kernel"].dtype == jnp.bfloat16
-  params = {"kernel": jax.random.normal(jax.random.key(2), (k, k, 6, 5)), "bias": jnp.arange(5.0)}
-  conv = nn.Conv(5, (k, k), padding="SAME")
+  assert params["kernel"].shape == (1, 1, 6, 5) and params["kernel"].dtype == jnp.bfloat16
+  params = {"kernel": jax.random.normal(jax.random.key(2), (1, 1, 6, 5)), "bias": jnp.arange(5.0)}
+  conv = nn.Conv(5, (1, 1), padding="SAME")
 
   def loss(module, params, x):
     return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
@@ -90,9 +52,7 @@ def test_matmul_convs_are_nn_conv_in_value_gradient_and_parameters(
     jax.tree.leaves(jax.value_and_grad(loss, argnums=(1, 2))(conv, params, x)),
     strict=True,
   ):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
-  with pytest.raises(ValueError, match="unknown spatial conv implementation 'fft'"):
-    spatial_conv(5, implementation="fft", name="conv", dtype=jnp.float32, param_dtype=jnp.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pseudo3d_conv_equals_its_spatial_conv_at_init():

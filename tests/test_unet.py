@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mav_jax.models import SpaceTimeUNet, axes, inflate_image_params, is_temporal
-from mav_jax.models.caption_field import CaptionField, CaptionMotionConv, shift_kernels
+from mav_jax.models.caption_motion import CaptionMotionConv, shift_kernels
 
 B, F, H, W = 2, 3, 8, 8
 EMB, CTX_LEN, CTX_DIM = 6, 5, 12
@@ -281,44 +281,6 @@ def test_extra_input_channels_start_as_the_base_model(inp):
   )
 
 
-def test_temporal_downsampling_and_per_level_blocks(inp):
-  """Frames halve between levels (make-a-video-pytorch's temporal compression) and blocks are
-  counted per level; a clip whose frames come in equal pairs passes through the merge (a mean)
-  and split (a repeat) unchanged at init, so it still equals the image model frame by frame."""
-  model = _make_test_model(temporal_downsample=(True,), level_res_blocks=(0, 2))
-  pairs = dict(inp, x=jnp.repeat(inp["x"][:, :2], 2, axis=1))  # frames a, a, b, b
-  params = nn.unbox(_init(model, pairs))["params"]
-  assert {"temporal_down_0", "temporal_up_1"} <= set(params)
-  assert not any(k.startswith("down_0_res") for k in params) and "down_1_res_1" in params
-  assert "up_0_res_0" in params and "up_0_res_1" not in params and "up_1_res_2" in params
-  out = _apply(model, params, pairs)
-  assert out.shape == pairs["x"].shape and float(jnp.std(out)) > 1e-2
-  np.testing.assert_allclose(out, _per_frame_image_model(model, params, pairs), atol=1e-5)
-  # Frames that differ within a pair are merged at level 1: the video model now mixes them.
-  four = _inputs(frames=4)
-  mixed = _apply(model, params, four)
-  assert float(jnp.abs(mixed - _per_frame_image_model(model, params, four)).max()) > 1e-3
-  # The image model has no temporal_down / temporal_up parameters and loads into the video one.
-  image = _abstract_params(model, four, image_mode=True)
-  assert not any(k.startswith("temporal_") for k in image)
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), image)
-  _, new = inflate_image_params(zeros, params)
-  assert {p[0] for p in new} >= {"temporal_down_0", "temporal_up_1"}
-  with pytest.raises(ValueError, match="use a multiple of 2 frames"):
-    _apply(model, params, inp)  # 3 frames
-  with pytest.raises(ValueError, match="one flag per level transition"):
-    _abstract_params(_make_test_model(temporal_downsample=(True, True)), four)
-  with pytest.raises(ValueError, match="one count per level"):
-    _abstract_params(_make_test_model(level_res_blocks=(1,)), four)
-  # narrow_upsample: the upsampling conv narrows to the width of the level it enters (16, not 32).
-  wide, narrow = (
-    _abstract_params(_make_test_model(narrow_upsample=n), four) for n in (False, True)
-  )
-  assert wide["up_1_upsample"]["conv"]["kernel"].shape == (3, 3, 32, 32)
-  assert narrow["up_1_upsample"]["conv"]["kernel"].shape == (3, 3, 32, 16)
-  assert narrow["up_0_res_0"]["skip"]["kernel"].shape == (1, 1, 16 + 16, 16)
-
-
 @pytest.mark.parametrize(
   "bad, match",
   [
@@ -407,43 +369,8 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
     run(model, moved, inp)
 
 
-@pytest.mark.parametrize("pool", ["mean", "sum"])
-def test_caption_field_starts_at_zero_and_tells_frames_and_captions_apart(pool):
-  """text_motion_field's CaptionField (either caption summary): zero at init (a paper checkpoint is
-  unchanged), exactly zero for clips without a caption, blind to masked-out tokens, and once
-  trained it differs between the first and last frame (what relative temporal layers cannot tell
-  apart) and between captions."""
-  inp = _inputs()
-  field = CaptionField(features=4, pool=pool)
-  params = field.init(jax.random.key(0), inp["ctx"], inp["ctx_mask"], 3, 4, 4)["params"]
-  out = field.apply({"params": params}, inp["ctx"], inp["ctx_mask"], 3, 4, 4)
-  assert out.shape == (B, 3, 4, 4, 4) and float(jnp.abs(out).max()) == 0.0
-  params = jax.tree.map(lambda p: p + 0.3 * jnp.ones_like(p), nn.unbox(params))
-  out = field.apply({"params": params}, inp["ctx"], inp["ctx_mask"], 3, 4, 4)
-  assert float(jnp.abs(out[:, 0] - out[:, -1]).min()) > 0.0  # every position, first vs last frame
-  other = field.apply({"params": params}, inp["ctx"] * -1.0, inp["ctx_mask"], 3, 4, 4)
-  assert float(jnp.abs(other - out).max()) > 1e-3
-  none = field.apply({"params": params}, inp["ctx"], jnp.zeros_like(inp["ctx_mask"]), 3, 4, 4)
-  assert float(jnp.abs(none).max()) == 0.0
-  masked = jnp.where(inp["ctx_mask"][..., None], inp["ctx"], 100.0)
-  np.testing.assert_allclose(
-    field.apply({"params": params}, masked, inp["ctx_mask"], 3, 4, 4), out, rtol=1e-6
-  )
-  with pytest.raises(ValueError, match="pool must be 'mean' or 'sum'"):
-    CaptionField(features=4, pool="max").init(jax.random.key(0), inp["ctx"], None, 3, 4, 4)
-  if pool == "sum":
-    return  # the UNet wiring below is the same for both
-  # In the UNet: trained only with temporal_text_attention, named as a temporal parameter.
-  model = _make_test_model(
-    use_cross_attention=False, temporal_text_attention=True, text_motion_field=True
-  )
-  names = traverse_util.flatten_dict(nn.unbox(_init(model, inp))["params"])
-  added = [p for p in names if p[0] == "temporal_text_field"]
-  assert added and all(is_temporal(p) for p in added)
-
-
 def test_caption_motion_conv_is_a_caption_mixed_depthwise_space_time_conv():
-  """text_motion_conv's CaptionMotionConv: zero at init, then per clip exactly a depthwise
+  """model.text_motion.conv_size's CaptionMotionConv: zero at init, then per clip exactly a depthwise
   (frame, y, x) conv (XLA's grouped conv as the reference) of the GroupNormed input with the
   caption's mix of the kernel bank; a rightward-motion kernel answers rightward motion more than
   leftward; exactly zero without a caption; in the UNet, the identity at init and a temporal,

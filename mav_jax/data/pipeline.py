@@ -93,7 +93,7 @@ class MakeExample:
     ids, mask = tokenizers.tokenize_batch(self.tokenizer, [caption], spec.max_tokens)
     example = {"frames": frames, "tokens": ids[0], "token_mask": mask[0]}
     # Unlabelled clips (empty caption) still train the video stages; text-aware temporal layers
-    # (model.temporal_text_attention) skip their caption for them.
+    # (model.text_motion) skip their caption for them.
     example["has_caption"] = np.bool_(bool(caption.strip()))
     if spec.kind == "video":
       example["fps"] = np.float32(fps)

@@ -3,7 +3,6 @@
 from mav_jax.diffusion.augment import noise_augment
 from mav_jax.diffusion.guidance import (
   drop_conditioning,
-  drop_embedding_keep_caption,
   guide,
   guided_model,
 )
@@ -16,7 +15,6 @@ __all__ = [
   "add_noise",
   "diffusion_loss",
   "drop_conditioning",
-  "drop_embedding_keep_caption",
   "gaussian_noise",
   "guide",
   "guided_model",

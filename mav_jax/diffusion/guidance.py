@@ -42,18 +42,6 @@ def drop_conditioning(rng: jax.Array, cond: Cond, rate: float, null: Cond | None
   return jax.tree.map(choose, cond, null)
 
 
-def drop_embedding_keep_caption(
-  rng: jax.Array, embedding: Array, context_mask: Array, rate: float
-) -> Array:
-  """Zeroes the embedding [b, d] of each captioned clip (any True in `context_mask` [b, s]) with
-  probability `rate`, so those clips train on their caption alone; uncaptioned clips keep theirs."""
-  if not 0.0 <= rate <= 1.0:
-    raise ValueError(f"caption_only_dropout must be in [0, 1], got {rate}")
-  captioned = jnp.any(context_mask, axis=1)
-  alone = captioned & jax.random.bernoulli(rng, rate, captioned.shape)
-  return jnp.where(alone[:, None], jnp.zeros_like(embedding), embedding)
-
-
 def guide(pred_cond: Array, pred_uncond: Array, scale: float | Array) -> Array:
   """uncond + scale * (cond - uncond); scale 1 is the conditional model, 0 the unconditional."""
   return pred_uncond + scale * (pred_cond - pred_uncond)

@@ -53,21 +53,6 @@ def _ddim_step(z, x0, eps, a_t, s_t, a_s, s_s, noise, is_last, eta):
   return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - sig**2, 0.0)) * eps + sig * noise
 
 
-def frame_time_grid(ts: Array, frames: int, lead: float) -> Array:
-  """A time grid per frame [N + 1, frames] from one grid `ts` [N + 1] (Diffusion Forcing's
-  pyramid): frame k starts `lead * k / (frames - 1)` of the way behind frame 0, all in N steps,
-  so the first frames come clean while the last are still noise and the model (trained with
-  diffusion.frame_noise) sets the later frames by the earlier ones and the condition. Frames that
-  have not started, or have finished, wait at their time."""
-  if lead < 0:
-    raise ValueError(f"frame_lead must be >= 0, got {lead}")
-  n = ts.shape[0] - 1
-  progress = jnp.arange(n + 1, dtype=jnp.float32)[:, None] / n * (1.0 + lead)
-  offset = lead * jnp.arange(frames, dtype=jnp.float32)[None, :] / max(frames - 1, 1)
-  index = jnp.clip(progress - offset, 0.0, 1.0) * n
-  return jnp.interp(index, jnp.arange(n + 1, dtype=jnp.float32), ts)
-
-
 def sample(
   denoise_fn: DenoiseFn,
   schedule: NoiseSchedule,
@@ -83,7 +68,6 @@ def sample(
   clip_x0: float | None = None,
   spacing: str = "logsnr",
   t_start: float = 1.0,
-  frame_lead: float = 0.0,
   progress: Callable[[Array], None] | None = None,
 ) -> Array:
   """Integrates the reverse process from `noise` at t=1 to a sample at t=0.
@@ -103,9 +87,6 @@ def sample(
     spacing: time grid, "logsnr" (uniform in log-SNR) or "time" (uniform in t).
     t_start: the time `noise` is at: 1 for pure noise; < 1 for an input noised to that time with
       `add_noise` (variations keep the input's layout and change its detail).
-    frame_lead: > 0 gives every frame its own time grid (`frame_time_grid`, "ddpm" and "ddim"
-      only): the first frames are denoised ahead of the last, for models trained with a time per
-      frame (diffusion.frame_noise). 0: every frame at the same time.
     progress: called on the host with the step index after each step (`jax.debug.callback`), for
       progress bars.
 
@@ -119,24 +100,13 @@ def sample(
   b = noise.shape[0]
   ts = schedule.time_grid(num_steps, spacing, t_start)
   expand = lambda a: jnp.reshape(a, (1,) * noise.ndim)  # noqa: E731
-  if frame_lead < 0:  # not silently "off": a negative lead is a mistake
-    raise ValueError(f"frame_lead must be >= 0, got {frame_lead}")
-  staggered = frame_lead > 0
-  if staggered:
-    if sampler == "dpm++2m":
-      raise ValueError("frame_lead needs the 'ddim' or 'ddpm' sampler (one-step updates)")
-    frames = noise.shape[frame_axis]
-    ts = frame_time_grid(ts, frames, frame_lead)
-    shape = [1] * noise.ndim
-    shape[frame_axis] = frames
-    expand = lambda a: jnp.reshape(a, shape)  # noqa: E731
 
   def body(i, carry):
     z, x0_prev = carry
     t, s = ts[i], ts[i + 1]
     (a_t, s_t), (a_s, s_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
     a_t, s_t, a_s, s_s = map(expand, (a_t, s_t, a_s, s_s))
-    times = jnp.broadcast_to(t, (b,) + t.shape)  # [b], or [b, frames] when staggered
+    times = jnp.broadcast_to(t, (b,))
     pred = denoise_fn(z, times).astype(jnp.float32)
     x0, eps = targets.to_x0_eps(pred, z, a_t, s_t, target)
     if clip_x0 is not None:
@@ -161,8 +131,6 @@ def sample(
       )
       step = _ddpm_step if sampler == "ddpm" else functools.partial(_ddim_step, eta=eta)
       z_next = step(z, x0, eps, a_t, s_t, a_s, s_s, step_noise, is_last)
-      if staggered:  # frames not yet started or already done wait where they are
-        z_next = jnp.where(expand(t == s), z, z_next)
     if progress is not None:
       jax.debug.callback(progress, i)
     return z_next, x0

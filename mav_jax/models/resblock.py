@@ -18,8 +18,6 @@ class ResBlock(nn.Module):
     features: output channels.
     dropout: dropout rate before the second conv.
     temporal_kernel_size: taps of the temporal convs.
-    temporal_conv: their implementation ("conv" or "matmul"; conv.TemporalConv).
-    spatial_conv: the 3x3 convs' implementation (common.SPATIAL_CONV_IMPLEMENTATIONS).
     image_mode: skip the temporal convs.
     deterministic: disable dropout.
     dtype: compute dtype.
@@ -29,8 +27,6 @@ class ResBlock(nn.Module):
   features: int
   dropout: float = 0.0
   temporal_kernel_size: int = 3
-  temporal_conv: str = "conv"
-  spatial_conv: str = "conv"
   image_mode: bool = False
   deterministic: bool = True
   dtype: Dtype = jnp.float32
@@ -43,8 +39,6 @@ class ResBlock(nn.Module):
     conv = dict(
       features=self.features,
       temporal_kernel_size=self.temporal_kernel_size,
-      temporal_conv=self.temporal_conv,
-      spatial_conv=self.spatial_conv,
       image_mode=self.image_mode,
       **kw,
     )

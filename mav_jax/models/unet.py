@@ -16,15 +16,9 @@ import jax.numpy as jnp
 
 from mav_jax.models import axes
 from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
-from mav_jax.models.caption_field import CaptionField, CaptionMotionConv
+from mav_jax.models.caption_motion import CaptionMotionConv
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
-from mav_jax.models.conv import (
-  Downsample,
-  Pseudo3DConv,
-  TemporalDownsample,
-  TemporalUpsample,
-  Upsample,
-)
+from mav_jax.models.conv import Downsample, Pseudo3DConv, Upsample
 from mav_jax.models.embeddings import EmbeddingMLP, sinusoidal_embedding
 from mav_jax.models.resblock import ResBlock
 
@@ -40,20 +34,6 @@ class SpaceTimeUNet(nn.Module):
     channels: base width; level i has `channels * channel_mults[i]` channels.
     channel_mults: width multiplier per resolution level (one 2x downsample between levels).
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
-    level_res_blocks: per-level override of `num_res_blocks` (one count per level; empty: all
-      levels use `num_res_blocks`), e.g. fewer blocks at the large first level and more at the
-      small deep ones, as in Imagen's Efficient U-Net: parameters stay where they are cheap.
-    temporal_downsample: one flag per level transition (len(channel_mults) - 1; empty: none):
-      True halves the frames on the way from level i to i + 1 (and doubles them back on the way
-      up), like make-a-video-pytorch's temporal compression; the deeper levels then cost half as
-      much. Not in the paper (its D^t keeps every frame). The frame pair is merged by a learned
-      projection that starts as their mean, and split back by one that starts as a repeat;
-      image mode skips both.
-    narrow_upsample: the upsampling conv outputs the width of the level it enters
-      (`channels * channel_mults[i - 1]`) instead of keeping the deeper level's. The conv runs at
-      the larger size, so at a 4x width jump it costs 4x less, and so does the next block's
-      input (upsampled + skip). Not in the paper (DDPM's upsample keeps the width); off by
-      default, and a checkpoint's upsample kernels only fit the setting they were trained with.
     attention_levels: indices of the levels that get pseudo-3D attention after each block.
     mid_attention: put a pseudo-3D attention block in the middle.
     head_dim: features per attention head (heads = level width // head_dim).
@@ -75,27 +55,15 @@ class SpaceTimeUNet(nn.Module):
       pathway reads them; both start at zero. A frozen CLIP trained on still images can map words
       that only video shows (motion words) to near-identical features; this lets captioned video
       teach the temporal layers those words. 0: off (the context features only).
-    text_motion_field: with `temporal_text_attention`, add a caption-conditioned space-time field
-      (caption_field.CaptionField: caption summary x absolute y, x, frame position, zero-init) to
-      the features after the input conv in video mode, so the caption can say where the object is
-      in each frame; relative temporal layers alone cannot tell a clip from its time reversal.
-    text_field_pool: how that field reads the caption's tokens: "mean" (their mean, added to the
-      position features) or "sum" (a SiLU layer per token, summed and LayerNormed, multiplying the
-      position features; caption_field.CaptionField).
     text_motion_conv: with `temporal_text_attention`, > 0 adds after every residual block in video
       mode a caption-steered depthwise space-time conv of this spatial size (odd; it reaches
-      `text_motion_conv // 2` pixels per frame at its level; caption_field.CaptionMotionConv):
+      `text_motion_conv // 2` pixels per frame at its level; caption_motion.CaptionMotionConv):
       a mix, weighted by the caption, of learned (frame, y, x) kernels, so the caption can say
       which way things move between frames. Zero-initialised; 0: off.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
       interpolation; an upsampled low-resolution video for super-resolution). They enter through a
       zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
     temporal_kernel_size: taps of every temporal conv.
-    temporal_conv: their implementation: "conv" (a 3D conv) or "matmul" (a channel matmul per tap,
-      faster on XLA's CPU backend); the same function and parameters (conv.TemporalConv).
-    spatial_conv: the 3x3 convs' implementation: "conv", "im2col" (one matmul of the shifted
-      inputs) or "auto" (im2col on frames of at most 64 pixels, where XLA's CPU backend is slower
-      at convs); the same function and parameters (common.Im2colConv).
     max_temporal_distance: clip of the temporal attention's relative-position buckets.
     dropout: dropout rate inside residual blocks.
     remat: recompute each block's activations in the backward pass (`nn.remat`) to save memory.
@@ -109,9 +77,6 @@ class SpaceTimeUNet(nn.Module):
   channels: int = 64
   channel_mults: tuple[int, ...] = (1, 2, 4)
   num_res_blocks: int = 2
-  level_res_blocks: tuple[int, ...] = ()
-  temporal_downsample: tuple[bool, ...] = ()
-  narrow_upsample: bool = False
   attention_levels: tuple[int, ...] = (2,)
   mid_attention: bool = True
   head_dim: int = 64
@@ -122,13 +87,9 @@ class SpaceTimeUNet(nn.Module):
   use_cross_attention: bool = False
   temporal_text_attention: bool = False
   text_vocab_size: int = 0
-  text_motion_field: bool = False
-  text_field_pool: str = "mean"
   text_motion_conv: int = 0
   extra_input_channels: int = 0
   temporal_kernel_size: int = 3
-  temporal_conv: str = "conv"
-  spatial_conv: str = "conv"
   max_temporal_distance: int = 32
   dropout: float = 0.0
   remat: bool = False
@@ -147,22 +108,6 @@ class SpaceTimeUNet(nn.Module):
       raise ValueError(
         f"height and width {x.shape[2:4]} must be divisible by {factor} "
         f"(2 ** (levels - 1) for channel_mults={self.channel_mults})"
-      )
-    if self.level_res_blocks and len(self.level_res_blocks) != len(self.channel_mults):
-      raise ValueError(
-        f"level_res_blocks {self.level_res_blocks} needs one count per level of channel_mults "
-        f"{self.channel_mults} (or leave it empty to use num_res_blocks everywhere)"
-      )
-    if self.temporal_downsample and len(self.temporal_downsample) != len(self.channel_mults) - 1:
-      raise ValueError(
-        f"temporal_downsample {self.temporal_downsample} needs one flag per level transition "
-        f"({len(self.channel_mults) - 1} for channel_mults={self.channel_mults})"
-      )
-    frame_factor = 2 ** sum(map(bool, self.temporal_downsample))
-    if not image_mode and x.shape[1] % frame_factor:
-      raise ValueError(
-        f"{x.shape[1]} frames do not halve {sum(map(bool, self.temporal_downsample))} times "
-        f"(temporal_downsample={self.temporal_downsample}); use a multiple of {frame_factor} frames"
       )
     if t.shape not in (x.shape[:1], x.shape[:2]):
       raise ValueError(
@@ -293,8 +238,6 @@ class SpaceTimeUNet(nn.Module):
     mode = dict(
       image_mode=image_mode,
       temporal_kernel_size=self.temporal_kernel_size,
-      temporal_conv=self.temporal_conv,
-      spatial_conv=self.spatial_conv,
       **kw,
     )
     res_cls, attn_cls = ResBlock, Pseudo3DAttention
@@ -317,11 +260,8 @@ class SpaceTimeUNet(nn.Module):
     steer_motion = self.temporal_text_attention and self.text_motion_conv and not image_mode
 
     def res_block(h, features, name):
-      level_emb = emb
-      if emb.ndim == 3 and emb.shape[1] != h.shape[1]:  # frames halved: mean of each group's
-        level_emb = emb.reshape(emb.shape[0], h.shape[1], -1, emb.shape[-1]).mean(axis=2)
       h = res_cls(features, dropout=self.dropout, deterministic=deterministic, **mode, name=name)(
-        h, level_emb
+        h, emb
       )
       if steer_motion:
         h = h + CaptionMotionConv(self.text_motion_conv, **kw, name=f"temporal_text_motion_{name}")(
@@ -344,30 +284,19 @@ class SpaceTimeUNet(nn.Module):
 
     x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
     h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
-    if self.temporal_text_attention and self.text_motion_field and not image_mode:
-      h = h + CaptionField(
-        self.channels, pool=self.text_field_pool, **kw, name="temporal_text_field"
-      )(context, context_mask, *x.shape[1:4])
     if self.extra_input_channels:
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
         extra_inputs.astype(self.dtype)
       )
-    blocks = self.level_res_blocks or (self.num_res_blocks,) * len(self.channel_mults)
-    halve_time = [
-      bool(self.temporal_downsample and self.temporal_downsample[level]) and not image_mode
-      for level in range(len(self.channel_mults) - 1)
-    ]
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
-      for i in range(blocks[level]):
+      for i in range(self.num_res_blocks):
         h = res_block(h, self.channels * mult, f"down_{level}_res_{i}")
         if level in self.attention_levels:
           h = attention(h, f"down_{level}_attn_{i}")
         skips.append(h)
       if level != len(self.channel_mults) - 1:
         h = Downsample(h.shape[-1], **kw, name=f"down_{level}_downsample")(h)
-        if halve_time[level]:
-          h = TemporalDownsample(**kw, name=f"temporal_down_{level}")(h)
         skips.append(h)
 
     mid_features = h.shape[-1]
@@ -377,16 +306,13 @@ class SpaceTimeUNet(nn.Module):
     h = res_block(h, mid_features, "mid_res_1")
 
     for level, mult in reversed(list(enumerate(self.channel_mults))):
-      for i in range(blocks[level] + 1):
+      for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res_block(h, self.channels * mult, f"up_{level}_res_{i}")
         if level in self.attention_levels:
           h = attention(h, f"up_{level}_attn_{i}")
       if level != 0:
-        if halve_time[level - 1]:
-          h = TemporalUpsample(**kw, name=f"temporal_up_{level}")(h)
-        width = self.channels * self.channel_mults[level - 1] if self.narrow_upsample else None
-        h = Upsample(width or h.shape[-1], self.spatial_conv, **kw, name=f"up_{level}_upsample")(h)
+        h = Upsample(h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
 
     h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
     out = Pseudo3DConv(self.out_channels, **mode, name="conv_out")(h)
@@ -394,8 +320,15 @@ class SpaceTimeUNet(nn.Module):
 
 
 def unet_from_config(model_config) -> SpaceTimeUNet:
-  """Builds a SpaceTimeUNet from a config's `model` section (dtype names become jnp dtypes)."""
+  """Builds a SpaceTimeUNet from a config's `model` section (dtype names become jnp dtypes; the
+  `text_motion` sub-config becomes temporal_text_attention, text_vocab_size, text_motion_conv)."""
   kwargs = dict(model_config)
+  text = dict(kwargs.pop("text_motion", None) or {})
+  kwargs.update(
+    temporal_text_attention=bool(text.get("enabled", False)),
+    text_vocab_size=int(text.get("vocab_size", 0)),
+    text_motion_conv=int(text.get("conv_size", 0)),
+  )
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       kwargs[key] = jnp.dtype(kwargs[key])
@@ -404,8 +337,6 @@ def unet_from_config(model_config) -> SpaceTimeUNet:
     "attention_levels",
     "conditioning_scalars",
     "conditioning_scalar_scales",
-    "level_res_blocks",
-    "temporal_downsample",
   ):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])

@@ -158,11 +158,11 @@ def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
       f"{clip.config.data.max_tokens}, this stage's data makes {config.data.tokenizer} tokens of "
       f"length {config.data.max_tokens}; make data.tokenizer and data.max_tokens match"
     )
-  own_vocab = config.model.get("text_vocab_size", 0)
+  own_vocab = config.model.text_motion.vocab_size if "text_motion" in config.model else 0
   if check_tokens and own_vocab and own_vocab < clip.config.model.vocab_size:
     raise ValueError(
-      f"model.text_vocab_size = {own_vocab} is smaller than the vocabulary of the tokens it embeds "
-      f"(conditioning.clip = {given!r} reads {clip.config.model.vocab_size}); set "
-      f"--config.model.text_vocab_size={clip.config.model.vocab_size}"
+      f"model.text_motion.vocab_size = {own_vocab} is smaller than the vocabulary of the tokens it "
+      f"embeds (conditioning.clip = {given!r} reads {clip.config.model.vocab_size}); set "
+      f"--config.model.text_motion.vocab_size={clip.config.model.vocab_size}"
     )
   return clip

@@ -14,7 +14,7 @@ conditioned on (see `VideoStage.condition`):
   sr_high (SR_h) the same per frame: an image model (no temporal layers). At sampling time every
                  frame of a clip starts from the same noise, so hallucinated detail is consistent.
 
-Beyond the paper, `model.temporal_text_attention` gives D^t's and ↑F's temporal layers the caption's
+Beyond the paper, `model.text_motion` gives D^t's and ↑F's temporal layers the caption's
 CLIP token features to cross-attend to ("context"), dropped with the embedding for guidance and
 absent (an all-False mask) for clips without a caption (`has_caption` False), which therefore train
 exactly as in the paper.
@@ -50,18 +50,13 @@ class StageModel:
 
   @property
   def uses_text(self) -> bool:
-    """Whether the temporal layers read caption tokens (`model.temporal_text_attention`)."""
-    return bool(self.config.model.get("temporal_text_attention", False))
+    """Whether the temporal layers read caption tokens (`model.text_motion.enabled`)."""
+    return bool(self.config.model.text_motion.enabled)
 
   @functools.cached_property
   def clip(self):
     # Caption tokens go through CLIP's text tower, so its tokenizer must match the stage's data.
     return frozen_clip(self.config, check_tokens=self.uses_text) if self.uses_clip else None
-
-
-# Which frame's CLIP embedding conditions D^t in training: a random one (the default), or the
-# first, so that the embedding anchors where the clip starts and its caption can say where it goes.
-EMBEDDING_FRAMES = ("random", "first")
 
 
 def resize_frames(video: Array, size: int, method: str = "linear") -> Array:
@@ -108,16 +103,17 @@ class VideoStage:
     return self.name == "sr_high" or config.data.kind == "image"
 
   def make_model(self, config) -> StageModel:
-    if config.model.get("temporal_text_attention", False) and not self.uses_clip:
+    text = config.model.text_motion
+    if text.enabled and not self.uses_clip:
       raise ValueError(
-        f"model.temporal_text_attention applies to the decoder and interp stages (they read "
-        f"CLIP), not to {self.name}; leave it False"
+        f"model.text_motion applies to the decoder and interp stages (they read CLIP), not to "
+        f"{self.name}; leave model.text_motion.enabled False"
       )
-    for field in ("text_vocab_size", "text_motion_field", "text_motion_conv"):
-      if config.model.get(field) and not config.model.get("temporal_text_attention", False):
+    for field in ("vocab_size", "conv_size"):
+      if text[field] and not text.enabled:
         raise ValueError(
-          f"model.{field} is part of the text pathway of model.temporal_text_attention; set "
-          f"--config.model.temporal_text_attention=True or turn model.{field} off"
+          f"model.text_motion.{field} is part of the text pathway; set "
+          f"--config.model.text_motion.enabled=True or model.text_motion.{field}=0"
         )
     return StageModel(config, self.uses_clip)
 
@@ -169,8 +165,8 @@ class VideoStage:
     token_mask: Array,
     has_caption: Array | None = None,
   ) -> dict:
-    """{context, context_mask, context_ids} of caption tokens for `temporal_text_attention`: CLIP's
-    token features (and the ids, for `model.text_vocab_size`), masked out entirely for clips
+    """{context, context_mask, context_ids} of caption tokens for `model.text_motion`: CLIP's
+    token features (and the ids, for `model.text_motion.vocab_size`), masked out entirely for clips
     without a caption."""
     _, features = model.clip.text(clip_params, tokens)
     mask = token_mask.astype(bool)
@@ -185,12 +181,7 @@ class VideoStage:
     b, f = x0.shape[:2]
     cond = {"embedding": None, "scalars": {}, "extra": None}
     if self.name == "decoder":
-      which = config.conditioning.get("embedding_frame", "random")
-      if which not in EMBEDDING_FRAMES:
-        raise ValueError(
-          f"conditioning.embedding_frame must be one of {EMBEDDING_FRAMES}, got {which!r}"
-        )
-      pick = jax.random.randint(rng, (b,), 0, f) if which == "random" else jnp.zeros((b,), int)
+      pick = jax.random.randint(rng, (b,), 0, f)
       frame = jnp.take_along_axis(x0, pick[:, None, None, None, None], axis=1)[:, 0]
       cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
       if not self.image_mode(config):
@@ -232,16 +223,6 @@ class VideoStage:
         drop_rng, {k: cond[k] for k in keys}, config.diffusion.cond_dropout
       )
       cond.update(dropped)
-    caption_only = config.conditioning.get("caption_only_dropout", 0.0)
-    if caption_only:
-      if "context_mask" not in cond or cond["embedding"] is None:
-        raise ValueError(
-          "conditioning.caption_only_dropout needs an embedding-conditioned stage that reads the "
-          "caption (model.temporal_text_attention=True)"
-        )
-      cond["embedding"] = diffusion.drop_embedding_keep_caption(
-        jax.random.fold_in(drop_rng, 1), cond["embedding"], cond["context_mask"], caption_only
-      )
     image_mode = self.image_mode(config)
 
     def predict(z, t):
@@ -296,7 +277,7 @@ class VideoStage:
     }
     if model.uses_text and "context" not in cond:
       raise ValueError(
-        f"this {self.name} model reads caption tokens (model.temporal_text_attention): pass "
+        f"this {self.name} model reads caption tokens (model.text_motion): pass "
         f"cond['context'] and cond['context_mask'] (VideoStage.caption_context; an all-False mask "
         f"for no caption)"
       )
@@ -343,7 +324,6 @@ class VideoStage:
       share_noise_across_frames=per_frame,
       clip_x0=1.0,
       t_start=strength if init is not None else 1.0,
-      frame_lead=0.0 if per_frame or image_mode else float(s.get("frame_lead", 0.0)),
       progress=progress,
     )
     # The last step leaves sigma_min * eps of noise: clip to the pixel range.
