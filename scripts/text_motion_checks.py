@@ -1,4 +1,4 @@
-r"""Two checks behind the README's text-aware motion section, for a text-aware D^t's training setup:
+r"""Three checks behind docs/text_motion.md, for a text-aware D^t's training setup:
 
 1. How far apart a frozen CLIP puts captions that differ only in their direction word, against
    captions that differ in colour or shape (mean-pooled token features and the end token's).

@@ -261,7 +261,7 @@ def test_ahead_of_time_compile_for_a_tpu_topology():
 
 
 def test_attention_comparison_counts_full_3d_attention_as_dearer():
-  """Factorised against full 3D attention, compiled for this machine's CPU (the README's figures
+  """Factorised against full 3D attention, compiled for this machine's CPU (docs/benchmarks.md's figures
   come from the same code compiled for a TPU topology)."""
   [factorised, full] = benchmark_lib.attention_comparison(
     _attention_config(), targets.get_target("local"), log=lambda _: None

@@ -1,4 +1,4 @@
-"""Entrypoints end to end: `mav_jax.sample` (the README's main job) and count_params."""
+"""Entrypoints end to end: `mav_jax.sample` (README.md's main job) and count_params."""
 
 import json
 import os
