@@ -214,9 +214,11 @@ def upgrade_config(data: dict) -> dict:
           f"(git checkout {_LAST_WITH_REMOVED})"
         )
   model = data.get("model", {})
-  if "temporal_text_attention" in model:
+  if "temporal_text_attention" in model or (
+    "channel_mults" in model and "text_motion" not in model  # a UNet from before the option
+  ):
     model["text_motion"] = {
-      "enabled": model.pop("temporal_text_attention"),
+      "enabled": model.pop("temporal_text_attention", False),
       "vocab_size": model.pop("text_vocab_size", 0),
       "conv_size": model.pop("text_motion_conv", 0),
     }

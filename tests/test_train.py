@@ -358,6 +358,8 @@ def test_configs_of_earlier_versions_load_in_todays_form():
     "text_motion": {"enabled": True, "vocab_size": 259, "conv_size": 3},
   }
   assert config.sampling.to_dict() == {"num_steps": 10} and config.train.to_dict() == {}
+  unet = checkpointing.config_from_json({"model": {"channel_mults": [1, 2]}})  # before the option
+  assert unet.model.text_motion.to_dict() == {"enabled": False, "vocab_size": 0, "conv_size": 0}
   for section, field, value in [
     ("model", "spatial_conv", "auto"),
     ("model", "temporal_downsample", [True]),
