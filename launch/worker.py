@@ -12,7 +12,7 @@ A run is known by its PID file, never by matching command lines (a `pgrep -f` pa
 the ssh shell that carries the command). `start` forks a small supervisor in a session of its own
 (so the run outlives the ssh session); the supervisor starts the trainer, records its PID with the
 process's start time (a recycled PID is not mistaken for the run), waits for it and records its exit
-code. Files, in --log_dir (default ~/mav_jax_logs): train.log (this run's output; the previous run's
+code. Files, in ~/mav_jax_logs: train.log (this run's output; the previous run's
 is kept as train.<date>.log), train.pid, train.exit.
 """
 
@@ -36,6 +36,10 @@ _LOST = (
 _COORDINATOR_LOST = re.compile(
   rb"Failed to send RPC to coordination service|remote target coordination_service"
 )
+
+
+LOG_DIR = "~/mav_jax_logs"  # launch/tpu.py's REMOTE_LOG lives here
+SETTLE_SECONDS = 2.0  # a command that cannot start at all (a bad path, a flag error) ends by then
 
 
 class Files:
@@ -211,7 +215,7 @@ def cmd_start(args, files: Files) -> int:
   os.waitpid(child, 0)
   with os.fdopen(read_fd, "rb") as report:
     pid = int(report.read() or b"0")
-  time.sleep(args.settle)  # a command that cannot start at all fails within this time
+  time.sleep(SETTLE_SECONDS)
   if not pid or running_pid(files) is None:
     print(f"{_host()}: the run ended at once: {_describe_exit(_exit_code(files))}; its log ends:")
     for line in _log_tail(files, 4096).decode(errors="replace").splitlines()[-10:]:
@@ -273,13 +277,9 @@ def main(argv=None) -> int:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--log_dir", default="~/mav_jax_logs", help="where the log and state live")
   sub = parser.add_subparsers(dest="action", required=True)
   sub.add_parser("check", help="exit 1 if a run is going on this host")
   p = sub.add_parser("start", help="start the command after -- detached, unless a run is going")
-  p.add_argument(
-    "--settle", type=float, default=2.0, help="seconds to wait to see that it did not end at once"
-  )
   p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the interpreter's arguments")
   sub.add_parser("status", help="running or how it ended, and the last trainer line")
   p = sub.add_parser("stop", help="SIGTERM the run and wait for it to checkpoint and end")
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if getattr(args, "command", None) and args.command[0] == "--":
     args.command = args.command[1:]
-  files = Files(args.log_dir)
+  files = Files(LOG_DIR)
   return {"check": cmd_check, "start": cmd_start, "status": cmd_status, "stop": cmd_stop}[
     args.action
   ](args, files)
