@@ -463,17 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _call(cmd: list[str]) -> int:
-  try:
-    return subprocess.call(cmd)
-  except FileNotFoundError:
-    print(
-      f"error: {cmd[0]} is not installed (https://cloud.google.com/sdk/docs/install)",
-      file=sys.stderr,
-    )
-    return 127
-
-
 def run(steps: list[Step], dry_run: bool) -> int:
   """Runs the steps in order (the commands of one step at once); stops at the first failure."""
   for step in steps:
@@ -483,11 +472,15 @@ def run(steps: list[Step], dry_run: bool) -> int:
       print("+ " + shlex.join(cmd), flush=True)
     if dry_run:
       continue
-    if len(step.commands) == 1:
-      codes = [_call(step.commands[0])]
-    else:
+    try:
       with concurrent.futures.ThreadPoolExecutor(len(step.commands)) as pool:
-        codes = list(pool.map(_call, step.commands))
+        codes = list(pool.map(subprocess.call, step.commands))
+    except FileNotFoundError as e:
+      print(
+        f"error: {e.filename} is not installed (https://cloud.google.com/sdk/docs/install)",
+        file=sys.stderr,
+      )
+      return 1
     code = next((c for c in codes if c), 0)
     if code:
       print(

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -188,12 +187,6 @@ def _up(cloud, source_repo) -> None:
   assert out.count(f": {commit} the tree under test") == 2, out  # each worker says what it has
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _train_flags(workdir, num_steps, launcher=(), trainer=()) -> list[str]:
   """`train` for the 2 simulated workers: a workdir both see, process 0's address (they are not
   TPU VMs, whose runtime finds the peers), a tiny decoder on 2 fake CPU devices each."""
@@ -201,7 +194,7 @@ def _train_flags(workdir, num_steps, launcher=(), trainer=()) -> list[str]:
     "--config=configs/decoder.py:tiny",
     f"--workdir={workdir}",
     "--shared_workdir",
-    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    f"--coordinator_address=127.0.0.1:{local.free_port()}",
     *launcher,
     "--",
     "--cpu_devices=2",
