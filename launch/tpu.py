@@ -336,7 +336,7 @@ def cmd_stop(args, res: Resource) -> list[Step]:
   # several hosts, JAX's preemption service makes them agree on the step to stop at.
   return [
     Step(
-      res.ssh(_worker(f"stop --wait={args.wait:g}")),
+      res.ssh(_worker("stop")),
       error="the run did not stop cleanly on the worker(s) above",
     )
   ]
@@ -446,13 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "overrides", nargs="*", help="after --: flags for mav_jax.train, e.g. --config.batch_size=512"
-  )
-  p = parsers["stop"]
-  p.add_argument(
-    "--wait",
-    type=float,
-    default=600,
-    help="seconds each worker waits for its trainer to checkpoint and exit (default 600)",
   )
   p = parsers["logs"]
   p.add_argument("--follow", action="store_true", help="keep following (tail -F)")

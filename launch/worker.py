@@ -39,6 +39,7 @@ _COORDINATOR_LOST = re.compile(
 
 
 LOG_DIR = "~/mav_jax_logs"  # launch/tpu.py's REMOTE_LOG lives here
+STOP_WAIT_SECONDS = 600  # for the trainer to save its checkpoint and exit after SIGTERM
 SETTLE_SECONDS = 2.0  # a command that cannot start at all (a bad path, a flag error) ends by then
 
 
@@ -249,13 +250,13 @@ def cmd_stop(args, files: Files) -> int:
   # SIGTERM: the trainer saves a checkpoint and exits 0 (with several hosts, JAX's preemption
   # service makes them all stop at the same step).
   os.kill(pid, signal.SIGTERM)
-  deadline = time.monotonic() + args.wait
+  deadline = time.monotonic() + STOP_WAIT_SECONDS
   while running_pid(files) is not None and time.monotonic() < deadline:
     time.sleep(0.5)
   if running_pid(files) is not None:
     print(
-      f"{_host()}: still running {args.wait:.0f} s after SIGTERM (pid {pid}); wait longer "
-      f"(stop --wait), or `kill -9 {pid}` on this worker (no checkpoint)",
+      f"{_host()}: still running {STOP_WAIT_SECONDS} s after SIGTERM (pid {pid}); stop again to "
+      f"wait longer, or `kill -9 {pid}` on this worker (no checkpoint)",
       flush=True,
     )
     return 1
@@ -282,8 +283,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("start", help="start the command after -- detached, unless a run is going")
   p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the interpreter's arguments")
   sub.add_parser("status", help="running or how it ended, and the last trainer line")
-  p = sub.add_parser("stop", help="SIGTERM the run and wait for it to checkpoint and end")
-  p.add_argument("--wait", type=float, default=600, help="seconds to wait for it to end")
+  sub.add_parser("stop", help="SIGTERM the run and wait (600 s) for it to checkpoint and end")
   args = parser.parse_args(argv)
   if getattr(args, "command", None) and args.command[0] == "--":
     args.command = args.command[1:]
