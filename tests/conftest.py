@@ -34,8 +34,8 @@ flags.FLAGS.mark_as_parsed()
 
 def pytest_collection_modifyitems(config, items):
   """Tests that build a module-scoped fixture of their own file (a compiled benchmark grid, a
-  trained cascade) are the largest units of work: they run first, so the two workers of
-  `--dist load` (pyproject.toml) end close together. (Each worker builds such a fixture for its own
+  trained cascade) are the largest units of work, then those marked `long`: they run first, so the
+  two workers of `--dist load` (pyproject.toml) end close together. (Each worker builds such a fixture for its own
   tests of that file; pytest-xdist's `loadgroup`, which could keep them on one worker, assigns no
   groups with this pytest/xdist pair.)"""
 
@@ -47,4 +47,6 @@ def pytest_collection_modifyitems(config, items):
       for d in info.name2fixturedefs.get(name, ())
     )
 
-  items.sort(key=lambda item: not builds_module_fixture(item))
+  items.sort(
+    key=lambda item: (not builds_module_fixture(item), item.get_closest_marker("long") is None)
+  )

@@ -104,6 +104,7 @@ def test_video_writer_round_trips_gif_and_mp4(tmp_path):
     video_io.check_output_path(str(tmp_path / "v.avi"), overwrite=False)
 
 
+@pytest.mark.long
 def test_evaluate_motion_cli_writes_rows_per_stage_and_keeps_results(tmp_path):
   out = tmp_path / "motion"
   args = [sys.executable, "-m", "mav_jax.evaluate", "--protocol=motion", f"--output={out}"]
@@ -129,6 +130,7 @@ def test_evaluate_motion_cli_writes_rows_per_stage_and_keeps_results(tmp_path):
   assert (out / "results.json").read_bytes() == before
 
 
+@pytest.mark.long
 def test_evaluate_msrvtt_protocol_cli_with_converted_inception(tmp_path):
   """The MSR-VTT protocol from the command line: captions file, real video folder, FID through a
   pytorch-fid Inception .pth (random weights, made by the reference in tests/reference) and

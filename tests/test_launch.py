@@ -210,12 +210,32 @@ def _checkpoints(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
+def _lose(cloud, lost: int) -> str:
+  """Kills process `lost`'s trainer; returns `status` once the other process has ended."""
+  other = 1 - lost
+  os.kill(worker.running_pid(cloud.files(lost)), signal.SIGKILL)
+  noticed = cloud.wait(lambda: worker.running_pid(cloud.files(other)) is None, "the other", 600)
+  print(f"process {other} ended {noticed:.1f} s after process {lost} was killed")
+  assert noticed < 2 * HEARTBEAT + 30, noticed  # bounded: JAX's heartbeat timeout, and margin
+  out = cloud.launch("status")
+  assert f"t1v-n-mav-w-{lost}: ended by SIGKILL" in out, out
+  # JAX aborts it (SIGABRT; once, tearing down after process 0 was lost, a SIGSEGV was seen).
+  assert re.search(rf"t1v-n-mav-w-{other}: ended by SIG(ABRT|SEGV)", out), out
+  return out
+
+
+@pytest.mark.long
 def test_life_of_a_run_on_two_workers(make_cloud, source_repo, tmp_path):
   """create -> setup -> train (2 processes, one JAX job) -> status -> a second train refused ->
-  stop (both checkpoint, exit 0) -> train resumes and finishes -> status -> logs --fetch -> delete."""
+  stop (both checkpoint, exit 0) -> train resumes -> one worker's trainer is killed: the other
+  ends within the heartbeat timeout and `status` names the lost process -> train (attached,
+  --foreground) resumes from the last complete checkpoint and finishes -> train, and
+  process 0, which also hosts JAX's coordination service, is lost -> logs --fetch -> delete.
+  (One test: each `train` here is two trainer starts, the suite's dearest step.)"""
   cloud = make_cloud("mav")
   _up(cloud, source_repo)
   workdir = tmp_path / "run"
+  checkpoint_often = ["--config.train.checkpoint_every=2"]
 
   out = cloud.launch("train", *_train_flags(workdir, 10_000))
   assert out.count(": started (pid") == 2, out
@@ -238,15 +258,24 @@ def test_life_of_a_run_on_two_workers(make_cloud, source_repo, tmp_path):
   out = cloud.launch("stop")
   assert out.count(": no run to stop") == 2, out
 
-  cloud.launch("train", *_train_flags(workdir, step + 2))
-  cloud.wait(lambda: worker.running_pid(cloud.files(0)) is None, "the run finishing")
-  cloud.wait(lambda: worker.running_pid(cloud.files(1)) is None, "the run finishing")
+  cloud.launch("train", *_train_flags(workdir, 10_000, trainer=checkpoint_often))
+  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) >= step + 3, "3 more steps on both")
   for i in (0, 1):
     assert cloud.log(i).count(f"resumed at step {step}") == 1  # one JAX job: both resumed
-  out = cloud.launch("status")
-  assert out.count(": exited 0") == 2, out
-  assert out.count(f"[train] finished at step {step + 2} (checkpoint saved)") == 2, out
   assert "process 1 of 2, 4 devices" in cloud.log(1)
+  out = _lose(cloud, 1)
+  assert "lost contact with process 1 (its heartbeats stopped" in out, out
+  assert "[train] error: process 0 of 2 stopped" in cloud.log(0)
+
+  last = _checkpoints(workdir)[-1]
+  out = cloud.launch("train", *_train_flags(workdir, last + 1, launcher=["--foreground"]))
+  assert out.count(f"resumed at step {last}") == 2, out
+  assert out.count(f"[train] finished at step {last + 1} (checkpoint saved)") == 2, out
+
+  cloud.launch("train", *_train_flags(workdir, 10_000, trainer=checkpoint_often))
+  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) > last + 2, "2 more steps on both")
+  out = _lose(cloud, 0)
+  assert "lost contact with the coordination service of process 0" in out, out
 
   out = cloud.launch("logs", f"--fetch={tmp_path / 'logs'}")
   for i in (0, 1):
@@ -261,45 +290,6 @@ def test_life_of_a_run_on_two_workers(make_cloud, source_repo, tmp_path):
   assert cloud.returncode == 1 and "NOT_FOUND" in out
   verbs = [call[3] for call in cloud.calls()]
   assert verbs[:3] == ["create", "ssh", "ssh"] and verbs[-2:] == ["delete", "describe"]
-
-
-def _lose(cloud, lost: int) -> str:
-  """Kills process `lost`'s trainer; returns `status` once the other process has ended."""
-  other = 1 - lost
-  os.kill(worker.running_pid(cloud.files(lost)), signal.SIGKILL)
-  noticed = cloud.wait(lambda: worker.running_pid(cloud.files(other)) is None, "the other", 600)
-  print(f"process {other} ended {noticed:.1f} s after process {lost} was killed")
-  assert noticed < 2 * HEARTBEAT + 30, noticed  # bounded: JAX's heartbeat timeout, and margin
-  out = cloud.launch("status")
-  assert f"t1v-n-lost-w-{lost}: ended by SIGKILL" in out, out
-  # JAX aborts it (SIGABRT; once, tearing down after process 0 was lost, a SIGSEGV was seen).
-  assert re.search(rf"t1v-n-lost-w-{other}: ended by SIG(ABRT|SEGV)", out), out
-  return out
-
-
-def test_a_lost_worker_stops_the_other_and_the_next_run_resumes(make_cloud, source_repo, tmp_path):
-  """One worker's trainer is killed: the other ends within the heartbeat timeout, `status` names
-  the lost process, and `train` (attached, --foreground) resumes from the last complete
-  checkpoint. Then process 0, which also hosts JAX's coordination service, is lost."""
-  cloud = make_cloud("lost")
-  _up(cloud, source_repo)
-  workdir = tmp_path / "run"
-  checkpoint_often = ["--config.train.checkpoint_every=2"]
-  cloud.launch("train", *_train_flags(workdir, 10_000, trainer=checkpoint_often))
-  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) >= 5, "5 steps on both workers")
-  out = _lose(cloud, 1)
-  assert "lost contact with process 1 (its heartbeats stopped" in out, out
-  assert "[train] error: process 0 of 2 stopped" in cloud.log(0)
-
-  last = _checkpoints(workdir)[-1]
-  out = cloud.launch("train", *_train_flags(workdir, last + 1, launcher=["--foreground"]))
-  assert out.count(f"resumed at step {last}") == 2, out
-  assert out.count(f"[train] finished at step {last + 1}") == 2, out
-
-  cloud.launch("train", *_train_flags(workdir, 10_000, trainer=checkpoint_often))
-  cloud.wait(lambda: min(cloud.steps(0), cloud.steps(1)) > last + 2, "2 more steps on both")
-  out = _lose(cloud, 0)
-  assert "lost contact with the coordination service of process 0" in out, out
 
 
 def test_setup_copies_the_committed_tree_and_installs(make_cloud):

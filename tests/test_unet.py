@@ -66,6 +66,12 @@ def _apply(model, params, inp, image_mode=False):
   return model.apply({"params": params}, inp["x"], inp["t"], **_conditioning(inp, image_mode))
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _apply_with_ids(model, params, inp, ids):
+  kwargs = _conditioning(inp) | ({} if ids is None else {"context_ids": ids})
+  return model.apply({"params": params}, inp["x"], inp["t"], **kwargs)
+
+
 def _per_frame_image_model(model, params, inp):
   """The image model applied to every frame as a separate example: [B, F, ...] -> [B*F, 1, ...]."""
   b, f = inp["x"].shape[:2]
@@ -345,8 +351,7 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
   ids = jnp.array([[1, 4, 5, 6, 2], [1, 3, 2, 0, 0]], jnp.int32)
 
   def run(m, params, inp, ids=None):
-    kwargs = _conditioning(inp) | ({} if ids is None else {"context_ids": ids})
-    return m.apply({"params": params}, inp["x"], inp["t"], **kwargs)
+    return _apply_with_ids(m, params, inp, ids)
 
   params = nn.unbox(
     jax.jit(lambda r: model.init(r, inp["x"], inp["t"], **_conditioning(inp), context_ids=ids))(
