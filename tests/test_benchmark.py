@@ -67,7 +67,7 @@ def rows():
 
 
 def test_strategies_compile_run_on_8_devices_and_are_written_out(rows, tmp_path):
-  """One test for the whole 8-device grid (~195 s to build here): with `--dist load` a second test
+  """One test for the whole 8-device grid (~90 s to build here): with `--dist load` a second test
   using the module fixture could land on the other worker and build it again."""
   train = {r["strategy"]: r for r in rows if r["step"] == "train"}
   assert sorted(train) == sorted(GRID) and set(GRID) < set(sharding.STRATEGIES)
