@@ -35,9 +35,9 @@ flags.FLAGS.mark_as_parsed()
 def pytest_collection_modifyitems(config, items):
   """Tests that build a module-scoped fixture of their own file (a compiled benchmark grid, a
   trained cascade) are the largest units of work, then those marked `long`: they run first, so the
-  two workers of `--dist load` (pyproject.toml) end close together. (Each worker builds such a fixture for its own
-  tests of that file; pytest-xdist's `loadgroup`, which could keep them on one worker, assigns no
-  groups with this pytest/xdist pair.)"""
+  two workers of `--dist load` (pyproject.toml) end close together. (Each worker builds such a
+  fixture for its own tests of that file; pytest-xdist's `loadgroup`, which could keep them on one
+  worker, assigns no groups with this pytest/xdist pair.)"""
 
   def builds_module_fixture(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)

@@ -62,13 +62,9 @@ def _init(model, inp, image_mode=False, seed=42):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _apply(model, params, inp, image_mode=False):
-  return model.apply({"params": params}, inp["x"], inp["t"], **_conditioning(inp, image_mode))
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _apply_with_ids(model, params, inp, ids):
-  kwargs = _conditioning(inp) | ({} if ids is None else {"context_ids": ids})
+def _apply(model, params, inp, image_mode=False, ids=None):
+  """The model's output; `ids` (caption token ids) for a model with text_vocab_size."""
+  kwargs = _conditioning(inp, image_mode) | ({} if ids is None else {"context_ids": ids})
   return model.apply({"params": params}, inp["x"], inp["t"], **kwargs)
 
 
@@ -350,9 +346,6 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
   plain = _make_test_model(use_cross_attention=False, temporal_text_attention=True)
   ids = jnp.array([[1, 4, 5, 6, 2], [1, 3, 2, 0, 0]], jnp.int32)
 
-  def run(m, params, inp, ids=None):
-    return _apply_with_ids(m, params, inp, ids)
-
   params = nn.unbox(
     jax.jit(lambda r: model.init(r, inp["x"], inp["t"], **_conditioning(inp), context_ids=ids))(
       jax.random.key(42)
@@ -363,15 +356,17 @@ def test_learned_caption_tokens_start_at_zero_and_separate_ids_the_context_does_
   rest = {k: v for k, v in params.items() if not k.startswith("temporal_text_")}
   moved = _perturb_temporal(params)
   np.testing.assert_allclose(
-    run(model, params, inp, ids), run(plain, rest, inp), atol=1e-6, rtol=1e-6
+    _apply(model, params, inp, ids=ids), _apply(plain, rest, inp), atol=1e-6, rtol=1e-6
   )
   other_ids = ids.at[0, 2].set(7)  # same context features, another word
-  delta = jnp.abs(run(model, moved, inp, other_ids) - run(model, moved, inp, ids))
+  delta = jnp.abs(_apply(model, moved, inp, ids=other_ids) - _apply(model, moved, inp, ids=ids))
   assert float(delta[0].max()) > 1e-3 and float(delta[1].max()) == 0.0
   none = dict(inp, ctx_mask=jnp.zeros_like(inp["ctx_mask"]))
-  np.testing.assert_array_equal(run(model, moved, none, other_ids), run(model, moved, none, ids))
+  np.testing.assert_array_equal(
+    _apply(model, moved, none, ids=other_ids), _apply(model, moved, none, ids=ids)
+  )
   with pytest.raises(ValueError, match="text_vocab_size=9 needs context_ids"):
-    run(model, moved, inp)
+    _apply(model, moved, inp)
 
 
 def test_caption_motion_conv_is_a_caption_mixed_depthwise_space_time_conv():
