@@ -22,8 +22,11 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. decoder.py:paper.")
 _TARGET = flags.DEFINE_string(
@@ -215,14 +218,16 @@ def merge_results(folders: list[str], output: str) -> list[dict]:
   for folder in folders:
     path = os.path.join(folder, "results.json")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} does not exist: pass output folders of the benchmark")
+      raise errors.UserFileNotFoundError(
+        f"{path} does not exist: pass output folders of the benchmark"
+      )
     with open(path) as f:
       for row in json.load(f):
         key = tuple(row[k] for k in ("target", "stage", "variant", "step", "strategy", "mesh"))
         merged[key + (row["batch"],)] = row
   rows = list(merged.values())
   if not rows:
-    raise ValueError(f"no result rows in {', '.join(folders)}")
+    raise errors.UserError(f"no result rows in {', '.join(folders)}")
   os.makedirs(output, exist_ok=True)
   _write(output, "results", rows, _CSV_COLUMNS)
   plot(rows, os.path.join(output, "memory_time.png"))
@@ -230,30 +235,29 @@ def merge_results(folders: list[str], output: str) -> list[dict]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   if _MERGE.value:
     out = os.path.join(_OUTPUT.value, "results.json")
     if os.path.exists(out) and not _OVERWRITE.value and _OUTPUT.value not in _MERGE.value:
-      raise app.UsageError(f"{out} exists; pass --overwrite or choose another --output")
+      raise errors.UserError(f"{out} exists; pass --overwrite or choose another --output")
     try:
       rows = merge_results(_MERGE.value, _OUTPUT.value)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from e
+    except errors.UserError as e:
+      raise errors.UserError(str(e)) from e
     print(format_table(rows))
     return
   if _CONFIG.value is None:
-    raise app.UsageError("pass --config, e.g. --config configs/decoder.py:tiny")
+    raise errors.UserError("pass --config, e.g. --config configs/decoder.py:tiny")
   if _CPU_DEVICES.value:
     if _TARGET.value != "local":
-      raise app.UsageError("--cpu_devices fakes local devices; it does not apply to a TPU target")
+      raise errors.UserError("--cpu_devices fakes local devices; it does not apply to a TPU target")
     from mav_jax.parallel import mesh
 
     mesh.fake_cpu_devices(_CPU_DEVICES.value)
   name = "attention" if _ATTENTION.value else "results"
   output = _OUTPUT.value
   if os.path.exists(os.path.join(output, name + ".json")) and not _OVERWRITE.value:
-    raise app.UsageError(
+    raise errors.UserError(
       f"{output}/{name}.json exists; pass --overwrite to replace it or choose another --output"
     )
   from mav_jax import benchmark_lib
@@ -263,8 +267,8 @@ def main(argv):
     meshes = [benchmark_lib.parse_mesh(m) for m in _MESHES.value]
     compiler_options = benchmark_lib.parse_options(_COMPILER_OPTIONS.value)
     target = targets.get_target(_TARGET.value, _SLICES.value)
-  except (ValueError, RuntimeError) as e:
-    raise app.UsageError(str(e)) from e
+  except (errors.UserError, RuntimeError) as e:
+    raise errors.UserError(str(e)) from e
   print(
     f"[benchmark] target {target.name}: {target.num_devices} x {target.chip.name}"
     f"{'' if target.runnable else ' (compiled ahead of time, not run)'}",
@@ -281,8 +285,8 @@ def main(argv):
     cases = benchmark_lib.default_cases(
       _STRATEGIES.value, target.num_devices, target.num_slices, _TENSOR.value, meshes
     )
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  except errors.UserError:
+    raise
   rows = []
   for case in cases:
     try:
@@ -299,11 +303,11 @@ def main(argv):
         compiler_options=compiler_options,
         log=log,
       )
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(f"{case.strategy} on mesh {'x'.join(map(str, case.ici))}: {e}") from e
+    except errors.UserError as e:
+      raise errors.UserError(f"{case.strategy} on mesh {'x'.join(map(str, case.ici))}: {e}") from e
     except Exception as e:  # XLA rejects an option only when it compiles
       if "No such compile option" in str(e):
-        raise app.UsageError(f"--compiler_options: {e}") from e
+        raise errors.UserError(f"--compiler_options: {e}") from e
       raise
     _write(output, name, rows, _CSV_COLUMNS)  # after every case: long runs keep what they made
   plot(rows, os.path.join(output, "memory_time.png"))
@@ -312,4 +316,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mav_jax import checkpointing, stages, train_step
+from mav_jax import checkpointing, errors, stages, train_step
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.models import attention as attention_lib
 from mav_jax.parallel import compiled_stats, sharding
@@ -52,7 +52,7 @@ def parse_mesh(text: str) -> tuple[int, ...]:
   except ValueError:
     sizes = ()
   if len(sizes) != len(MESH_AXES):
-    raise ValueError(
+    raise errors.UserError(
       f"mesh {text!r}: give the sizes of {' x '.join(MESH_AXES)} like 1x-1x4 (-1: the rest)"
     )
   return sizes
@@ -210,7 +210,7 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
   for item in items:
     name, sep, value = item.partition("=")
     if not sep or not name:
-      raise ValueError(f"compiler option {item!r} is not name=value")
+      raise errors.UserError(f"compiler option {item!r} is not name=value")
     lowered = value.lower()
     options[name] = {"true": True, "false": False}.get(lowered, value)
   return options
@@ -293,7 +293,7 @@ def run_case(
   batch_spec = sharding.batch_sharding(mesh)
   shards = sharding.batch_shards(mesh)
   if config.batch_size % shards:
-    raise ValueError(
+    raise errors.UserError(
       f"batch_size {config.batch_size} does not split over the {shards} data x fsdp shards of "
       f"mesh {dict(mesh.shape)}; pass --batch_size as a multiple of {shards}"
     )
@@ -348,7 +348,9 @@ def run_case(
     if sampler is not None:
       n = sample_batch or config.batch_size
       if n % shards:
-        raise ValueError(f"--sample_batch {n} must be a multiple of the {shards} batch shards")
+        raise errors.UserError(
+          f"--sample_batch {n} must be a multiple of the {shards} batch shards"
+        )
       sample_jit = jax.jit(
         sampler,
         in_shardings=(

@@ -6,9 +6,14 @@ would have. Restoring takes an abstract state whose leaves carry the *target* sh
 saved with one mesh and strategy restores onto another. Paths may be local or `gs://` (etils.epath).
 """
 
+import contextlib
 import functools
+import gc
 import json
 import os
+import sys
+import tempfile
+import time
 from typing import Any
 
 import grain
@@ -17,6 +22,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mav_jax import errors
 
 # Replica-parallel saving splits each replicated array into per-replica slices, each slice a small
 # compiled program; below 1 MiB per slice that costs more than the parallel write gains (hundreds of
@@ -69,16 +76,129 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator, config) -> None:
-    """Saves at `step` (always: the caller decides when); returns before the write completes."""
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-      ),
-      force=True,
+    """Saves at `step` (always: the caller decides when); returns before the write completes.
+
+    Raises CheckpointWriteError (one line: the cause and the path) if this or an earlier
+    background write failed."""
+    self.check_for_errors()
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        ),
+        force=True,
+      )
+    except Exception as e:
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int | None, e: BaseException) -> errors.CheckpointWriteError:
+    cause = _root_cause(e)
+    which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return errors.CheckpointWriteError(
+      f"{which} could not be written to {self.directory}: {type(cause).__name__}: "
+      f"{_first_line(cause)}. The run stopped; the newest complete checkpoint is "
+      f"{self._newest_complete()}. Fix the storage (space, permissions) and rerun the same "
+      f"command to resume from it"
     )
+
+  def _newest_complete(self) -> str:
+    try:
+      self._manager.reload()
+      step = self._manager.latest_step()
+    except Exception:  # the storage may be what failed
+      return "unknown"
+    return f"step {step}" if step is not None else "none (the run restarts from scratch)"
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointWriteError if a background checkpoint write has failed (cheap: the loop
+    calls it every step, so no step is trained long after a failed save)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:
+      raise self._write_error(self._pending_step(), e) from e
+
+  def _pending_step(self) -> int | None:
+    thread = getattr(self._manager, "_finalize_thread", None)
+    try:
+      return thread.get_not_none().step()
+    except Exception:
+      return None
+
+  def restore_latest(self, abstract_state: Any, data_iterator=None, log=print):
+    """(state, step) of the newest checkpoint that restores, or None if the workdir has none.
+
+    A checkpoint of another model (different parameter shapes) is a UserError: the config changed,
+    not the checkpoint. A step whose files cannot be read (removed, truncated, corrupt) is moved to
+    `<workdir>/checkpoints_damaged/` (never deleted) with one line saying why, and the next older
+    step is tried; if none is intact, a UserError says where the damaged ones went."""
+    moved = []
+    while (step := self._manager.latest_step()) is not None:
+      self._check_same_model(step, abstract_state)
+      with _stderr_held() as held:
+        try:
+          return self.restore(step, abstract_state, data_iterator), step
+        except errors.UserError:
+          raise
+        except Exception as e:
+          cause = _root_cause(e)
+          failure = f"{type(cause).__name__}: {_first_line(cause)}"
+          held.failed = True
+          del e, cause
+      where = self._move_aside(step)
+      moved.append(str(where))
+      if jax.process_index() == 0 and held.text:
+        (where / "restore_errors.log").write_bytes(held.text)
+      log(
+        f"[train] checkpoint {step} cannot be restored ({failure}); moved it to {where} (the "
+        f"reader's messages are in restore_errors.log there); trying the previous one"
+      )
+      self._manager.reload()
+    if moved:
+      raise errors.UserError(
+        f"no intact checkpoint in {self.directory}; the damaged ones were moved to {moved}. To "
+        f"start this run afresh, rerun the command; to keep them apart, use a new --workdir"
+      )
+    return None
+
+  def _check_same_model(self, step: int, abstract_state: Any) -> None:
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+      have = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    except Exception:  # unreadable metadata: damage, which restore then reports
+      return
+    want = {_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    if have and want != have:
+      diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+      raise errors.UserError(
+        f"checkpoint {step} in {self.directory} was made by a different model than this config "
+        f"builds (first differences: {diff[:5]}); use a new --workdir, or the config the run was "
+        f"started with (saved in {self.directory / str(step) / 'config'})"
+      )
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Moves a damaged step folder to <workdir>/checkpoints_damaged/<step>-<time> (process 0)."""
+    import time
+
+    source = self.directory / str(step)
+    target = self.directory.parent / "checkpoints_damaged" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      try:
+        source.rename(target)
+      except OSError:  # object stores rename folders by copying
+        for f in source.rglob("*"):
+          if f.is_file():
+            (target / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            f.copy(target / f.relative_to(source))
+        source.rmtree()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"mav_jax_move_aside_{step}")
+    return target
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """The state at `step`, placed as `abstract_state`'s shardings say; restores the iterator too."""
@@ -93,7 +213,7 @@ class Checkpointer:
     folder = self.directory / str(step) / "data"
     saved = {p.name.split("-of-")[-1].split(".")[0] for p in folder.glob("process_*-of-*.json")}
     if len(saved) == 1 and int(next(iter(saved))) != jax.process_count():
-      raise ValueError(
+      raise errors.UserError(
         f"checkpoint {step} in {self.directory} holds the data-iterator state of "
         f"{int(next(iter(saved)))} host(s) but this run has {jax.process_count()}; resume with the "
         f"same number of hosts (the model state itself restores onto any mesh)"
@@ -103,10 +223,78 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the background save; raises CheckpointWriteError if it failed."""
+    step = self._pending_step()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(step, e) from e
 
   def close(self) -> None:
     self._manager.close()
+
+
+class _HeldStderr:
+  failed: bool = False  # set by the caller once the exception is handled (and released)
+  text: bytes = b""
+
+
+@contextlib.contextmanager
+def _stderr_held():
+  """Holds what is written to stderr (file descriptor 2: C++ and other threads too) during a
+  restore. If the caller marks it failed, what was written is kept in `.text` instead of shown:
+  a damaged file makes Orbax's reader threads and its abandoned coroutines print a traceback for
+  every array (over a thousand for a small model), burying the one line that says what happened.
+  Otherwise it is written out unchanged. The caller must not hold the exception when the block
+  ends: its frames keep the coroutines alive, and they print when collected."""
+  held = _HeldStderr()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield held
+      if held.failed:
+        gc.collect()  # abandoned coroutines and futures report themselves when collected
+        size = -1
+        while size != os.fstat(tmp.fileno()).st_size:  # and reader threads finish printing
+          size = os.fstat(tmp.fileno()).st_size
+          time.sleep(0.3)
+          gc.collect()
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read()
+      if held.failed:
+        held.text = text
+      elif text:
+        os.write(2, text)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  """The innermost exception of a chain (Orbax wraps the storage's error several times)."""
+  seen = set()
+  while id(e) not in seen:
+    seen.add(id(e))
+    inner = e.__cause__ or e.__context__
+    if inner is None:
+      break
+    e = inner
+  return e
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _key(path) -> str:
+  """A tree path as 'params/Dense_0/kernel', whatever the containers (dataclass, dict)."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+  return "/".join(parts)
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -125,7 +313,7 @@ def _latest_step_dir(path: str) -> epath.Path:
     return root
   steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
   if not steps:
-    raise FileNotFoundError(
+    raise errors.UserFileNotFoundError(
       f"no checkpoint found under {path}: expected a training workdir (with checkpoints/<step>), "
       f"a step folder, or a model exported by mav_jax.export"
     )
@@ -133,14 +321,34 @@ def _latest_step_dir(path: str) -> epath.Path:
 
 
 def _restore_host(directory: epath.Path, item: str | None = None) -> Any:
-  """Restores an Orbax tree whole onto this host as numpy arrays; `item` picks one entry of it."""
+  """Restores an Orbax tree whole onto this host as numpy arrays; `item` picks one entry of it.
+
+  A folder whose files cannot be read (truncated, removed, corrupt) is a UserError naming it."""
+  if not directory.exists():
+    raise errors.UserFileNotFoundError(f"{directory} does not exist")
   checkpointer = ocp.StandardCheckpointer()
-  saved = checkpointer.metadata(directory).item_metadata
-  # Each array whole on this host's first device: independent of the mesh it was saved from.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-  restored = jax.tree.map(np.asarray, checkpointer.restore(directory, target))
-  checkpointer.close()
+  failure = None
+  with _stderr_held() as held:
+    try:
+      saved = checkpointer.metadata(directory).item_metadata
+      # Each array whole on this host's first device: independent of the mesh it was saved from.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+      )
+      restored = jax.tree.map(np.asarray, checkpointer.restore(directory, target))
+    except Exception as e:
+      cause = _root_cause(e)
+      failure = f"{type(cause).__name__}: {_first_line(cause)}"
+      held.failed = True
+      del e, cause
+    finally:
+      checkpointer.close()
+  if failure is not None:
+    raise errors.UserError(
+      f"{directory} cannot be read: a file in it is damaged or missing ({failure}); export the "
+      f"model again (python -m mav_jax.export) or copy it again"
+    )
   return restored if item is None else restored[item]
 
 
@@ -208,7 +416,7 @@ def upgrade_config(data: dict) -> dict:
         continue
       value = data[section].pop(field)
       if neutral is not None and value != neutral and value != _tuples(neutral):
-        raise ValueError(
+        raise errors.UserError(
           f"this checkpoint was made with {section}.{field} = {value!r}, an option mav_jax no "
           f"longer has; run it with mav_jax at commit {_LAST_WITH_REMOVED} "
           f"(git checkout {_LAST_WITH_REMOVED})"
@@ -236,7 +444,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   # JsonCheckpointHandler's file; the folder also holds Orbax's commit marker.
   file = _latest_step_dir(path) / "config" / "metadata"
   if not file.exists():
-    raise FileNotFoundError(f"{file.parent}: the checkpoint holds no config")
+    raise errors.UserFileNotFoundError(f"{file.parent}: the checkpoint holds no config")
   return config_from_json(json.loads(file.read_text()))
 
 
@@ -256,7 +464,9 @@ def export_model(source: str, output: str, overwrite: bool = False, item: str = 
   """
   out = _path(output)
   if out.exists() and not overwrite:
-    raise FileExistsError(f"{output} already exists; choose another output or pass --overwrite")
+    raise errors.UserFileExistsError(
+      f"{output} already exists; choose another output or pass --overwrite"
+    )
   config = load_config(source)
   params = restore_params(source, item)
   staging = out.parent / f"{out.name}.staging"  # beside the output, never inside it

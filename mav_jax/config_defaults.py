@@ -6,12 +6,14 @@ one-line comment here.
 
 import ml_collections
 
+from mav_jax import errors
+
 
 def new_config(stage: str, arg: str | None, variants: tuple[str, ...]) -> ml_collections.ConfigDict:
   """A config for `stage` with the variant parsed from `arg` (the first variant when empty)."""
   variant = arg or variants[0]
   if variant not in variants:
-    raise ValueError(f"unknown {stage} variant {variant!r}; choose one of {variants}")
+    raise errors.UserError(f"unknown {stage} variant {variant!r}; choose one of {variants}")
   config = ml_collections.ConfigDict()
   # Name of the cascade stage this config trains.
   config.stage = stage

@@ -6,8 +6,10 @@ Shapes come from `jax.eval_shape` of the model's init, so even a paper-scale mod
 seconds on a laptop.
 """
 
-from absl import app
 from ml_collections import config_flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Stage config, e.g. configs/decoder.py:base."
@@ -15,10 +17,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   if _CONFIG.value is None:
-    raise app.UsageError("pass --config, e.g. --config configs/decoder.py:base")
+    raise errors.UserError("pass --config, e.g. --config configs/decoder.py:base")
   from mav_jax.models.summary import count_params
 
   counts = count_params(_CONFIG.value)
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

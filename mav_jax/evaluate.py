@@ -24,8 +24,11 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
 
@@ -63,7 +66,7 @@ def _check_output() -> None:
   if os.path.isdir(out) and not _OVERWRITE.value:
     taken = [f for f in os.listdir(out) if f in _FILES or f.startswith(_PREFIXES)]
     if taken:
-      raise FileExistsError(
+      raise errors.UserFileExistsError(
         f"{out} already holds results ({', '.join(sorted(taken))}); choose another --output or "
         f"pass --overwrite"
       )
@@ -73,7 +76,7 @@ def _cascade(until: str):
   from mav_jax import sample_lib
 
   if until not in STAGES[1:]:
-    raise ValueError(f"until must be one of {STAGES[1:]}, got {until!r}")
+    raise errors.UserError(f"until must be one of {STAGES[1:]}, got {until!r}")
   last = STAGES.index(until)
   needed = [s for s in STAGES if STAGES.index(s) <= last]
   checkpoints = {s: _STAGE_PATHS[s].value or f"{_CHECKPOINTS.value}/{s}" for s in needed}
@@ -82,6 +85,9 @@ def _cascade(until: str):
     clip=_CLIP.value,
     steps=sample_lib._per_stage(_STEPS.value, "steps", int),
     guidance=sample_lib._per_stage(_GUIDANCE.value, "guidance", float),
+    # Benchmark captions are what they are: cut at the text encoder's context, as CLIP-based
+    # evaluations do, and said once.
+    truncate_prompts=True,
   )
   return cascade, checkpoints
 
@@ -110,9 +116,9 @@ def run_motion() -> list[dict]:
   from mav_jax.utils import video_io
 
   if _PER.value < 1 or _BATCH.value < 1:
-    raise ValueError("--per_combination and --batch_size must be >= 1")
+    raise errors.UserError("--per_combination and --batch_size must be >= 1")
   if _FPS.value is not None and _FPS.value <= 0:
-    raise ValueError(f"--fps must be > 0, got {_FPS.value}")
+    raise errors.UserError(f"--fps must be > 0, got {_FPS.value}")
   _check_output()
   out = _OUTPUT.value
   cascade, checkpoints = _cascade(_UNTIL.value)
@@ -147,12 +153,9 @@ def run_motion() -> list[dict]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mav_jax.utils import cli
-
+  del argv  # cli.main rejects positional arguments
   cli.run_user_command(run_protocol if _CONFIG.value is not None else run_motion)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

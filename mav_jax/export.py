@@ -7,9 +7,10 @@ the run was trained with): no optimizer or data-iterator state, so the folder is
 training checkpoint. `mav_jax.sample` and `conditioning.clip` / `train.init_from` accept either.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from mav_jax import errors
+from mav_jax.utils import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or step folder) to export.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the model checkpoint to.")
@@ -20,19 +21,17 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output f
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   if not _WORKDIR.value or not _OUTPUT.value:
-    raise app.UsageError("pass --workdir and --output")
+    raise errors.UserError("pass --workdir and --output")
   from mav_jax import checkpointing
 
   try:
     config, params = checkpointing.export_model(
       _WORKDIR.value, _OUTPUT.value, overwrite=_OVERWRITE.value, item=_ITEM.value
     )
-  except (FileNotFoundError, FileExistsError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except KeyError as e:  # --item names no entry of the state
+    raise errors.UserError(f"--item={_ITEM.value!r}: the checkpoint has no such entry ({e})") from e
   import jax
 
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

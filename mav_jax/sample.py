@@ -17,7 +17,10 @@ Writes the video (.gif or .mp4) and a contact sheet of its frames (<output>.png)
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 MODES = ("text", "image", "variation", "interpolate", "extend")
 STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
@@ -54,6 +57,11 @@ _FPS = flags.DEFINE_float(
   "the input video's); the output's in interpolate and extend modes.",
 )
 _SKIP = flags.DEFINE_integer("frame_skip", None, "↑F expansion factor (1: no interpolation).")
+_TRUNCATE = flags.DEFINE_bool(
+  "truncate_prompts",
+  False,
+  "Cut prompts longer than the text encoder's context (default: such a prompt is an error).",
+)
 _STRATEGY = flags.DEFINE_enum(
   "strategy",
   "data_parallel",
@@ -68,14 +76,18 @@ def _prompts() -> list[str]:
       with open(_PROMPTS_FILE.value) as f:
         prompts = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
-      raise FileNotFoundError(f"--prompts_file {_PROMPTS_FILE.value!r} does not exist") from None
+      raise errors.UserFileNotFoundError(
+        f"--prompts_file {_PROMPTS_FILE.value!r} does not exist"
+      ) from None
     if not prompts:
-      raise ValueError(f"--prompts_file {_PROMPTS_FILE.value!r} holds no captions")
+      raise errors.UserError(f"--prompts_file {_PROMPTS_FILE.value!r} holds no captions")
     return prompts
   if _PROMPT.value is None:
-    raise ValueError("text mode needs --prompt 'a caption' or --prompts_file")
+    raise errors.UserError("text mode needs --prompt 'a caption' or --prompts_file")
   if not _PROMPT.value.strip():
-    raise ValueError("empty --prompt: pass a caption, e.g. --prompt 'a red circle moving left'")
+    raise errors.UserError(
+      "empty --prompt: pass a caption, e.g. --prompt 'a red circle moving left'"
+    )
   return [_PROMPT.value]
 
 
@@ -89,7 +101,9 @@ def _outputs(n: int) -> list[str]:
     video_io.check_output_path(p, _OVERWRITE.value)
     sheet = os.path.splitext(p)[0] + ".png"
     if _SHEET.value and os.path.exists(sheet) and not _OVERWRITE.value:
-      raise FileExistsError(f"{sheet} already exists; choose another --output or pass --overwrite")
+      raise errors.UserFileExistsError(
+        f"{sheet} already exists; choose another --output or pass --overwrite"
+      )
   return paths
 
 
@@ -107,11 +121,11 @@ def run() -> list[str]:
   prompts = _prompts() if mode == "text" else None
   images = _IMAGE.value or []
   if mode == "image" and len(images) != 1:
-    raise ValueError("image mode needs one --image")
+    raise errors.UserError("image mode needs one --image")
   if mode == "interpolate" and len(images) != 2:
-    raise ValueError("interpolate mode needs two images: --image first.png,last.png")
+    raise errors.UserError("interpolate mode needs two images: --image first.png,last.png")
   if mode in ("variation", "extend") and not _VIDEO.value:
-    raise ValueError(f"{mode} mode needs --video")
+    raise errors.UserError(f"{mode} mode needs --video")
   for name, value, ok, rule in [
     ("frame_skip", _SKIP.value, lambda v: v >= 1, ">= 1 (1: no interpolation)"),
     ("num_frames", _FRAMES.value, lambda v: v >= 2, ">= 2"),
@@ -121,7 +135,7 @@ def run() -> list[str]:
     ("fps", _FPS.value, lambda v: v > 0, "> 0"),
   ]:
     if value is not None and not ok(value):
-      raise ValueError(f"--{name} must be {rule}, got {value}")
+      raise errors.UserError(f"--{name} must be {rule}, got {value}")
   outputs = _outputs(len(prompts) if prompts else 1)
   # Inputs are read before any model is loaded, so a bad file fails fast.
   pictures = [sample_lib.read_image(p) for p in images]
@@ -131,22 +145,38 @@ def run() -> list[str]:
 
   last = STAGES.index(_UNTIL.value)
   if mode not in ("text", "variation") and last < STAGES.index("interp"):
-    raise ValueError(f"{mode} mode runs ↑F: --until must be interp or later")
+    raise errors.UserError(f"{mode} mode runs ↑F: --until must be interp or later")
   first = {"text": ["prior", "decoder"], "variation": ["decoder"], "image": ["decoder"]}
   needed = first.get(mode, []) + [s for s in STAGES[2:] if STAGES.index(s) <= last]
   if _SKIP.value == 1 and mode in ("text", "variation"):
     needed.remove("interp")  # no interpolation: ↑F is not needed
   checkpoints = {s: _STAGE_PATHS[s].value or f"{_CHECKPOINTS.value}/{s}" for s in needed}
+  steps = sample_lib._per_stage(_STEPS.value, "steps", int)
+  samplers = sample_lib._per_stage(_SAMPLER.value, "sampler", str)
+  guidance = sample_lib._per_stage(_GUIDANCE.value, "guidance", float)
+  if _FRAMES.value is not None and "decoder" in checkpoints:
+    # From the decoder's config alone: no model is loaded for a request it cannot do.
+    from mav_jax import checkpointing, paths
+
+    try:
+      decoder_config = checkpointing.load_config(paths.resolve(checkpoints["decoder"]))
+    except FileNotFoundError:
+      decoder_config = None  # loading it below names the problem
+    if decoder_config is not None:
+      sample_lib.check_frames(decoder_config, _FRAMES.value)
 
   start = time.time()
   cascade = sample_lib.Cascade(
     checkpoints,
     clip=_CLIP.value,
     strategy=_STRATEGY.value,
-    steps=sample_lib._per_stage(_STEPS.value, "steps", int),
-    samplers=sample_lib._per_stage(_SAMPLER.value, "sampler", str),
-    guidance=sample_lib._per_stage(_GUIDANCE.value, "guidance", float),
+    steps=steps,
+    samplers=samplers,
+    guidance=guidance,
+    truncate_prompts=_TRUNCATE.value,
   )
+  if prompts:
+    cascade.check_prompts(prompts + ([_NEGATIVE.value] if _NEGATIVE.value else []))
   print(
     f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s), "
     f"loaded in {time.time() - start:.1f}s",
@@ -209,12 +239,11 @@ def run() -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   from mav_jax.utils import cli
 
   cli.run_user_command(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mav_jax import checkpointing, diffusion, paths, stages
+from mav_jax import checkpointing, diffusion, errors, paths, stages
 from mav_jax.data import tokenizers
 from mav_jax.data import video as video_lib
+from mav_jax.diffusion import samplers as samplers_lib
 from mav_jax.diffusion.schedules import schedule_from_config
 from mav_jax.parallel import sharding
 from mav_jax.stages import common, video
@@ -39,7 +40,7 @@ MODES = ("text", "image", "variation", "interpolate", "extend")
 DEFAULT_ROOT = "checkpoints/tiny"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A stage checkpoint that is missing, of the wrong stage, or incompatible with its neighbours."""
 
 
@@ -134,9 +135,34 @@ def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
   return s
 
 
+# What each per-stage sampling flag accepts, checked when the flag is read (before any model loads).
+LIMITS = {
+  "steps": (lambda v: v >= 1, ">= 1"),
+  "guidance": (
+    lambda v: v >= 0,
+    ">= 0 (0: unconditional, 1: the conditional model alone, above 1: stronger guidance)",
+  ),
+  "sampler": (lambda v: v in samplers_lib.SAMPLERS, f"one of {', '.join(samplers_lib.SAMPLERS)}"),
+}
+
+
+def check_frames(config, num_frames: int, flag: str = "--num_frames") -> None:
+  """A video stage samples at most model.max_temporal_distance + 1 frames: its temporal attention
+  tells frames apart up to that distance (further ones share one relative-position bias)."""
+  limit = int(config.model.get("max_temporal_distance", 32)) + 1
+  if not 2 <= num_frames <= limit:
+    raise errors.UserError(
+      f"{flag}={num_frames}: the {config.stage} samples 2 to {limit} frames (its temporal "
+      f"attention tells frames apart up to {limit - 1} apart, model.max_temporal_distance; it was "
+      f"trained on {config.data.num_frames}); more frames come from ↑F (--frame_skip) or "
+      f"extend mode"
+    )
+
+
 def _per_stage(value, name: str, cast) -> dict:
   """'20' -> {every stage: 20}; 'decoder=20,sr_high=8' -> those stages; '20,decoder=30' -> 30 for
-  the decoder, 20 for the rest (named stages win over a bare value wherever it stands)."""
+  the decoder, 20 for the rest (named stages win over a bare value wherever it stands). Values
+  outside LIMITS[name] are an error naming the limit."""
   if value is None or str(value).strip() == "":
     return {}
   bare, named = {}, {}
@@ -147,11 +173,14 @@ def _per_stage(value, name: str, cast) -> dict:
     try:
       cast_v = cast(v.strip())
     except ValueError:
-      raise ValueError(f"--{name}: cannot read {v.strip()!r} in {value!r}") from None
+      raise errors.UserError(f"--{name}: cannot read {v.strip()!r} in {value!r}") from None
+    ok, rule = LIMITS.get(name, (lambda v: True, ""))
+    if not ok(cast_v):
+      raise errors.UserError(f"--{name}: {cast_v!r} in {value!r}; it must be {rule}")
     if not key:
       bare = {s: cast_v for s in CASCADE}
     elif key.strip() not in CASCADE:
-      raise ValueError(f"--{name}: unknown stage {key.strip()!r}; stages are {CASCADE}")
+      raise errors.UserError(f"--{name}: unknown stage {key.strip()!r}; stages are {CASCADE}")
     else:
       named[key.strip()] = cast_v
   return {**bare, **named}
@@ -177,7 +206,9 @@ class Cascade:
     steps: dict | None = None,
     samplers: dict | None = None,
     guidance: dict | None = None,
+    truncate_prompts: bool = False,
   ):
+    self.truncate_prompts, self._warned_truncation = truncate_prompts, False
     devices = np.asarray(devices if devices is not None else jax.devices())
     # All devices on the axis the strategy shards parameters over (data_parallel: replicated).
     shape = {"data_parallel": (-1, 1, 1), "tensor": (1, 1, -1)}.get(strategy, (1, -1, 1))
@@ -262,11 +293,38 @@ class Cascade:
   def tokenize(self, prompts: list[str]):
     for p in prompts:
       if not p.strip():
-        raise ValueError("empty prompt: pass a caption, e.g. --prompt 'a red circle moving left'")
+        raise errors.UserError(
+          "empty prompt: pass a caption, e.g. --prompt 'a red circle moving left'"
+        )
+    self.check_prompts(prompts)
     ids, mask = tokenizers.tokenize_batch(
       self.tokenizer, prompts, int(self.clip.config.data.max_tokens)
     )
     return jnp.asarray(ids), jnp.asarray(mask)
+
+  def check_prompts(self, prompts: list[str]) -> int:
+    """Prompts longer than the text encoder's context: an error naming the first, or (with
+    truncate_prompts) one warning line; returns how many are cut."""
+    limit = int(self.clip.config.data.max_tokens)
+    long = [
+      (i, p, n) for i, p in enumerate(prompts) if (n := len(self.tokenizer.encode(p))) > limit
+    ]
+    if long and not self.truncate_prompts:
+      i, p, n = long[0]
+      raise errors.UserError(
+        f"prompt {i + 1} ({p[:60]!r}{'...' if len(p) > 60 else ''}) is {n} tokens, over the text "
+        f"encoder's context of {limit} ({self.clip.config.data.tokenizer} tokens, begin and end "
+        f"included); {len(long)} of {len(prompts)} prompts are too long. Shorten them, or pass "
+        f"--truncate_prompts to cut them to {limit} tokens"
+      )
+    if long and not self._warned_truncation:
+      self._warned_truncation = True
+      print(
+        f"[sample] warning: {len(long)} of {len(prompts)} prompts cut to the text encoder's "
+        f"{limit} tokens (--truncate_prompts; said once)",
+        file=sys.stderr,
+      )
+    return len(long)
 
   def prior(self, prompts: list[str], rng, negative_prompt: str | None = None):
     """Scaled-unit image embeddings [b, d] for the prompts."""
@@ -333,6 +391,7 @@ class Cascade:
     text-aware temporal layers (ignored by a paper-faithful one)."""
     self.require("decoder")
     d = self.stages["decoder"]
+    check_frames(d.config, num_frames)
     r = int(d.config.data.resolution)
     b = embedding.shape[0]
     shape = (b, num_frames, r, r, 3)
@@ -460,7 +519,7 @@ class Cascade:
       frame_skip = self.stages["interp"].config.sampling.frame_skip
     skip = int(frame_skip)
     if skip < 1:
-      raise ValueError(f"frame_skip must be >= 1 (1: no interpolation), got {skip}")
+      raise errors.UserError(f"frame_skip must be >= 1 (1: no interpolation), got {skip}")
     rng, sub = jax.random.split(rng)
     clip = self.expand(clip, skip, fps, embedding, sub, prompts) if skip > 1 else clip
     return self.finish(clip, rng, until), fps * skip
@@ -473,7 +532,7 @@ class Cascade:
     dc = self.stages["decoder"].config
     skip = int(frame_skip or self.stages["interp"].config.sampling.frame_skip)
     if skip < 1:
-      raise ValueError(f"frame_skip must be >= 1, got {skip}")
+      raise errors.UserError(f"frame_skip must be >= 1, got {skip}")
     fps = float(fps or dc.sampling.fps) * skip
     n = (int(num_frames or dc.data.num_frames) - 1) * skip + 1
     b = image.shape[0]
@@ -487,7 +546,7 @@ class Cascade:
     """Variations of model-space clips [b, f, h, w, 3] (at D^t's resolution and frame count)."""
     self.require("decoder")
     if not 0.0 < strength <= 1.0:
-      raise ValueError(f"strength must be in (0, 1], got {strength}")
+      raise errors.UserError(f"strength must be in (0, 1], got {strength}")
     fps = float(fps or self.stages["decoder"].config.sampling.fps)
     embedding = self.image_embedding(clip[:, clip.shape[1] // 2])
     r = jax.random.split(rng, 2)
@@ -517,14 +576,14 @@ class Cascade:
     n = int(ic.data.num_frames)
     context = int(context or ic.data.mask_max_context)
     if not 1 <= context < n:
-      raise ValueError(f"--context must be in [1, {n - 1}], got {context}")
+      raise errors.UserError(f"--context must be in [1, {n - 1}], got {context}")
     if clip.shape[1] < context:
-      raise ValueError(
+      raise errors.UserError(
         f"the video has {clip.shape[1]} frames, fewer than the {context} given frames per round "
         f"(--context)"
       )
     if times < 1:
-      raise ValueError(f"extend_times must be >= 1, got {times}")
+      raise errors.UserError(f"extend_times must be >= 1, got {times}")
     fps = float(fps or ic.sampling.fps)
     # As in training: the CLIP embedding of the first given frame.
     embedding = self.image_embedding(clip[:, -context])
@@ -550,9 +609,9 @@ def read_image(path: str) -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"))
   except FileNotFoundError:
-    raise FileNotFoundError(f"input image {path!r} does not exist") from None
+    raise errors.UserFileNotFoundError(f"input image {path!r} does not exist") from None
   except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"cannot read image {path!r}: {e}") from None
+    raise errors.UserError(f"cannot read image {path!r}: {e}") from None
 
 
 def read_video(path: str) -> tuple[np.ndarray, float]:
@@ -561,11 +620,11 @@ def read_video(path: str) -> tuple[np.ndarray, float]:
     with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
-    raise FileNotFoundError(f"input video {path!r} does not exist") from None
+    raise errors.UserFileNotFoundError(f"input video {path!r} does not exist") from None
   try:
     return video_lib.decode(data)
   except video_lib.UnreadableVideo as e:
-    raise ValueError(f"cannot read video {path!r}: {e}") from None
+    raise errors.UserError(f"cannot read video {path!r}: {e}") from None
 
 
 def to_model_frames(frames: np.ndarray, resolution: int, num_frames: int | None = None):

@@ -11,8 +11,11 @@ or with --multihost / automatically on a Cloud TPU pod slice (see launch/tpu.py)
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. decoder.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, logs.")
@@ -31,6 +34,12 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
   "Several processes: seconds without a heartbeat after which JAX's coordination service declares "
   "a process lost and stops the others (default: JAX's 100).",
 )
+_FORCE_UNLOCK = flags.DEFINE_bool(
+  "force_unlock",
+  False,
+  "Take the workdir over from the run that holds its lease (mav_jax/lease.py): that run stops "
+  "without saving. Only when you are sure it should not go on.",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", None, "Fake this many CPU devices per process (for trying sharding on a laptop)."
 )
@@ -41,10 +50,12 @@ def _is_tpu_pod() -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("pass --config (e.g. configs/decoder.py:tiny) and --workdir")
+    raise errors.UserError("pass --config (e.g. configs/decoder.py:tiny) and --workdir")
+  workdir = _WORKDIR.value
+  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir {workdir} is a file; pass a folder (new or a run's)")
   if _CPU_DEVICES.value:
     from mav_jax.parallel import mesh
 
@@ -68,9 +79,9 @@ def main(argv):
   from mav_jax import train_lib
 
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+    train_lib.train_and_evaluate(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
+  except (errors.UserError, errors.CheckpointWriteError):
+    raise  # one `error:` line (cli.main)
   except Exception as e:
     if jax.process_count() > 1:
       # A failed collective usually means another process died; JAX's coordination service names
@@ -86,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

@@ -20,7 +20,8 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mav_jax import checkpointing, paths
+from mav_jax import checkpointing, errors, paths
+from mav_jax import lease as lease_lib
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.parallel import sharding
 from mav_jax.train_step import (
@@ -94,19 +95,66 @@ def _write_samples(workdir, writer, step, videos, fps):
   writer.write_images(step, {"samples": np.stack(sheets)})
 
 
+def _all_agree(ok: bool) -> bool:
+  """Process 0's answer on every process (the lease is process 0's)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _take_lease(workdir: str, force: bool) -> "lease_lib.Lease | None":
+  """Process 0 takes the workdir's lease; every process stops if it cannot."""
+  held, failure = None, None
+  if jax.process_index() == 0:
+    held = lease_lib.Lease(workdir, force=force, log=lambda m: say(f"[train] {m}"))
+    try:
+      held.acquire()
+    except lease_lib.WorkdirInUseError as e:
+      held, failure = None, e
+  if not _all_agree(failure is None):
+    raise failure or lease_lib.WorkdirInUseError(
+      f"{workdir} is in use by another run (process 0 names it)"
+    )
+  return held
+
+
+def _check_lease(held) -> None:
+  """Before a save: stops every process if another run has taken the workdir over."""
+  failure = None
+  if held is not None:
+    try:
+      held.check()
+    except lease_lib.WorkdirInUseError as e:
+      failure = e
+  if not _all_agree(failure is None):
+    raise failure or lease_lib.WorkdirInUseError("another run took over this workdir")
+
+
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, devices=None
+  config: ml_collections.ConfigDict, workdir: str, devices=None, force_unlock: bool = False
 ) -> dict[str, Any]:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  `devices` (default: all) are the devices the mesh is built over.
+  `devices` (default: all) are the devices the mesh is built over. The run holds the workdir's
+  lease (mav_jax.lease) throughout; `force_unlock` takes it from a run that still holds it.
 
   Returns {"step": last step, "losses": {step: loss}, "grad_norms": {step: norm} of this run,
   "state": the final state}.
   """
-  t = config.train
   workdir = str(workdir)
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise errors.UserError(f"--workdir {workdir} is a file; pass a folder (new or a run's)")
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  held = _take_lease(workdir, force_unlock)
+  try:
+    return _train(config, workdir, devices, held)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _train(config, workdir, devices, held) -> dict[str, Any]:
+  t = config.train
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh, model, stage, tx, shardings, abstract, create = setup(config, devices)
   logging.info("mesh %s, strategy %s", dict(mesh.shape), config.sharding.strategy)
@@ -115,12 +163,12 @@ def train_and_evaluate(
   batch_sharding = sharding.batch_sharding(mesh)
   shards = sharding.batch_shards(mesh)
   if shards % jax.process_count():
-    raise ValueError(
+    raise errors.UserError(
       f"the batch is split over {shards} device groups ({batch_sharding.spec[0]}), which cannot "
       f"be spread over {jax.process_count()} hosts; make data x fsdp a multiple of the host count"
     )
   if global_batch % (shards * t.grad_accum_steps):
-    raise ValueError(
+    raise errors.UserError(
       f"batch_size {global_batch} must divide by data x fsdp ({shards}) x "
       f"train.grad_accum_steps ({t.grad_accum_steps})"
     )
@@ -132,10 +180,11 @@ def train_and_evaluate(
 
   # Resume order: (1) the latest checkpoint in workdir (state and data iterator); else (2) a fresh
   # state, loaded from an image-stage checkpoint if `train.init_from` names one; else (3) fresh.
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    target = checkpointing.abstract_with_shardings(abstract, shardings)
-    state = checkpointer.restore(latest, target, data_iter)
+  target = checkpointing.abstract_with_shardings(abstract, shardings)
+  restored = checkpointer.restore_latest(target, data_iter, log=say)
+  latest = None
+  if restored is not None:
+    state, latest = restored
     logging.info("resumed from step %d", latest)
   else:
     state = init_state(create, shardings, config)
@@ -178,6 +227,9 @@ def train_and_evaluate(
           sample_batch = batch  # samples are conditioned on the first batch's clips
         state, metrics = step_fn(state, batch, frozen)
         step += 1
+        checkpointer.check_for_errors()  # a failed background save stops the run here
+        if held is not None and held.lost_to is not None and jax.process_count() == 1:
+          held.check()  # taken over (--force_unlock): stop now, without saving
         # The previous step's metrics are fetched now, so the host never waits on the device.
         if pending is not None:
           _check_and_log(*pending, writer, losses, grad_norms, t, interval)
@@ -194,17 +246,28 @@ def train_and_evaluate(
           # Never save after a non-finite step.
           _check_and_log(*pending, writer, losses, grad_norms, t, interval)
           pending = None
+          _check_lease(held)
           checkpointer.save(step, state, data_iter, config)
         if stop:
           say(f"[train] preempted at step {step}: checkpoint saved")
           break
       if pending is not None:
         _check_and_log(*pending, writer, losses, grad_norms, t, interval)
-  finally:
+  except BaseException:
+    # Already failing: finish or abandon the background save quietly, the first error is the one
+    # to report.
     preemption.restore()
-    checkpointer.wait()
-    checkpointer.close()
+    try:
+      checkpointer.wait()
+      checkpointer.close()
+    except Exception as e:
+      logging.warning("while stopping: %s", e)
     writer.flush()
+    raise
+  preemption.restore()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
   logging.info("data: %d examples made, %d skipped", data_stats.valid, data_stats.skipped)
   if step >= t.num_steps:
     say(f"[train] finished at step {step} (checkpoint saved)")

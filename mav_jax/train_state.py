@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mav_jax import errors
 from mav_jax.models import is_temporal
 
 TRAINABLE = ("all", "temporal")
@@ -93,7 +94,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   """
   o, trainable = config.optimizer, config.train.trainable
   if trainable not in TRAINABLE:
-    raise ValueError(f"unknown train.trainable {trainable!r}; choose one of {TRAINABLE}")
+    raise errors.UserError(f"unknown train.trainable {trainable!r}; choose one of {TRAINABLE}")
   tx = optax.chain(
     optax.clip_by_global_norm(o.grad_clip),
     optax.adamw(
@@ -105,7 +106,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
   multiplier = o.get("text_lr_multiplier", 1.0)
   if multiplier <= 0:
-    raise ValueError(f"optimizer.text_lr_multiplier must be > 0, got {multiplier}")
+    raise errors.UserError(f"optimizer.text_lr_multiplier must be > 0, got {multiplier}")
   if multiplier != 1.0:  # AdamW's update is lr x (direction + decay): scaling it scales the lr
     tx = optax.chain(tx, optax.masked(optax.scale(multiplier), _text_mask))
   if trainable == "all":

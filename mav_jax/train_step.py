@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import traverse_util
 
-from mav_jax import checkpointing, stages, train_state
+from mav_jax import checkpointing, errors, stages, train_state
 from mav_jax.models import inflate_image_params
 from mav_jax.parallel import mesh as mesh_lib
 from mav_jax.parallel import sharding
@@ -73,7 +73,7 @@ def state_from_image_checkpoint(state: TrainState, shardings, path: str) -> Trai
   target = traverse_util.flatten_dict(shardings.params)
   missing = sorted("/".join(p) for p in image if p not in target)
   if missing:
-    raise ValueError(
+    raise errors.UserError(
       f"{path}: image parameters missing from the video model (do the configs match?): "
       f"{missing[:10]}"
     )
@@ -104,7 +104,7 @@ def _microbatches(batch, k: int):
 
   def split(x):
     if x.shape[0] % k:
-      raise ValueError(f"batch {x.shape[0]} is not divisible by grad_accum_steps {k}")
+      raise errors.UserError(f"batch {x.shape[0]} is not divisible by grad_accum_steps {k}")
     return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
   return jax.tree.map(split, batch)
@@ -114,7 +114,7 @@ def make_train_step(model, stage, config, tx):
   """train_step(state, batch) -> (state, metrics); non-finite steps leave the state unchanged."""
   k = config.train.grad_accum_steps
   if k < 1:
-    raise ValueError(f"train.grad_accum_steps must be >= 1, got {k}")
+    raise errors.UserError(f"train.grad_accum_steps must be >= 1, got {k}")
   schedule = train_state.learning_rate_schedule(config.optimizer, config.train.num_steps)
 
   def loss_and_grads(params, batch, rng, frozen):

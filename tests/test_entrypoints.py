@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -51,7 +52,18 @@ def test_sample_cli_errors_exit_non_zero_and_touch_nothing(tmp_path):
   assert proc.returncode == 1 and "already exists" in proc.stderr
   assert out.read_bytes() == b"precious"
   fresh = tmp_path / "new.gif"
+  # A model file cut short (a copy interrupted, a full disk): named, one line.
+  damaged = tmp_path / "decoder"
+  shutil.copytree(f"{REPO}/checkpoints/tiny/decoder", damaged)
+  data = max((damaged / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  os.truncate(data, 100)
+  long_prompt = "a red circle moving left across a long and winding road"
   for args, message in [
+    (["--prompt", "x", f"--decoder={damaged}"], f"{damaged}/params cannot be read"),
+    (["--prompt", long_prompt, "--until=decoder"], "pass --truncate_prompts"),
+    (["--prompt", "x", "--steps=decoder=0"], "--steps: 0 in 'decoder=0'; it must be >= 1"),
+    (["--prompt", "x", "--num_frames=1000"], "the decoder samples 2 to 33 frames"),
+    (["--prompt", "x", "--gudance=3"], "Did you mean: guidance"),
     (["--prompt", "  "], "empty --prompt"),
     (["--mode=image", f"--image={tmp_path / 'missing.png'}"], "does not exist"),
     (["--prompt", "x", f"--decoder={tmp_path}"], "no decoder checkpoint there"),
@@ -60,7 +72,9 @@ def test_sample_cli_errors_exit_non_zero_and_touch_nothing(tmp_path):
   ]:
     proc = _sample(*args, f"--output={fresh}")
     assert proc.returncode == 1, (args, proc.stderr[-2000:])
-    assert message in proc.stderr, (args, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
     assert not fresh.exists()
 
 

@@ -151,6 +151,44 @@ def test_prepare_reports_bad_inputs(video_folder, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "o")
 
 
+def test_repeated_ids_and_foreign_encodings_are_named_not_silently_changed(
+  video_folder, tmp_path, capsys
+):
+  """A repeated id keeps its first row and every later row is reported; a CSV that is not UTF-8
+  stops before anything is written, naming the row, and --encoding reads it."""
+  rows = "videoid,name\n1000,first caption\n1001,other\n1000,second caption\n1000,third\n"
+  dup = tmp_path / "dup.csv"
+  dup.write_text(rows)
+  args = ["videos", "--videos", str(video_folder / "videos"), "--captions", str(dup)]
+  assert prepare.main([*args, "--output", str(tmp_path / "d")]) == 0
+  report = capsys.readouterr().out
+  assert "2 row(s) repeat an id" in report and "1000 (row 4), 1000 (row 5)" in report
+  meta = records.read_metadata(str(tmp_path / "d"))
+  assert meta["count"] == 2 and [d["row"] for d in meta["duplicate_ids"]] == [4, 5]
+  captions = {
+    r["id"]: r["caption"]
+    for r in map(records.decode_record, records.array_record_source(str(tmp_path / "d")))
+  }
+  assert captions["1000"] == "first caption"
+
+  latin = tmp_path / "latin.csv"
+  latin.write_bytes("videoid,name\n1000,a caf\u00e9 at night\n".encode("latin-1"))
+  code = prepare.main(
+    ["videos", "--videos", str(video_folder / "videos"), "--captions", str(latin), "--output"]
+    + [str(tmp_path / "l")]
+  )
+  err = capsys.readouterr().err
+  assert code == 2 and f"{latin}, row 2" in err and "--encoding latin-1" in err
+  assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "l")
+  code = prepare.main(
+    ["videos", "--videos", str(video_folder / "videos"), "--captions", str(latin), "--output"]
+    + [str(tmp_path / "l"), "--encoding", "latin-1"]
+  )
+  assert code == 0
+  record = records.decode_record(records.array_record_source(str(tmp_path / "l"))[0])
+  assert record["caption"] == "a caf\u00e9 at night"
+
+
 def test_prepare_images_and_an_image_pipeline(tmp_path):
   folder = tmp_path / "images"
   folder.mkdir()

@@ -18,7 +18,7 @@ from conftest import TEST_XLA_FLAGS
 from flax import traverse_util
 
 from configs import decoder
-from mav_jax import checkpointing, train_lib, train_state, train_step
+from mav_jax import checkpointing, errors, train_lib, train_state, train_step
 from mav_jax.parallel import mesh as mesh_lib
 from mav_jax.parallel import sharding
 
@@ -311,6 +311,116 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   resumed = _train_cli(tmp_path, f"--config.train.num_steps={step + 1}")
   out = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0 and f"resumed at step {step}" in out, out
+
+
+def test_one_writer_per_workdir(tmp_path):
+  """A second trainer on a busy workdir stops at once naming the holder; --force_unlock takes the
+  workdir over and the first run stops without saving."""
+  import threading
+
+  first = _train_cli(
+    tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=2"
+  )
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(first.stdout.readline, "")))
+  reader.start()  # drained all along: a full pipe would stall the run
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(re.search(r"\[train\] step 2/", x) for x in lines):
+    assert first.poll() is None, "".join(lines)
+    time.sleep(0.2)
+  second = _train_cli(tmp_path, "--config.train.num_steps=4")
+  out = second.communicate(timeout=120)[0]
+  assert second.returncode == 1, out
+  error = [line for line in out.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and f"pid {first.pid}," in error[0] and "--force_unlock" in error[0], out
+  assert "Traceback" not in out and first.poll() is None  # the first run goes on
+  third = _train_cli(tmp_path, "--force_unlock", "--config.train.num_steps=6")
+  out_third = third.communicate(timeout=300)[0]
+  first.wait(timeout=120)
+  reader.join()
+  out_first = "".join(lines)
+  assert third.returncode == 0 and "--force_unlock" in out_third, out_third
+  assert first.returncode == 1 and "error: another run took over" in out_first, out_first
+  assert "Traceback" not in out_first
+  assert not (tmp_path / "lease.json").exists()  # released by the run that held it last
+
+
+def _damage(step_dir) -> str:
+  """Removes the largest array file of a step's state: a damaged checkpoint."""
+  files = [p for p in (step_dir / "state").glob("ocdbt.process_*/d/*") if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.unlink()
+  return str(victim)
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+  tmp_path, capsys
+):
+  overrides = {"train.checkpoint_every": 2, "train.checkpoint_keep": 3, **_NO_ATTENTION}
+  straight = train_lib.train_and_evaluate(
+    _test_config(**{"train.num_steps": 6, **overrides}), tmp_path
+  )
+  _damage(tmp_path / "checkpoints" / "6")
+  capsys.readouterr()
+  resumed = train_lib.train_and_evaluate(
+    _test_config(**{"train.num_steps": 6, **overrides}), tmp_path
+  )
+  out = capsys.readouterr().out
+  assert "checkpoint 6 cannot be restored" in out and "resumed at step 4" in out, out
+  assert resumed["losses"] == {s: straight["losses"][s] for s in (5, 6)}  # exactly
+  moved = os.listdir(tmp_path / "checkpoints_damaged")
+  assert len(moved) == 1 and moved[0].startswith("6-")  # kept, not deleted
+  # Another model's checkpoint is not damage: a clear error, nothing moved.
+  with pytest.raises(errors.UserError, match="different model"):
+    train_lib.train_and_evaluate(
+      _test_config(**{"train.num_steps": 8, "model.channels": 16, **overrides}), tmp_path
+    )
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_failed_checkpoint_write_stops_the_run_at_once(tmp_path, capsys, monkeypatch, async_save):
+  """A write that fails (here: ENOSPC injected into Orbax's array writes) stops the run with one
+  message naming the cause and the folder; no step is trained past the failed save."""
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  async def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "serialize", full_disk)
+  config = _test_config(
+    **{
+      "train.num_steps": 8,
+      "train.checkpoint_every": 2,
+      "train.async_checkpoints": async_save,
+      **_NO_ATTENTION,
+    }
+  )
+  with pytest.raises(errors.CheckpointWriteError) as e:
+    train_lib.train_and_evaluate(config, tmp_path)
+  message = str(e.value)
+  assert "checkpoint 2 could not be written" in message and str(tmp_path) in message
+  assert "No space left on device" in message and "newest complete checkpoint is none" in message
+  trained = [int(s) for s in re.findall(r"\[train\] step (\d+)/", capsys.readouterr().out)]
+  assert max(trained) <= 3, trained  # the save at step 2 failed: at most one step more
+  assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
+
+
+def test_train_cli_mistakes_are_one_error_line(tmp_path):
+  """Bad flags and inputs: one `error:` line, exit 1, before any model is built."""
+  (tmp_path / "file").write_text("not a folder")
+  for extra, message in [
+    ([f"--workdir={tmp_path / 'file'}"], "is a file"),
+    (["--config.model.chanels=3"], "did you mean model.channels?"),
+    (["--config.batch_size=3"], "batch_size 3 must divide"),
+  ]:
+    proc = _train_cli(tmp_path / "w", *extra)
+    out = proc.communicate(timeout=120)[0]
+    errors_ = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors_) == 1 and message in errors_[0], (extra, out)
+    assert "Traceback" not in out and "flags:" not in out, out
 
 
 @pytest.mark.parametrize("trainable", ["all", "temporal"])

@@ -12,8 +12,11 @@ the process CPU time, so the figures are per core; multiply by the cores you giv
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mav_jax import errors
+from mav_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. decoder.py:base.")
 _SECONDS = flags.DEFINE_float("seconds", 15.0, "Measuring time per source.")
@@ -24,10 +27,9 @@ _OUTPUT = flags.DEFINE_string("output", "", "Optional JSON file for the results.
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.main rejects positional arguments
   if _CONFIG.value is None:
-    raise app.UsageError("pass --config, e.g. --config configs/decoder.py:base")
+    raise errors.UserError("pass --config, e.g. --config configs/decoder.py:base")
   from mav_jax.data import throughput
 
   results = throughput.run(
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(main)

@@ -19,6 +19,7 @@ import grain
 import jax
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.data import records, synthetic, tokenizers, video
 
 Example = dict[str, Any]
@@ -123,7 +124,7 @@ class MakeExample:
     crop_rng = rng if spec.random_crop else None
     if record["kind"] == "image":
       if spec.kind != "image":
-        raise ValueError("an image record in a video pipeline: prepare videos with `videos`")
+        raise errors.UserError("an image record in a video pipeline: prepare videos with `videos`")
       frames = video.decode(record["image"], max_frames=1)[0]
       return video.resize_and_crop(frames, spec.resolution, crop_rng), 0.0, record["caption"]
     num_source, source_fps = int(record["frames"]), float(record["fps"]) or 30.0
@@ -211,7 +212,7 @@ def make_source(data_config, split: str, spec: ClipSpec):
     return synthetic.SyntheticSource(split, count, spec.synthetic_duration, data_config.seed)
   folder = data_config.source if split == "train" else data_config.get("eval_source", "")
   if not folder:
-    raise ValueError(f"no {split} data: set data.eval_source to a prepared dataset folder")
+    raise errors.UserError(f"no {split} data: set data.eval_source to a prepared dataset folder")
   return records.array_record_source(folder)
 
 
@@ -246,9 +247,9 @@ def make_pipeline(
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
-    raise ValueError(f"process_index {index} out of range for process_count {count}")
+    raise errors.UserError(f"process_index {index} out of range for process_count {count}")
   if len(source) < count:
-    raise ValueError(f"{len(source)} records cannot be split over {count} hosts")
+    raise errors.UserError(f"{len(source)} records cannot be split over {count} hosts")
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # one global permutation (the same on every host) ...

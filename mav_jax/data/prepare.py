@@ -25,30 +25,56 @@ import time
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
+from mav_jax import errors
 from mav_jax.data import records, video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 
 
 def _read_captions(
-  path: str, id_column: str, caption_column: str, extra: str | None = None
-) -> dict[str, tuple[str, str]]:
-  """{id: (caption, extra column or "")} from a CSV with a header."""
+  path: str,
+  id_column: str,
+  caption_column: str,
+  extra: str | None = None,
+  encoding: str = "utf-8",
+) -> tuple[dict[str, tuple[str, str]], list[dict]]:
+  """({id: (caption, extra column or "")}, duplicates) from a CSV with a header.
+
+  A repeated id keeps its first row; each later row is listed in `duplicates` ({id, row, caption}:
+  row numbers count the header as row 1). A file that is not valid `encoding` is an error naming
+  the row and the byte."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"captions file not found: {path}")
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    missing = {id_column, caption_column} - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(
-        f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}. Expected a "
-        f"header with {id_column!r} and {caption_column!r}"
-      )
-    return {
-      row[id_column].strip(): (row[caption_column], (row.get(extra) or "").strip() if extra else "")
-      for row in reader
-      if row[id_column].strip()
-    }
+    raise errors.UserFileNotFoundError(f"captions file not found: {path}")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode(encoding)
+  except LookupError:
+    raise errors.UserError(f"--encoding {encoding!r} is not an encoding Python knows") from None
+  except UnicodeDecodeError as e:
+    row = data[: e.start].count(b"\n") + 1
+    raise errors.UserError(
+      f"{path}, row {row} (byte {e.start}): not valid {encoding} ({e.reason}: "
+      f"{data[e.start : e.end]!r}); pass the file's encoding, e.g. --encoding latin-1 or "
+      f"--encoding cp1252"
+    ) from None
+  reader = csv.DictReader(io.StringIO(text, newline=""))
+  missing = {id_column, caption_column} - set(reader.fieldnames or ())
+  if missing:
+    raise errors.UserError(
+      f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}. Expected a "
+      f"header with {id_column!r} and {caption_column!r}"
+    )
+  table, duplicates = {}, []
+  for row in reader:
+    key = (row[id_column] or "").strip()
+    if not key:
+      continue
+    if key in table:
+      duplicates.append({"id": key, "row": reader.line_num, "caption": row[caption_column]})
+      continue
+    table[key] = (row[caption_column], (row.get(extra) or "").strip() if extra else "")
+  return table, duplicates
 
 
 def _video_record(key: str, caption: str, path: str) -> dict:
@@ -56,7 +82,7 @@ def _video_record(key: str, caption: str, path: str) -> dict:
     data = f.read()
   info = video.probe(data)
   if info["frames"] < 1:
-    raise ValueError("the video has no frames")
+    raise errors.UserError("the video has no frames")
   return {"kind": "video", "id": key, "caption": caption, "video": data, **info}
 
 
@@ -69,7 +95,7 @@ def _image_record(key: str, caption: str, path: str) -> dict:
     with Image.open(io.BytesIO(data)) as img:
       width, height = img.size
   except Exception as e:  # PIL raises many types for bad files
-    raise ValueError(f"cannot decode image: {e}") from e
+    raise errors.UserError(f"cannot decode image: {e}") from e
   return {
     "kind": "image",
     "id": key,
@@ -98,6 +124,7 @@ def prepare(
   shard_size: int = 1000,
   overwrite: bool = False,
   log=print,
+  encoding: str = "utf-8",
 ) -> dict:
   """Writes the ArrayRecord dataset; returns the metadata it stored (counts and skipped files).
 
@@ -106,24 +133,35 @@ def prepare(
     FileNotFoundError / ValueError: missing inputs, bad CSV, or no readable file at all.
   """
   if kind not in records.KINDS:
-    raise ValueError(f"unknown kind {kind!r}; choose one of {records.KINDS}")
+    raise errors.UserError(f"unknown kind {kind!r}; choose one of {records.KINDS}")
   if os.path.exists(output) and not overwrite:
-    raise FileExistsError(f"{output} already exists; choose another --output or pass --overwrite")
+    raise errors.UserFileExistsError(
+      f"{output} already exists; choose another --output or pass --overwrite"
+    )
   if not os.path.isdir(inputs):
-    raise FileNotFoundError(f"input folder not found: {inputs}")
+    raise errors.UserFileNotFoundError(f"input folder not found: {inputs}")
   if shard_size < 1:
-    raise ValueError(f"--shard_size must be positive, got {shard_size}")
+    raise errors.UserError(f"--shard_size must be positive, got {shard_size}")
   if kind == "video":
-    table = _read_captions(captions, "videoid", "name", extra="page_dir")
+    table, duplicates = _read_captions(captions, "videoid", "name", "page_dir", encoding)
     entries = [(key, cap, _find_video(inputs, key, page)) for key, (cap, page) in table.items()]
     make = _video_record
   else:
-    table = _read_captions(captions, "image", "caption")
+    table, duplicates = _read_captions(captions, "image", "caption", encoding=encoding)
     entries = [
       (key, caption, p if os.path.isfile(p := os.path.join(inputs, key)) else None)
       for key, (caption, _) in table.items()
     ]
     make = _image_record
+  if duplicates:
+    log(
+      f"[prepare] {len(duplicates)} row(s) repeat an id of an earlier row; the first row of each "
+      f"id is kept: "
+      + ", ".join(f"{d['id']} (row {d['row']})" for d in duplicates[:10])
+      + (
+        f" and {len(duplicates) - 10} more (see {records.METADATA})" if len(duplicates) > 10 else ""
+      )
+    )
 
   staging = f"{output.rstrip(os.sep)}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
@@ -157,7 +195,7 @@ def prepare(
     if writer is not None:
       writer.close()
     if written == 0:
-      raise ValueError(
+      raise errors.UserError(
         f"no readable {kind} among {len(entries)} captioned entries; first problems: {skipped[:5]}"
       )
     # Shards were named before the count of readable files was known: rename to the real count.
@@ -172,6 +210,7 @@ def prepare(
       "count": written,
       "skipped_count": len(skipped),
       "skipped": skipped,
+      "duplicate_ids": duplicates,
       "inputs": os.path.abspath(inputs),
       "captions": os.path.abspath(captions),
       "created": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -194,7 +233,7 @@ def prepare(
     os.rename(staging, output)
   log(
     f"[prepare] wrote {written} {kind} records in {len(shards)} shard(s) to {output}; "
-    f"skipped {len(skipped)}"
+    f"skipped {len(skipped)}; {len(duplicates)} repeated id(s) left out"
   )
   for item in skipped[:20]:
     log(f"[prepare]   skipped {item['id']}: {item['reason']}")
@@ -218,12 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--shard_size", type=int, default=1000, help="records per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--encoding", default="utf-8", help="the captions CSV's text encoding")
   args = parser.parse_args(argv)
   kind = "video" if args.kind == "videos" else "image"
   inputs = args.videos if kind == "video" else args.images
   try:
-    prepare(kind, inputs, args.captions, args.output, args.shard_size, args.overwrite)
-  except (FileExistsError, FileNotFoundError, ValueError) as e:
+    prepare(
+      kind,
+      inputs,
+      args.captions,
+      args.output,
+      args.shard_size,
+      args.overwrite,
+      encoding=args.encoding,
+    )
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -14,6 +14,8 @@ import os
 import grain
 import msgpack
 
+from mav_jax import errors
+
 METADATA = "metadata.json"
 KINDS = ("video", "image")
 
@@ -51,14 +53,14 @@ def decode_record(data: bytes) -> dict:
 def shard_paths(folder: str) -> list[str]:
   """The ArrayRecord shards of a prepared dataset folder, sorted."""
   if not os.path.isdir(folder):
-    raise FileNotFoundError(
+    raise errors.UserFileNotFoundError(
       f"no prepared dataset at {folder}: create one with `python -m mav_jax.data.prepare`"
     )
   paths = sorted(
     os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".array_record")
   )
   if not paths:
-    raise FileNotFoundError(f"{folder} holds no .array_record shards")
+    raise errors.UserFileNotFoundError(f"{folder} holds no .array_record shards")
   return paths
 
 

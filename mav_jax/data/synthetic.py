@@ -15,6 +15,8 @@ import itertools
 
 import numpy as np
 
+from mav_jax import errors
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
   "red": (230, 40, 40),
@@ -141,7 +143,7 @@ def clip_times(
   """Frame times of a clip at `fps`: a window of the motion, placed at random when rng is given."""
   span = (num_frames - 1) / fps
   if span > scene.duration + 1e-6:
-    raise ValueError(
+    raise errors.UserError(
       f"{num_frames} frames at {fps} fps span {span:.2f}s but the scene lasts {scene.duration:.2f}s;"
       f" raise the scene duration (lower the lowest fps it was made for)"
     )
@@ -164,9 +166,9 @@ class SyntheticSource:
 
   def __init__(self, split: str, num_examples: int, duration: float, seed: int = 0):
     if split not in SPLITS:
-      raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+      raise errors.UserError(f"unknown split {split!r}; choose one of {SPLITS}")
     if num_examples < 1:
-      raise ValueError(f"num_examples must be positive, got {num_examples}")
+      raise errors.UserError(f"num_examples must be positive, got {num_examples}")
     self.split, self.num_examples, self.duration, self.seed = split, num_examples, duration, seed
 
   def __len__(self) -> int:

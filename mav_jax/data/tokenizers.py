@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 import regex
 
+from mav_jax import errors
+
 KINDS = ("byte", "sentencepiece", "clip_bpe")
 
 
@@ -71,7 +73,7 @@ class SentencePieceTokenizer:
     import sentencepiece as spm
 
     if not os.path.isfile(model_file):
-      raise FileNotFoundError(f"SentencePiece model file not found: {model_file}")
+      raise errors.UserFileNotFoundError(f"SentencePiece model file not found: {model_file}")
     self._sp = spm.SentencePieceProcessor(model_file=model_file)
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = max(self._sp.pad_id(), 0)
@@ -127,14 +129,14 @@ class ClipBpeTokenizer:
 
   def __init__(self, merges_file: str, max_merges: int = 49152 - 256 - 2):
     if not os.path.isfile(merges_file):
-      raise FileNotFoundError(f"CLIP BPE merges file not found: {merges_file}")
+      raise errors.UserFileNotFoundError(f"CLIP BPE merges file not found: {merges_file}")
     opener = gzip.open if merges_file.endswith(".gz") else open
     with opener(merges_file, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")[1 : max_merges + 1]
     merges = [tuple(line.split()) for line in lines if line.strip()]
     bad = [m for m in merges if len(m) != 2]
     if bad:
-      raise ValueError(f"{merges_file}: merge lines must hold two symbols, got {bad[:3]}")
+      raise errors.UserError(f"{merges_file}: merge lines must hold two symbols, got {bad[:3]}")
     self._byte_encoder = _bytes_to_unicode()
     symbols = list(self._byte_encoder.values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
@@ -191,7 +193,9 @@ def make_tokenizer(kind: str = "byte", path: str | None = None) -> Tokenizer:
   if kind == "byte":
     return ByteTokenizer()
   if kind not in KINDS:
-    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {KINDS}")
+    raise errors.UserError(f"unknown tokenizer {kind!r}; choose one of {KINDS}")
   if not path:
-    raise ValueError(f"the {kind} tokenizer needs a file: set the tokenizer path in the config")
+    raise errors.UserError(
+      f"the {kind} tokenizer needs a file: set the tokenizer path in the config"
+    )
   return SentencePieceTokenizer(path) if kind == "sentencepiece" else ClipBpeTokenizer(path)

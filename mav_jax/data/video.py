@@ -12,6 +12,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from mav_jax import errors
+
 MASK_KINDS = ("interpolate", "first", "last")
 
 
@@ -58,7 +60,7 @@ def sample_fps(
 ) -> float:
   """fps_min + (fps_max - fps_min) * Beta(alpha, beta): the clip's frame rate."""
   if not 0 < fps_min <= fps_max:
-    raise ValueError(f"need 0 < fps_min <= fps_max, got {fps_min}, {fps_max}")
+    raise errors.UserError(f"need 0 < fps_min <= fps_max, got {fps_min}, {fps_max}")
   return float(fps_min + (fps_max - fps_min) * rng.beta(alpha, beta))
 
 
@@ -76,7 +78,7 @@ def indices_at_fps(
   random when `rng` is given, else the clip starts at frame 0.
   """
   if num_source < 1:
-    raise ValueError("the video has no frames")
+    raise errors.UserError("the video has no frames")
   duration = (num_source - 1) / source_fps
   if num_frames > 1 and duration > 0:
     fps = max(fps, (num_frames - 1) / duration)
@@ -92,7 +94,7 @@ def indices_with_skip(
 ) -> np.ndarray:
   """Source indices start, start + skip, ...: a fixed frame skip (clipped to the video's end)."""
   if skip < 1:
-    raise ValueError(f"frame skip must be >= 1, got {skip}")
+    raise errors.UserError(f"frame skip must be >= 1, got {skip}")
   last_start = max(num_source - 1 - skip * (num_frames - 1), 0)
   start = 0 if rng is None else int(rng.integers(0, last_start + 1))
   return np.minimum(start + skip * np.arange(num_frames), num_source - 1)
@@ -123,9 +125,9 @@ def frame_mask(kind: str, num_frames: int, k: int) -> np.ndarray:
   "first" / "last": the first / last k frames (extrapolation forwards / backwards).
   """
   if kind not in MASK_KINDS:
-    raise ValueError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")
+    raise errors.UserError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")
   if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
+    raise errors.UserError(f"k must be >= 1, got {k}")
   mask = np.zeros(num_frames, bool)
   if kind == "interpolate":
     mask[::k] = True
@@ -150,7 +152,7 @@ def random_frame_mask(
     skip" the interpolation model is conditioned on.
   """
   if num_frames < 2:
-    raise ValueError(f"frame masks need clips of at least 2 frames, got {num_frames}")
+    raise errors.UserError(f"frame masks need clips of at least 2 frames, got {num_frames}")
   kind = MASK_KINDS[rng.integers(len(MASK_KINDS))]
   if kind == "interpolate":
     skip = int(rng.integers(2, max(2, min(max_skip, num_frames - 1)) + 1))

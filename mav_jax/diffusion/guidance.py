@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
+
 Array = jax.Array
 Cond = Any
 # model_fn(z, t, cond) -> prediction
@@ -28,7 +30,7 @@ def drop_conditioning(rng: jax.Array, cond: Cond, rate: float, null: Cond | None
   dropped together.
   """
   if not 0.0 <= rate <= 1.0:
-    raise ValueError(f"conditioning dropout rate must be in [0, 1], got {rate}")
+    raise errors.UserError(f"conditioning dropout rate must be in [0, 1], got {rate}")
   null = null_like(cond) if null is None else null
   leaves = jax.tree.leaves(cond)
   if not leaves:

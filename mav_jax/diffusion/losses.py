@@ -5,6 +5,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.diffusion import targets
 from mav_jax.diffusion.schedules import NoiseSchedule, broadcast_to, schedule_from_config
 
@@ -45,7 +46,7 @@ def diffusion_loss(
     (loss, aux): the batch-mean weighted loss, and per-example `t` and `loss` for metrics.
   """
   if not 0.0 <= frame_noise <= 1.0:
-    raise ValueError(f"diffusion.frame_noise is a probability in [0, 1], got {frame_noise}")
+    raise errors.UserError(f"diffusion.frame_noise is a probability in [0, 1], got {frame_noise}")
   t_rng, noise_rng, frame_rng = jax.random.split(rng, 3)
   t = jax.random.uniform(t_rng, (x0.shape[0],))
   if frame_noise and x0.ndim == 5 and x0.shape[1] > 1:

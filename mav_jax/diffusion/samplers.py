@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.diffusion import targets
 from mav_jax.diffusion.schedules import NoiseSchedule
 
@@ -94,9 +95,9 @@ def sample(
     The sample, shaped like `noise`.
   """
   if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    raise errors.UserError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
   if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    raise errors.UserError(f"num_steps must be >= 1, got {num_steps}")
   b = noise.shape[0]
   ts = schedule.time_grid(num_steps, spacing, t_start)
   expand = lambda a: jnp.reshape(a, (1,) * noise.ndim)  # noqa: E731

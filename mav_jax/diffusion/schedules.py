@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
+
 Array = jax.Array
 
 KINDS = ("cosine", "linear")
@@ -40,11 +42,15 @@ class NoiseSchedule:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"unknown schedule kind {self.kind!r}; choose one of {KINDS}")
+      raise errors.UserError(f"unknown schedule kind {self.kind!r}; choose one of {KINDS}")
     if not self.logsnr_min < self.logsnr_max:
-      raise ValueError(f"need logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
+      raise errors.UserError(
+        f"need logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}"
+      )
     if self.shift <= 0:
-      raise ValueError(f"shift must be positive (resolution / base resolution), got {self.shift}")
+      raise errors.UserError(
+        f"shift must be positive (resolution / base resolution), got {self.shift}"
+      )
 
   def logsnr(self, t: Array) -> Array:
     """log(alpha_t^2 / sigma_t^2) for t in [0, 1]."""
@@ -81,11 +87,11 @@ class NoiseSchedule:
     t_max < 1 starts from a partly noised input (SDEdit-style variations).
     """
     if not 0.0 < t_max <= 1.0:
-      raise ValueError(f"t_max must be in (0, 1], got {t_max}")
+      raise errors.UserError(f"t_max must be in (0, 1], got {t_max}")
     if spacing == "time":
       return jnp.linspace(t_max, 0.0, num_steps + 1)
     if spacing != "logsnr":
-      raise ValueError(f"unknown time spacing {spacing!r}; choose 'time' or 'logsnr'")
+      raise errors.UserError(f"unknown time spacing {spacing!r}; choose 'time' or 'logsnr'")
     hi, lo = self.logsnr(jnp.array(0.0)), self.logsnr(jnp.array(t_max))
     ts = self.t_from_logsnr(jnp.linspace(lo, hi, num_steps + 1))
     return ts.at[0].set(t_max).at[-1].set(0.0)

@@ -8,6 +8,8 @@ With z = alpha * x0 + sigma * eps (alpha^2 + sigma^2 = 1) and v = alpha * eps - 
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
+
 Array = jax.Array
 TARGETS = ("eps", "x0", "v")
 WEIGHTINGS = ("plain", "min_snr")
@@ -15,7 +17,7 @@ WEIGHTINGS = ("plain", "min_snr")
 
 def _check_target(target: str) -> None:
   if target not in TARGETS:
-    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+    raise errors.UserError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
 
 
 def target_from(x0: Array, eps: Array, alpha: Array, sigma: Array, target: str) -> Array:
@@ -61,7 +63,7 @@ def loss_weight(logsnr: Array, target: str, weighting: str = "plain", gamma: flo
   if weighting == "plain":
     return jnp.ones_like(logsnr)
   if weighting != "min_snr":
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    raise errors.UserError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
   snr = jnp.exp(logsnr)
   clipped = jnp.minimum(snr, gamma)
   if target == "eps":

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.eval import protocols
 
 
@@ -25,9 +26,9 @@ def _bound(fn: Callable, variables, mesh: jax.sharding.Mesh) -> protocols.Sharde
 
 def _need_file(path: str, what: str, flag: str) -> None:
   if not path:
-    raise ValueError(f"{what} needs its weights file: set --config.{flag}=PATH")
+    raise errors.UserError(f"{what} needs its weights file: set --config.{flag}=PATH")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config.{flag}={path!r} does not exist ({what})")
+    raise errors.UserFileNotFoundError(f"--config.{flag}={path!r} does not exist ({what})")
 
 
 def inception(path: str, mesh: jax.sharding.Mesh) -> Callable:
@@ -59,7 +60,7 @@ def clip(path: str, cascade, mesh: jax.sharding.Mesh) -> tuple[Callable, Callabl
     params, tokenizer = model.load(mesh, "data_parallel"), model.tokenizer
   else:
     if cascade.clip is None:
-      raise ValueError("CLIPSIM needs a CLIP: set --config.clip=PATH")
+      raise errors.UserError("CLIPSIM needs a CLIP: set --config.clip=PATH")
     model, params, tokenizer = cascade.clip, cascade.clip_params, cascade.tokenizer
   text = jax.jit(lambda p, t: model.text(p, t)[0])
   length = int(model.config.data.max_tokens)

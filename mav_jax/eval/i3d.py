@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.models.common import Array, Dtype
 
 IMAGE_SIZE = 224
@@ -211,7 +212,7 @@ class I3D(nn.Module):
         over time of piergiaj's forward (the layer is linear, so this is logits(pool)).
     """
     if videos.ndim != 5 or videos.shape[-1] != 3:
-      raise ValueError(f"videos must be [n, t, h, w, 3], got shape {tuple(videos.shape)}")
+      raise errors.UserError(f"videos must be [n, t, h, w, 3], got shape {tuple(videos.shape)}")
     n, t, h, w, _ = videos.shape
     x = videos.astype(jnp.float32)
     if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
@@ -219,12 +220,12 @@ class I3D(nn.Module):
       x = jax.image.resize(x, size, method="bilinear", antialias=False)
     h, w = x.shape[2:4]
     if t < MIN_FRAMES:
-      raise ValueError(
+      raise errors.UserError(
         f"I3D needs at least {MIN_FRAMES} frames (its final [2, 7, 7] average pool needs 2 "
         f"feature frames, one per {TOTAL_STRIDE[0]} input frames), got {t}"
       )
     if min(h, w) < MIN_PIXELS:
-      raise ValueError(
+      raise errors.UserError(
         f"I3D needs frames of at least {MIN_PIXELS} x {MIN_PIXELS} pixels after resizing (its "
         f"final average pool needs 7 x 7 features), got {h} x {w}"
       )
@@ -290,7 +291,7 @@ def convert_state_dict(
   missing = [k for k in expected if k not in state]
   unexpected = sorted(set(state) - set(expected))
   if missing or unexpected:
-    raise ValueError(
+    raise errors.UserError(
       "not a piergiaj InceptionI3d state dict: "
       f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), "
       f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -316,7 +317,9 @@ def convert_state_dict(
 
   stem = state["Conv3d_1a_7x7.conv3d.weight"].shape
   if tuple(stem[1:]) != (3, 7, 7, 7):
-    raise ValueError(f"Conv3d_1a_7x7 should take RGB, [64, 3, 7, 7, 7]; got {list(stem)} (flow?)")
+    raise errors.UserError(
+      f"Conv3d_1a_7x7 should take RGB, [64, 3, 7, 7, 7]; got {list(stem)} (flow?)"
+    )
   params, batch_stats = {}, {}
   for name, *_ in STEM_CONVS:
     params[name], batch_stats[name] = unit(name)
@@ -327,9 +330,11 @@ def convert_state_dict(
 
   weight = get("logits.conv3d.weight")
   if weight.ndim != 5 or weight.shape[1:] != (FEATURE_DIM, 1, 1, 1):
-    raise ValueError(f"logits.conv3d.weight should be [classes, 1024, 1, 1, 1], got {weight.shape}")
+    raise errors.UserError(
+      f"logits.conv3d.weight should be [classes, 1024, 1, 1, 1], got {weight.shape}"
+    )
   if num_classes is not None and weight.shape[0] != num_classes:
-    raise ValueError(f"the checkpoint has {weight.shape[0]} classes, expected {num_classes}")
+    raise errors.UserError(f"the checkpoint has {weight.shape[0]} classes, expected {num_classes}")
   params["logits"] = {"kernel": weight[:, :, 0, 0, 0].T, "bias": get("logits.conv3d.bias")}
   return {"params": params, "batch_stats": batch_stats}
 
@@ -345,14 +350,16 @@ def load_i3d(path: str, **module_kwargs: Any) -> tuple[I3D, dict[str, dict]]:
     (module, variables): call module.apply(variables, videos).
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no I3D checkpoint at {path} (e.g. pytorch-i3d's rgb_imagenet.pt)")
+    raise errors.UserFileNotFoundError(
+      f"no I3D checkpoint at {path} (e.g. pytorch-i3d's rgb_imagenet.pt)"
+    )
   try:
     import torch
   except ImportError as e:
     raise ImportError(f"reading {path} needs PyTorch (pip install torch)") from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
-    raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    raise errors.UserError(f"{path} holds a {type(state).__name__}, not a state dict")
   variables = convert_state_dict(state)
   classes = variables["params"]["logits"]["bias"].shape[0]
   return I3D(num_classes=classes, **module_kwargs), variables

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mav_jax import errors
 from mav_jax.models.common import Array, Dtype
 
 IMAGE_SIZE = 299
@@ -268,7 +269,7 @@ class InceptionE(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.pool not in ("avg", "max"):
-      raise ValueError(f'pool must be "avg" or "max", got {self.pool!r}')
+      raise errors.UserError(f'pool must be "avg" or "max", got {self.pool!r}')
     conv = functools.partial(_conv, self)
     row, col = ((1, 3), (0, 1)), ((3, 1), (1, 0))  # (kernel, padding) of a 1x3 and a 3x1 conv
     b1 = conv("branch1x1", 320)(x)
@@ -348,15 +349,17 @@ class InceptionV3(nn.Module):
       'logits_unbiased': [n, num_classes] pool @ W, what the reference Inception Score takes.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [n, h, w, 3], got shape {tuple(images.shape)}")
+      raise errors.UserError(f"images must be [n, h, w, 3], got shape {tuple(images.shape)}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(f"images must be floats in [0, 1] (divide uint8 by 255), got {images.dtype}")
+      raise errors.UserError(
+        f"images must be floats in [0, 1] (divide uint8 by 255), got {images.dtype}"
+      )
     x = images.astype(jnp.float32)
     size = (self.image_size, self.image_size)
     if self.image_size is not None and x.shape[1:3] != size:
       x = resize_bilinear(x, size)
     if min(x.shape[1:3]) < MIN_PIXELS:
-      raise ValueError(
+      raise errors.UserError(
         f"InceptionV3 needs images of at least {MIN_PIXELS} x {MIN_PIXELS} pixels after "
         f"resizing, got {x.shape[1]} x {x.shape[2]}"
       )
@@ -443,7 +446,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
     def names(keys: list[str]) -> str:
       return f"{keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)} in all)"
 
-    raise ValueError(
+    raise errors.UserError(
       f"not pytorch-fid's FID Inception state dict: missing {names(missing)}, "
       f"unexpected {names(unexpected)}"
     )
@@ -455,7 +458,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict]:
       value = value.detach().float().cpu().numpy()
     value = np.asarray(value, np.float32)
     if value.shape != shape:
-      raise ValueError(f"{key} has shape {value.shape}, expected {shape}")
+      raise errors.UserError(f"{key} has shape {value.shape}, expected {shape}")
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)
     elif value.ndim == 2:
@@ -474,7 +477,7 @@ def load_pt_inception(path: str) -> dict[str, dict]:
     {'params': ..., 'batch_stats': ...} for `InceptionV3().apply` (or mav_jax.eval.extractors).
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.UserFileNotFoundError(
       f"no Inception weights at {path} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
     )
   try:
@@ -486,5 +489,5 @@ def load_pt_inception(path: str) -> dict[str, dict]:
     ) from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
-    raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    raise errors.UserError(f"{path} holds a {type(state).__name__}, not a state dict")
   return convert_state_dict(state)

@@ -26,6 +26,7 @@ import dataclasses
 
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.data import synthetic
 
 _PALETTE_NAMES = tuple(synthetic.COLOURS)
@@ -82,7 +83,7 @@ def measure_clip(
 ) -> ClipMeasure:
   """Measures one clip of uint8 frames [t, h, w, 3] (any resolution)."""
   if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"frames must be [time, height, width, 3], got shape {frames.shape}")
+    raise errors.UserError(f"frames must be [time, height, width, 3], got shape {frames.shape}")
   t, h, w, _ = frames.shape
   cover = coverage(frames, threshold)
   areas = cover.sum(axis=(1, 2))
@@ -130,7 +131,9 @@ def measure_clip(
 def score(measures: list[ClipMeasure], captions: list[tuple[str, str, str]]) -> dict[str, float]:
   """Accuracies against (shape, colour, direction) per clip, and mean consistency figures."""
   if len(measures) != len(captions) or not measures:
-    raise ValueError(f"need one caption per measured clip, got {len(measures)} and {len(captions)}")
+    raise errors.UserError(
+      f"need one caption per measured clip, got {len(measures)} and {len(captions)}"
+    )
   n = len(measures)
   pairs = list(zip(measures, captions, strict=True))
   return {

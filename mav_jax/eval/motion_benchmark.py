@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.data import synthetic
 from mav_jax.eval import motion
 
@@ -23,7 +24,7 @@ STAGE_ORDER = ("decoder", "interp", "sr_low", "sr_high")
 def captions(per_combination: int) -> list[tuple[str, str, str]]:
   """(shape, colour, direction) of every clip: each combination `per_combination` times."""
   if per_combination < 1:
-    raise ValueError(f"per_combination must be >= 1, got {per_combination}")
+    raise errors.UserError(f"per_combination must be >= 1, got {per_combination}")
   return [c for c in synthetic.COMBINATIONS for _ in range(per_combination)]
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.eval import scores, stats
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".gif")
@@ -49,15 +50,17 @@ def read_captions(path: str, test_split: bool = True) -> list[str]:
     The captions in file order.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"captions file {path!r} does not exist")
+    raise errors.UserFileNotFoundError(f"captions file {path!r} does not exist")
   if path.endswith(".json"):
     with open(path) as f:
       try:
         data = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise errors.UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "sentences" not in data:
-      raise ValueError(f"{path}: expected MSR-VTT's annotation layout with a 'sentences' list")
+      raise errors.UserError(
+        f"{path}: expected MSR-VTT's annotation layout with a 'sentences' list"
+      )
     wanted = {f"video{i}" for i in MSRVTT_TEST_IDS}
     captions = [
       s["caption"].strip()
@@ -68,10 +71,12 @@ def read_captions(path: str, test_split: bool = True) -> list[str]:
     with open(path) as f:
       captions = [line.strip() for line in f]
   else:
-    raise ValueError(f"{path}: captions must be a .txt (one per line) or MSR-VTT's .json")
+    raise errors.UserError(f"{path}: captions must be a .txt (one per line) or MSR-VTT's .json")
   captions = [c for c in captions if c]
   if not captions:
-    raise ValueError(f"{path}: no captions found" + (" in the test split" if test_split else ""))
+    raise errors.UserError(
+      f"{path}: no captions found" + (" in the test split" if test_split else "")
+    )
   return captions
 
 
@@ -88,9 +93,11 @@ def ucf101_prompts(class_index: str, template: str) -> list[tuple[str, str]]:
     template: a sentence with one `{}` for the class words, e.g. "a person {}".
   """
   if "{}" not in template:
-    raise ValueError(f"the prompt template needs a '{{}}' for the class words, got {template!r}")
+    raise errors.UserError(
+      f"the prompt template needs a '{{}}' for the class words, got {template!r}"
+    )
   if not os.path.isfile(class_index):
-    raise FileNotFoundError(f"class index {class_index!r} does not exist")
+    raise errors.UserFileNotFoundError(f"class index {class_index!r} does not exist")
   classes = []
   with open(class_index) as f:
     for n, line in enumerate(f, 1):
@@ -98,10 +105,12 @@ def ucf101_prompts(class_index: str, template: str) -> list[tuple[str, str]]:
       if not parts:
         continue
       if len(parts) != 2 or not parts[0].isdigit():
-        raise ValueError(f"{class_index}:{n}: expected '<index> <ClassName>', got {line.strip()!r}")
+        raise errors.UserError(
+          f"{class_index}:{n}: expected '<index> <ClassName>', got {line.strip()!r}"
+        )
       classes.append(parts[1])
   if not classes:
-    raise ValueError(f"{class_index}: no classes found")
+    raise errors.UserError(f"{class_index}: no classes found")
   return [(c, template.format(class_words(c))) for c in classes]
 
 
@@ -116,7 +125,7 @@ def cycle(items: Sequence, count: int) -> list:
 def find_videos(folder: str, limit: int = 0) -> list[str]:
   """Video files under `folder` (recursively, sorted); at most `limit` (0: all)."""
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"real video folder {folder!r} does not exist")
+    raise errors.UserFileNotFoundError(f"real video folder {folder!r} does not exist")
   found = sorted(
     os.path.join(root, name)
     for root, _, names in os.walk(folder)
@@ -124,7 +133,7 @@ def find_videos(folder: str, limit: int = 0) -> list[str]:
     if name.lower().endswith(VIDEO_SUFFIXES)
   )
   if not found:
-    raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {folder!r}")
+    raise errors.UserError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {folder!r}")
   return found[:limit] if limit else found
 
 
@@ -193,9 +202,9 @@ def needs(metrics: Sequence[str], is_features: str) -> dict[str, bool]:
   """Which extractors `metrics` need."""
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
-    raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+    raise errors.UserError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
   if is_features not in ("i3d", "inception"):
-    raise ValueError(f"is_features must be 'i3d' or 'inception', got {is_features!r}")
+    raise errors.UserError(f"is_features must be 'i3d' or 'inception', got {is_features!r}")
   return {
     "inception": "fid" in metrics or ("is" in metrics and is_features == "inception"),
     "i3d": "fvd" in metrics or ("is" in metrics and is_features == "i3d"),
@@ -268,7 +277,7 @@ def load_stats(folder: str, metrics: Sequence[str]) -> Accumulator:
     if name in metrics:
       path = os.path.join(folder, f"real_{name}.npz")
       if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise errors.UserFileNotFoundError(
           f"{path} does not exist: real_stats must be the output folder of an earlier run on the "
           f"same real videos (it saves real_{name}.npz), or leave it empty and set real_videos"
         )
@@ -359,7 +368,9 @@ def read_real(
       batch = []
       log(f"[evaluate] read {n}/{len(paths)} real videos ({(time.time() - start) / n:.2f} s/video)")
   if len(skipped) == len(paths):
-    raise ValueError(f"none of the {len(paths)} real videos could be read (first: {paths[0]!r})")
+    raise errors.UserError(
+      f"none of the {len(paths)} real videos could be read (first: {paths[0]!r})"
+    )
   return skipped
 
 
@@ -370,23 +381,25 @@ def prompts_for(config) -> list[str]:
   """The protocol's prompts, `num_videos` of them round-robin (0: each once)."""
   if config.protocol == "msrvtt":
     if not config.captions:
-      raise ValueError("the MSR-VTT protocol needs its captions: set --config.captions=PATH")
+      raise errors.UserError("the MSR-VTT protocol needs its captions: set --config.captions=PATH")
     base = read_captions(config.captions, config.test_split)
   elif config.protocol == "ucf101":
     if not config.class_index:
-      raise ValueError("the UCF-101 protocol needs its class list: set --config.class_index=PATH")
+      raise errors.UserError(
+        "the UCF-101 protocol needs its class list: set --config.class_index=PATH"
+      )
     base = [p for _, p in ucf101_prompts(config.class_index, config.template)]
   else:
-    raise ValueError(f"unknown protocol {config.protocol!r}; choose msrvtt or ucf101")
+    raise errors.UserError(f"unknown protocol {config.protocol!r}; choose msrvtt or ucf101")
   if config.num_videos < 0:
-    raise ValueError(f"num_videos must be >= 0, got {config.num_videos}")
+    raise errors.UserError(f"num_videos must be >= 0, got {config.num_videos}")
   return cycle(base, config.num_videos or len(base))
 
 
 def parse_metrics(config) -> list[str]:
   metrics = [m.strip() for m in str(config.metrics).split(",") if m.strip()]
   if not metrics:
-    raise ValueError("no metrics: set --config.metrics, e.g. fid,clipsim")
+    raise errors.UserError("no metrics: set --config.metrics, e.g. fid,clipsim")
   needs(metrics, config.is_features)
   return metrics
 
@@ -396,7 +409,7 @@ def check_real_side(config, metrics: Sequence[str]) -> None:
   if not {"fid", "fvd"} & set(metrics):
     return
   if bool(config.real_videos) == bool(config.real_stats):
-    raise ValueError(
+    raise errors.UserError(
       "FID/FVD compare with real videos: set exactly one of --config.real_videos=FOLDER or "
       "--config.real_stats=FOLDER (an earlier run's output, which holds real_*.npz)"
     )
@@ -442,7 +455,7 @@ def run(
   prompts = prompts_for(config)
   check_real_side(config, metrics)
   if config.batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    raise errors.UserError(f"batch_size must be >= 1, got {config.batch_size}")
   ex = ex or load_extractors(config, metrics, cascade)
 
   shape = {}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.models.common import Array
 
 
@@ -45,14 +46,14 @@ class InceptionScore:
   def update(self, logits) -> "InceptionScore":
     """Adds classifier logits [n, classes] (pre-softmax); returns self."""
     if logits.ndim != 2:
-      raise ValueError(f"logits must be [samples, classes], got shape {tuple(logits.shape)}")
+      raise errors.UserError(f"logits must be [samples, classes], got shape {tuple(logits.shape)}")
     p, neg_entropy = (np.float64(a) for a in jax.device_get(_class_sums(logits)))
     if self.count is None:
       self.count = np.zeros(self.splits, np.int64)
       self.p_sum = np.zeros((self.splits, p.shape[1]))
       self.entropy_sum = np.zeros(self.splits)
     elif p.shape[1] != self.p_sum.shape[1]:
-      raise ValueError(f"{p.shape[1]} classes, but {self.p_sum.shape[1]} before")
+      raise errors.UserError(f"{p.shape[1]} classes, but {self.p_sum.shape[1]} before")
     seen = int(self.count.sum())
     subset = (seen + np.arange(p.shape[0])) % self.splits
     np.add.at(self.count, subset, 1)
@@ -64,7 +65,7 @@ class InceptionScore:
     """(mean, standard deviation) of the score over the subsets."""
     if self.count is None or self.count.min() < 1:
       have = 0 if self.count is None else int(self.count.sum())
-      raise ValueError(
+      raise errors.UserError(
         f"an Inception Score over {self.splits} splits needs >= {self.splits} samples, have {have}"
       )
     marginal = self.p_sum / self.count[:, None]
@@ -101,5 +102,5 @@ class Mean:
 
   def result(self) -> float:
     if not self.count:
-      raise ValueError("no values to average")
+      raise errors.UserError("no values to average")
     return self.total / self.count

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.models.common import Array
 
 
@@ -53,9 +54,11 @@ class GaussianStats:
   def update(self, features) -> "GaussianStats":
     """Adds a batch of features [n, d] (a numpy array or a sharded jax.Array); returns self."""
     if features.ndim != 2:
-      raise ValueError(f"features must be [samples, dim], got shape {tuple(features.shape)}")
+      raise errors.UserError(f"features must be [samples, dim], got shape {tuple(features.shape)}")
     if self.dim is not None and features.shape[1] != self.dim:
-      raise ValueError(f"feature dim {features.shape[1]} does not match the {self.dim} seen so far")
+      raise errors.UserError(
+        f"feature dim {features.shape[1]} does not match the {self.dim} seen so far"
+      )
     if features.shape[0] == 0:
       return self
     n, mean, scatter = jax.device_get(batch_moments(features))
@@ -70,7 +73,7 @@ class GaussianStats:
       self.count, self.mean, self.scatter = other.count, other.mean.copy(), other.scatter.copy()
       return self
     if other.dim != self.dim:
-      raise ValueError(f"cannot merge statistics of dim {other.dim} into dim {self.dim}")
+      raise errors.UserError(f"cannot merge statistics of dim {other.dim} into dim {self.dim}")
     total = self.count + other.count
     delta = other.mean - self.mean
     self.scatter = (
@@ -84,13 +87,13 @@ class GaussianStats:
   def covariance(self) -> np.ndarray:
     """Unbiased covariance (divides by count - 1), as numpy.cov and the FID reference code."""
     if self.count < 2:
-      raise ValueError(f"a covariance needs at least 2 samples, have {self.count}")
+      raise errors.UserError(f"a covariance needs at least 2 samples, have {self.count}")
     return self.scatter / (self.count - 1)
 
   def save(self, path: str) -> None:
     """Writes count, mean and covariance to an .npz (e.g. a reference set's statistics)."""
     if self.count < 2:
-      raise ValueError(f"nothing to save: statistics of {self.count} samples")
+      raise errors.UserError(f"nothing to save: statistics of {self.count} samples")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, count=self.count, mu=self.mean, sigma=self.covariance)
 
@@ -101,7 +104,7 @@ class GaussianStats:
     with np.load(path) as f:
       missing = {"mu", "sigma"} - set(f.files)
       if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}: not a feature-statistics file")
+        raise errors.UserError(f"{path} lacks {sorted(missing)}: not a feature-statistics file")
       mu, sigma = np.float64(f["mu"]), np.float64(f["sigma"])
       count = int(f["count"]) if "count" in f.files else 2  # unknown: any count >= 2 round-trips
     return cls(count, mu, sigma * (count - 1))
@@ -117,7 +120,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   shapes = (np.shape(mu1), np.shape(sigma1), np.shape(mu2), np.shape(sigma2))
   d = shapes[0][0] if len(shapes[0]) == 1 else None
   if d is None or shapes != ((d,), (d, d), (d,), (d, d)):
-    raise ValueError(f"need means [d] and covariances [d, d] of one d, got shapes {shapes}")
+    raise errors.UserError(f"need means [d] and covariances [d, d] of one d, got shapes {shapes}")
   # float64 on the host CPU: accelerators lack (or emulate slowly) float64 eigendecompositions.
   with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
     mu1, sigma1, mu2, sigma2 = (jnp.asarray(a, jnp.float64) for a in (mu1, sigma1, mu2, sigma2))
@@ -132,5 +135,5 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def frechet_between(a: GaussianStats, b: GaussianStats) -> float:
   """Fréchet distance between two feature sets' statistics."""
   if a.dim != b.dim:
-    raise ValueError(f"feature dims differ: {a.dim} vs {b.dim} (different extractors?)")
+    raise errors.UserError(f"feature dims differ: {a.dim} vs {b.dim} (different extractors?)")
   return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)

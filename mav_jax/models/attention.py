@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
 from mav_jax.models.embeddings import EmbeddingMLP, space_time_features
@@ -217,7 +218,7 @@ class Pseudo3DAttention(nn.Module):
     t = axes.constrain(x.reshape(b * f, h * w, c), tokens_axes)
     t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
     if (self.use_cross_attention or self.temporal_cross_attention) and context is None:
-      raise ValueError(
+      raise errors.UserError(
         "this attention block was built with use_cross_attention or temporal_cross_attention but "
         "got no context tokens; pass context=[batch, tokens, dim]"
       )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.attention import caption_mask
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, dense, layer_norm
@@ -90,7 +91,7 @@ class CaptionMotionConv(nn.Module):
   def __call__(self, x: Array, context: Array, context_mask: Array | None) -> Array:
     k, taps = self.kernel_size, self.temporal_taps
     if k < 1 or k % 2 != 1 or taps < 1 or taps % 2 != 1:
-      raise ValueError(
+      raise errors.UserError(
         f"CaptionMotionConv needs odd kernel_size and temporal_taps ('same' padding), got "
         f"kernel_size={k}, temporal_taps={taps}"
       )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.attention import MultiHeadAttention
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
@@ -97,7 +98,7 @@ class TextTower(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     w, length = c.text.width, tokens.shape[1]
     if length > c.context_length:
-      raise ValueError(f"{length} tokens exceed the context length {c.context_length}")
+      raise errors.UserError(f"{length} tokens exceed the context length {c.context_length}")
     embed = self.param(
       "token_embedding",
       axes.partitioned(nn.initializers.normal(0.02), axes.EMBED_IN, axes.CHANNELS_OUT),
@@ -143,7 +144,9 @@ class VisionTower(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     w, p = c.vision.width, c.patch_size
     if images.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"images must be {c.image_size}x{c.image_size}, got {images.shape[1:3]}")
+      raise errors.UserError(
+        f"images must be {c.image_size}x{c.image_size}, got {images.shape[1:3]}"
+      )
     x = nn.Conv(
       w,
       (p, p),

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mav_jax import errors
 from mav_jax.models.clip import ClipConfig, TowerConfig
 
 
@@ -28,7 +29,7 @@ def clip_config_from_hf(hf: dict) -> ClipConfig:
     )
 
   if text.get("hidden_act", "quick_gelu") != vision.get("hidden_act", "quick_gelu"):
-    raise ValueError("text and vision towers use different activations; not supported")
+    raise errors.UserError("text and vision towers use different activations; not supported")
   eos = text.get("eos_token_id", 2)
   return ClipConfig(
     embed_dim=hf.get("projection_dim", 512),
@@ -118,7 +119,7 @@ def convert_state_dict(state: dict[str, Any], config: ClipConfig) -> dict:
   # Buffers that carry no weights (position ids) may remain; any other leftover is a mismatch.
   left = sorted(k for k in state if k not in used and not k.endswith("position_ids"))
   if left:
-    raise ValueError(
+    raise errors.UserError(
       f"checkpoint tensors not used by the conversion (wrong layer count?): {left[:8]}"
     )
   return params
@@ -128,7 +129,9 @@ def load_hf_checkpoint(folder: str) -> tuple[ClipConfig, dict]:
   """(config, params) from a folder with config.json and model.safetensors or pytorch_model.bin."""
   config_path = os.path.join(folder, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{folder} has no config.json (expected a Hugging Face CLIP folder)")
+    raise errors.UserFileNotFoundError(
+      f"{folder} has no config.json (expected a Hugging Face CLIP folder)"
+    )
   with open(config_path) as f:
     config = clip_config_from_hf(json.load(f))
   safetensors_path = os.path.join(folder, "model.safetensors")
@@ -144,5 +147,7 @@ def load_hf_checkpoint(folder: str) -> tuple[ClipConfig, dict]:
       raise ImportError(f"reading {bin_path} needs PyTorch; or convert it to safetensors") from e
     state = {k: v.float().numpy() for k, v in torch.load(bin_path, map_location="cpu").items()}
   else:
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    raise errors.UserFileNotFoundError(
+      f"{folder} has neither model.safetensors nor pytorch_model.bin"
+    )
   return config, convert_state_dict(state, config)

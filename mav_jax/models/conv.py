@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.common import Array, Dtype, spatial_conv
 
@@ -18,7 +19,9 @@ def dirac_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float3
   del key
   taps, c_in, c_out = shape
   if c_in != c_out:
-    raise ValueError(f"a dirac (identity) kernel needs in == out channels, got {c_in} != {c_out}")
+    raise errors.UserError(
+      f"a dirac (identity) kernel needs in == out channels, got {c_in} != {c_out}"
+    )
   return jnp.zeros(shape, dtype).at[taps // 2].set(jnp.eye(c_in, dtype=dtype))
 
 
@@ -41,7 +44,7 @@ class TemporalConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.kernel_size % 2 != 1:
-      raise ValueError(
+      raise errors.UserError(
         f"temporal kernel_size must be odd to keep frames aligned, got {self.kernel_size}"
       )
     c = x.shape[-1]

@@ -8,6 +8,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.common import Array, Dtype, dense
 
@@ -15,7 +16,7 @@ from mav_jax.models.common import Array, Dtype, dense
 def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Array:
   """Transformer-style sinusoidal features of an array of scalars [...] -> [..., dim]."""
   if dim % 2:
-    raise ValueError(f"sinusoidal embedding dim must be even, got {dim}")
+    raise errors.UserError(f"sinusoidal embedding dim must be even, got {dim}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = x.astype(jnp.float32)[..., None] * freqs

@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 from flax import traverse_util
 
+from mav_jax import errors
+
 Params = Any
 Path = tuple[str, ...]
 
@@ -43,7 +45,7 @@ def inflate_image_params(image_params: Params, video_params: Params) -> tuple[Pa
   video = traverse_util.flatten_dict(nn.unbox(video_params))
   extra = sorted("/".join(p) for p in image if p not in video)
   if extra:
-    raise ValueError(
+    raise errors.UserError(
       f"image parameters missing from the video model (do the configs match?): "
       f"{extra[:10]}{' ...' if len(extra) > 10 else ''}"
     )
@@ -53,7 +55,9 @@ def inflate_image_params(image_params: Params, video_params: Params) -> tuple[Pa
     if image[p].shape != video[p].shape
   ]
   if mismatched:
-    raise ValueError(f"parameter shapes differ between image and video model: {mismatched[:10]}")
+    raise errors.UserError(
+      f"parameter shapes differ between image and video model: {mismatched[:10]}"
+    )
   merged = {p: image.get(p, v).astype(v.dtype) for p, v in video.items()}
   new_paths = sorted(p for p in video if p not in image)
   return traverse_util.unflatten_dict(merged), new_paths

@@ -10,6 +10,7 @@ together, dropped together for classifier-free guidance.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.clip import Block, TowerConfig
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
@@ -55,7 +56,9 @@ class DiffusionPrior(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, length = token_features.shape[:2]
     if length > self.max_tokens:
-      raise ValueError(f"{length} caption tokens exceed the prior's max_tokens {self.max_tokens}")
+      raise errors.UserError(
+        f"{length} caption tokens exceed the prior's max_tokens {self.max_tokens}"
+      )
     w = self.width
     tokens = dense(w, axes.CHANNELS_IN, axes.CHANNELS_OUT, name="token_proj", **kw)(token_features)
     text = dense(w, axes.CONTEXT, axes.CHANNELS_OUT, name="text_proj", **kw)(text_embedding)

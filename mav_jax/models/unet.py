@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mav_jax import errors
 from mav_jax.models import axes
 from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
 from mav_jax.models.caption_motion import CaptionMotionConv
@@ -99,50 +100,54 @@ class SpaceTimeUNet(nn.Module):
 
   def _check_inputs(self, x, t, scalars, global_embedding, context, extra_inputs, image_mode):
     if x.ndim != 5:
-      raise ValueError(
+      raise errors.UserError(
         f"SpaceTimeUNet takes [batch, frames, height, width, channels], got shape "
         f"{x.shape}; add a frames axis of 1 for images"
       )
     factor = 2 ** (len(self.channel_mults) - 1)
     if x.shape[2] % factor or x.shape[3] % factor:
-      raise ValueError(
+      raise errors.UserError(
         f"height and width {x.shape[2:4]} must be divisible by {factor} "
         f"(2 ** (levels - 1) for channel_mults={self.channel_mults})"
       )
     if t.shape not in (x.shape[:1], x.shape[:2]):
-      raise ValueError(
+      raise errors.UserError(
         f"t must have shape [batch]={x.shape[:1]} or [batch, frames]={x.shape[:2]} (a time per "
         f"frame), got {t.shape}"
       )
     if self.conditioning_scalar_scales and len(self.conditioning_scalar_scales) != len(
       self.conditioning_scalars
     ):
-      raise ValueError(
+      raise errors.UserError(
         f"conditioning_scalar_scales {self.conditioning_scalar_scales} needs one scale per "
         f"conditioning scalar {self.conditioning_scalars}"
       )
     unknown = set(scalars) - set(self.conditioning_scalars)
     if unknown:
-      raise ValueError(
+      raise errors.UserError(
         f"unknown scalar conditions {sorted(unknown)}; this model was built with "
         f"conditioning_scalars={self.conditioning_scalars}"
       )
     missing = set(self.conditioning_scalars) - set(scalars)
     if missing and not image_mode:
-      raise ValueError(
+      raise errors.UserError(
         f"missing scalar conditions {sorted(missing)} (video mode needs all of "
         f"{self.conditioning_scalars}); pass scalars={{name: [batch] array}}"
       )
     if self.use_global_embedding and global_embedding is None:
-      raise ValueError("model built with use_global_embedding=True needs global_embedding=[b, d]")
+      raise errors.UserError(
+        "model built with use_global_embedding=True needs global_embedding=[b, d]"
+      )
     if not self.use_global_embedding and global_embedding is not None:
-      raise ValueError(
+      raise errors.UserError(
         "got global_embedding but the model was built with use_global_embedding=False"
       )
     if self.use_cross_attention and context is None:
-      raise ValueError("model built with use_cross_attention=True needs context=[b, tokens, d]")
+      raise errors.UserError(
+        "model built with use_cross_attention=True needs context=[b, tokens, d]"
+      )
     if self.temporal_text_attention and context is None and not image_mode:
-      raise ValueError(
+      raise errors.UserError(
         "model built with temporal_text_attention=True needs context=[b, tokens, d] in video mode "
         "(an all-False context_mask marks clips without a caption)"
       )
@@ -150,17 +155,17 @@ class SpaceTimeUNet(nn.Module):
       expected = x.shape[:4] + (self.extra_input_channels,)
       if extra_inputs is None or extra_inputs.shape != expected:
         got = None if extra_inputs is None else extra_inputs.shape
-        raise ValueError(
+        raise errors.UserError(
           f"extra_inputs must have shape {expected} "
           f"(extra_input_channels={self.extra_input_channels}), got {got}"
         )
     elif extra_inputs is not None:
-      raise ValueError("got extra_inputs but the model was built with extra_input_channels=0")
+      raise errors.UserError("got extra_inputs but the model was built with extra_input_channels=0")
 
   def _learned_text(self, ids: Array | None, shape: tuple[int, ...]) -> Array:
     """Learned token + position embeddings [b, s, d] of the caption ids (zero-initialised)."""
     if ids is None or ids.shape != shape[:2]:
-      raise ValueError(
+      raise errors.UserError(
         f"model built with text_vocab_size={self.text_vocab_size} needs context_ids=[b, s] token "
         f"ids matching the context {shape[:2]}, got {None if ids is None else ids.shape}"
       )
@@ -243,7 +248,9 @@ class SpaceTimeUNet(nn.Module):
     res_cls, attn_cls = ResBlock, Pseudo3DAttention
     if self.remat:
       if not hasattr(jax.checkpoint_policies, self.remat_policy):
-        raise ValueError(f"unknown remat_policy {self.remat_policy!r}: see jax.checkpoint_policies")
+        raise errors.UserError(
+          f"unknown remat_policy {self.remat_policy!r}: see jax.checkpoint_policies"
+        )
       policy = getattr(jax.checkpoint_policies, self.remat_policy)
       res_cls = nn.remat(ResBlock, policy=policy)
       attn_cls = nn.remat(Pseudo3DAttention, policy=policy)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from mav_jax import errors
+
 
 def fake_cpu_devices(count: int) -> None:
   """Makes the CPU backend offer `count` devices (try meshes on a laptop). Call before JAX's first
@@ -28,14 +30,14 @@ def resolve_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...
   """Replaces at most one -1 in `sizes` so that their product is `total`."""
   sizes = [int(s) for s in sizes]
   if sizes.count(-1) > 1:
-    raise ValueError(f"{what} sizes {sizes}: at most one axis may be -1 (inferred)")
+    raise errors.UserError(f"{what} sizes {sizes}: at most one axis may be -1 (inferred)")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or total % known:
-    raise ValueError(f"{what} sizes {sizes} do not divide the {total} devices available")
+    raise errors.UserError(f"{what} sizes {sizes} do not divide the {total} devices available")
   if -1 in sizes:
     sizes[sizes.index(-1)] = total // known
   if math.prod(sizes) != total:
-    raise ValueError(
+    raise errors.UserError(
       f"{what} sizes {sizes} multiply to {math.prod(sizes)}, not the {total} "
       f"devices available; set one axis to -1 to infer it"
     )
@@ -53,7 +55,9 @@ def create_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Me
   names = tuple(mesh_config.axes)
   ici, dcn = tuple(mesh_config.ici), tuple(mesh_config.dcn)
   if not len(names) == len(ici) == len(dcn):
-    raise ValueError(f"mesh.axes {names}, mesh.ici {ici} and mesh.dcn {dcn} need equal lengths")
+    raise errors.UserError(
+      f"mesh.axes {names}, mesh.ici {ici} and mesh.dcn {dcn} need equal lengths"
+    )
   slices = num_slices(devices)
   dcn = resolve_sizes(dcn, slices, "mesh.dcn")
   ici = resolve_sizes(ici, len(devices) // slices, "mesh.ici")

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mav_jax import errors
 from mav_jax.models import axes
 
 BATCH_AXES = ("data", "fsdp")
@@ -50,7 +51,9 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 def strategy_rules(name: str) -> list:
   """The parameter rules of strategy `name`."""
   if name not in STRATEGIES:
-    raise ValueError(f"unknown sharding strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    raise errors.UserError(
+      f"unknown sharding strategy {name!r}; choose one of {sorted(STRATEGIES)}"
+    )
   return list(STRATEGIES[name])
 
 

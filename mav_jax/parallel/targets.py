@@ -11,6 +11,8 @@ import re
 
 import jax
 
+from mav_jax import errors
+
 GiB = 1024**3
 
 
@@ -92,11 +94,11 @@ def get_target(name: str, num_slices: int = 1) -> Target:
   `pip install -r requirements-tpu.txt`)."""
   if name == "local":
     if num_slices != 1:
-      raise ValueError("--num_slices applies to TPU topologies, not to local devices")
+      raise errors.UserError("--num_slices applies to TPU topologies, not to local devices")
     devices = tuple(jax.devices())
     return Target("local", devices, local_chip(devices[0]), runnable=True)
   if not _TOPOLOGY.match(name):
-    raise ValueError(
+    raise errors.UserError(
       f"unknown target {name!r}: use 'local' or a TPU topology <generation>:<chips per side>, "
       f"e.g. v5e:4x4, v5p:4x4x4, v6e:16x16 (generations: v4, v5e, v5p, v6e)"
     )
@@ -117,6 +119,8 @@ def get_target(name: str, num_slices: int = 1) -> Target:
       topology_name=name, platform="tpu", num_slices=num_slices
     )
   except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors / XlaRuntimeErrors
-    raise ValueError(f"libtpu cannot make the topology {name!r} ({num_slices} slices): {e}") from e
+    raise errors.UserError(
+      f"libtpu cannot make the topology {name!r} ({num_slices} slices): {e}"
+    ) from e
   chip = CHIPS[name.split(":")[0]]
   return Target(name, tuple(topology.devices), chip, runnable=False, num_slices=num_slices)

@@ -5,6 +5,7 @@ batch, rng, frozen) and optionally load_frozen(model, config, mesh) (frozen mode
 CLIP) and sample(model, config, params, batch, rng, frozen) (training-time video samples).
 """
 
+from mav_jax import errors
 from mav_jax.stages import clip, prior, video
 
 STAGES = {
@@ -20,5 +21,5 @@ STAGES = {
 def get_stage(name: str):
   """The stage for a config's `stage` field."""
   if name not in STAGES:
-    raise ValueError(f"unknown stage {name!r}; available: {sorted(STAGES)}")
+    raise errors.UserError(f"unknown stage {name!r}; available: {sorted(STAGES)}")
   return STAGES[name]

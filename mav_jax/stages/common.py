@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mav_jax import checkpointing, paths
+from mav_jax import checkpointing, errors, paths
 from mav_jax.models.common import Array
 from mav_jax.parallel import sharding
 
@@ -75,7 +75,9 @@ class FrozenClip:
     _, shardings = self.shardings(mesh, strategy)
     host = checkpointing.restore_params(self.path)
     if jax.tree.structure(host) != jax.tree.structure(shardings):
-      raise ValueError(f"{self.path}: the parameters do not match the CLIP config saved with them")
+      raise errors.UserError(
+        f"{self.path}: the parameters do not match the CLIP config saved with them"
+      )
     return sharding.place_host_tree(host, shardings)
 
   def image_embedding(self, params: Any, images: Array) -> Array:
@@ -120,9 +122,13 @@ def load_clip(given: str, label: str, hint: str = "") -> FrozenClip:
   try:
     clip_config = checkpointing.load_config(path)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{label}{given!r}: {e}" + (f"; {hint}" if hint else "")) from None
+    raise errors.UserFileNotFoundError(
+      f"{label}{given!r}: {e}" + (f"; {hint}" if hint else "")
+    ) from None
   if clip_config.get("stage") != "clip":
-    raise ValueError(f"{label}{given!r} holds a {clip_config.get('stage')!r} checkpoint, not CLIP")
+    raise errors.UserError(
+      f"{label}{given!r} holds a {clip_config.get('stage')!r} checkpoint, not CLIP"
+    )
   return FrozenClip(path, clip_config)
 
 
@@ -140,11 +146,13 @@ def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
     "--config.conditioning.clip=W"
   )
   if not path:
-    raise ValueError(f"stage {config.stage} is conditioned on CLIP: set conditioning.clip; {hint}")
+    raise errors.UserError(
+      f"stage {config.stage} is conditioned on CLIP: set conditioning.clip; {hint}"
+    )
   clip = load_clip(given, "conditioning.clip = ", hint)
   want = config.conditioning.embedding_dim
   if clip.embed_dim != want:
-    raise ValueError(
+    raise errors.UserError(
       f"conditioning.clip = {given!r} embeds into {clip.embed_dim} dimensions but "
       f"conditioning.embedding_dim is {want}; set --config.conditioning.embedding_dim="
       f"{clip.embed_dim} (and retrain this stage) or use a matching CLIP"
@@ -153,14 +161,14 @@ def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
     clip.config.data.max_tokens != config.data.max_tokens
     or clip.config.data.tokenizer != config.data.tokenizer
   ):
-    raise ValueError(
+    raise errors.UserError(
       f"conditioning.clip = {given!r} reads {clip.config.data.tokenizer} tokens of length "
       f"{clip.config.data.max_tokens}, this stage's data makes {config.data.tokenizer} tokens of "
       f"length {config.data.max_tokens}; make data.tokenizer and data.max_tokens match"
     )
   own_vocab = config.model.text_motion.vocab_size if "text_motion" in config.model else 0
   if check_tokens and own_vocab and own_vocab < clip.config.model.vocab_size:
-    raise ValueError(
+    raise errors.UserError(
       f"model.text_motion.vocab_size = {own_vocab} is smaller than the vocabulary of the tokens it "
       f"embeds (conditioning.clip = {given!r} reads {clip.config.model.vocab_size}); set "
       f"--config.model.text_motion.vocab_size={clip.config.model.vocab_size}"

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mav_jax import diffusion
+from mav_jax import diffusion, errors
 from mav_jax.diffusion.schedules import schedule_from_config
 from mav_jax.models.common import Array
 from mav_jax.models.prior import DiffusionPrior
@@ -41,7 +41,7 @@ class PriorModel:
     clip = frozen_clip(self.config, check_tokens=True)
     width = clip.config.model.text_width
     if width != self.config.conditioning.text_width:
-      raise ValueError(
+      raise errors.UserError(
         f"conditioning.clip has a text tower of width {width} but conditioning.text_width is "
         f"{self.config.conditioning.text_width}; set --config.conditioning.text_width={width}"
       )

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mav_jax import diffusion
+from mav_jax import diffusion, errors
 from mav_jax.diffusion.schedules import add_noise, schedule_from_config
 from mav_jax.models import unet_from_config
 from mav_jax.models.common import Array
@@ -82,7 +82,7 @@ class VideoStage:
 
   def __init__(self, name: str):
     if name not in NAMES:
-      raise ValueError(f"unknown video stage {name!r}; choose one of {NAMES}")
+      raise errors.UserError(f"unknown video stage {name!r}; choose one of {NAMES}")
     self.name = name
 
   def __repr__(self):
@@ -105,13 +105,13 @@ class VideoStage:
   def make_model(self, config) -> StageModel:
     text = config.model.text_motion
     if text.enabled and not self.uses_clip:
-      raise ValueError(
+      raise errors.UserError(
         f"model.text_motion applies to the decoder and interp stages (they read CLIP), not to "
         f"{self.name}; leave model.text_motion.enabled False"
       )
     for field in ("vocab_size", "conv_size"):
       if text[field] and not text.enabled:
-        raise ValueError(
+        raise errors.UserError(
           f"model.text_motion.{field} is part of the text pathway; set "
           f"--config.model.text_motion.enabled=True or model.text_motion.{field}=0"
         )
@@ -276,7 +276,7 @@ class VideoStage:
       **{k: cond[k] for k in ("context", "context_mask", "context_ids") if cond.get(k) is not None},
     }
     if model.uses_text and "context" not in cond:
-      raise ValueError(
+      raise errors.UserError(
         f"this {self.name} model reads caption tokens (model.text_motion): pass "
         f"cond['context'] and cond['context_mask'] (VideoStage.caption_context; an all-False mask "
         f"for no caption)"

@@ -6,6 +6,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from mav_jax import errors
+
 # (codec, pixel format) per container extension.
 _CODECS = {".gif": ("gif", "rgb8"), ".mp4": ("libx264", "yuv420p")}
 SUPPORTED = tuple(_CODECS)
@@ -24,9 +26,11 @@ def check_output_path(path: str, overwrite: bool) -> None:
   """Raises before any work is done if `path` has an unsupported type or would be overwritten."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in SUPPORTED:
-    raise ValueError(f"cannot write {path!r}: supported video types are {SUPPORTED}")
+    raise errors.UserError(f"cannot write {path!r}: supported video types are {SUPPORTED}")
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} already exists; choose another --output or pass --overwrite")
+    raise errors.UserFileExistsError(
+      f"{path} already exists; choose another --output or pass --overwrite"
+    )
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1) -> None:
@@ -36,14 +40,16 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1)
   """
   ext = os.path.splitext(path)[1].lower()
   if ext not in _CODECS:
-    raise ValueError(f"cannot write {path!r}: supported video types are {SUPPORTED}")
+    raise errors.UserError(f"cannot write {path!r}: supported video types are {SUPPORTED}")
   frames = _upscale(np.asarray(frames, np.uint8), scale)
   if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"expected uint8 frames [frames, height, width, 3], got {frames.shape}")
+    raise errors.UserError(f"expected uint8 frames [frames, height, width, 3], got {frames.shape}")
   codec, pix_fmt = _CODECS[ext]
   h, w = frames.shape[1:3]
   if ext == ".mp4" and (h % 2 or w % 2):
-    raise ValueError(f"MP4 needs even frame sizes, got {h}x{w}; write a GIF or use an even scale")
+    raise errors.UserError(
+      f"MP4 needs even frame sizes, got {h}x{w}; write a GIF or use an even scale"
+    )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with av.open(path, "w") as container:
     stream = container.add_stream(codec, rate=max(1, int(round(fps))))
