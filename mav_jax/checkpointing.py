@@ -60,6 +60,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     _register_array_handler()
     self.directory = _path(workdir) / "checkpoints"
+    self._saving: int | None = None  # the step of the last save started
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers={
@@ -78,9 +79,11 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator, config) -> None:
     """Saves at `step` (always: the caller decides when); returns before the write completes.
 
-    Raises CheckpointWriteError (one line: the cause and the path) if this or an earlier
-    background write failed."""
+    Raises CheckpointWriteError (one line: the cause and the path) if this or the previous
+    background write failed for a storage reason."""
     self.check_for_errors()
+    self.wait()  # Orbax waits for the previous save anyway; a failure here is that save's
+    self._saving = step
     try:
       self._manager.save(
         step,
@@ -92,17 +95,23 @@ class Checkpointer:
         force=True,
       )
     except Exception as e:
-      raise self._write_error(step, e) from e
+      self._raise_write_error(e)
 
-  def _write_error(self, step: int | None, e: BaseException) -> errors.CheckpointWriteError:
+  def _raise_write_error(self, e: BaseException):
+    """Raises CheckpointWriteError for a storage failure (space, permissions, a read-only or
+    failing file system); any other failure (a lost host's collective, a bug) is raised as it is:
+    it is a fault with a traceback, and the multi-host handler names lost hosts."""
     cause = _root_cause(e)
-    which = f"checkpoint {step}" if step is not None else "a checkpoint"
-    return errors.CheckpointWriteError(
+    text = str(cause)
+    if not isinstance(cause, OSError) and not any(m in text for m in _STORAGE_MESSAGES):
+      raise e
+    which = f"checkpoint {self._saving}" if self._saving is not None else "a checkpoint"
+    raise errors.CheckpointWriteError(
       f"{which} could not be written to {self.directory}: {type(cause).__name__}: "
-      f"{_first_line(cause)}. The run stopped; the newest complete checkpoint is "
+      f"{_first_line(cause, 500)}. The run stopped; the newest complete checkpoint is "
       f"{self._newest_complete()}. Fix the storage (space, permissions) and rerun the same "
       f"command to resume from it"
-    )
+    ) from e
 
   def _newest_complete(self) -> str:
     try:
@@ -113,19 +122,12 @@ class Checkpointer:
     return f"step {step}" if step is not None else "none (the run restarts from scratch)"
 
   def check_for_errors(self) -> None:
-    """Raises CheckpointWriteError if a background checkpoint write has failed (cheap: the loop
-    calls it every step, so no step is trained long after a failed save)."""
+    """Raises CheckpointWriteError if the background write of the last save has failed (cheap:
+    the loop calls it every step, so the run stops at the first step after a failure is known)."""
     try:
       self._manager.check_for_errors()
     except Exception as e:
-      raise self._write_error(self._pending_step(), e) from e
-
-  def _pending_step(self) -> int | None:
-    thread = getattr(self._manager, "_finalize_thread", None)
-    try:
-      return thread.get_not_none().step()
-    except Exception:
-      return None
+      self._raise_write_error(e)
 
   def restore_latest(self, abstract_state: Any, data_iterator=None, log=print):
     """(state, step) of the newest checkpoint that restores, or None if the workdir has none.
@@ -223,12 +225,11 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    """Waits for the background save; raises CheckpointWriteError if it failed."""
-    step = self._pending_step()
+    """Waits for the background save; raises CheckpointWriteError if storage failed it."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:
-      raise self._write_error(step, e) from e
+      self._raise_write_error(e)
 
   def close(self) -> None:
     self._manager.close()
@@ -285,8 +286,19 @@ def _root_cause(e: BaseException) -> BaseException:
   return e
 
 
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [""])[0][:300]
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
+# What a storage failure says when it does not arrive as an OSError (TensorStore's status codes).
+_STORAGE_MESSAGES = (
+  "RESOURCE_EXHAUSTED",
+  "PERMISSION_DENIED",
+  "No space left",
+  "Permission denied",
+  "Read-only file system",
+  "quota",
+)
 
 
 def _key(path) -> str:

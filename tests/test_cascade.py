@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import decoder, interp, prior, sr_high, sr_low
-from mav_jax import checkpointing, paths, sample_lib, train_lib
+from mav_jax import checkpointing, errors, paths, sample_lib, train_lib
 from mav_jax.data import synthetic
 from mav_jax.eval import motion_benchmark
 from mav_jax.stages import common, video
@@ -251,6 +251,12 @@ def test_per_stage_flag_values():
     parse("sr=3", "steps", int)
   with pytest.raises(ValueError, match="--steps: cannot read 'x'"):
     parse("decoder=x", "steps", int)
+  # Each flag's limit, named in the message (checked when the flag is read, before any model loads).
+  with pytest.raises(errors.UserError, match=r"--guidance: -5.0 in '-5'; it must be >= 0 \(0: "):
+    parse("-5", "guidance", float)
+  with pytest.raises(errors.UserError, match="it must be one of ddpm, ddim, dpm\\+\\+2m"):
+    parse("decoder=ddmi", "sampler", str)
+  assert parse("0", "guidance", float)["decoder"] == 0.0
   # The overrides reach the stage's sampling section (a copy: the loaded config is unchanged).
   config = decoder.get_config("tiny")
   s = sample_lib._sampling(config, {"decoder": 7}, {}, {"decoder": 2.0}, "decoder")
