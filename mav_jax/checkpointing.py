@@ -81,7 +81,6 @@ class Checkpointer:
 
     Raises CheckpointWriteError (one line: the cause and the path) if this or the previous
     background write failed for a storage reason."""
-    self.check_for_errors()
     self.wait()  # Orbax waits for the previous save anyway; a failure here is that save's
     self._saving = step
     try:
@@ -107,8 +106,7 @@ class Checkpointer:
       raise e
     which = f"checkpoint {self._saving}" if self._saving is not None else "a checkpoint"
     raise errors.CheckpointWriteError(
-      f"{which} could not be written to {self.directory}: {type(cause).__name__}: "
-      f"{_first_line(cause, 500)}. The run stopped; the newest complete checkpoint is "
+      f"{which} could not be written to {self.directory}: {_describe(e, 500)}. The run stopped; the newest complete checkpoint is "
       f"{self._newest_complete()}. Fix the storage (space, permissions) and rerun the same "
       f"command to resume from it"
     ) from e
@@ -145,10 +143,9 @@ class Checkpointer:
         except errors.UserError:
           raise
         except Exception as e:
-          cause = _root_cause(e)
-          failure = f"{type(cause).__name__}: {_first_line(cause)}"
+          failure = _describe(e)
           held.failed = True
-          del e, cause
+          del e
       where = self._move_aside(step)
       moved.append(str(where))
       if jax.process_index() == 0 and held.text:
@@ -182,8 +179,6 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> epath.Path:
     """Moves a damaged step folder to <workdir>/checkpoints_damaged/<step>-<time> (process 0)."""
-    import time
-
     source = self.directory / str(step)
     target = self.directory.parent / "checkpoints_damaged" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
@@ -286,8 +281,10 @@ def _root_cause(e: BaseException) -> BaseException:
   return e
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-  return (str(e).strip().splitlines() or [""])[0][:limit]
+def _describe(e: BaseException, limit: int = 300) -> str:
+  """'Type: first line' of the innermost exception of `e`'s chain."""
+  cause = _root_cause(e)
+  return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:limit]}"
 
 
 # What a storage failure says when it does not arrive as an OSError (TensorStore's status codes).
@@ -303,10 +300,7 @@ _STORAGE_MESSAGES = (
 
 def _key(path) -> str:
   """A tree path as 'params/Dense_0/kernel', whatever the containers (dataclass, dict)."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -350,10 +344,9 @@ def _restore_host(directory: epath.Path, item: str | None = None) -> Any:
       )
       restored = jax.tree.map(np.asarray, checkpointer.restore(directory, target))
     except Exception as e:
-      cause = _root_cause(e)
-      failure = f"{type(cause).__name__}: {_first_line(cause)}"
+      failure = _describe(e)
       held.failed = True
-      del e, cause
+      del e
     finally:
       checkpointer.close()
   if failure is not None:

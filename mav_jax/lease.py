@@ -91,6 +91,11 @@ class Lease:
     except (ValueError, OSError):  # half-written or unreadable: treated as no holder
       return {}
 
+  def _taken_by(self) -> dict | None:
+    """The lease's contents if another run holds it now, else None."""
+    holder = self.read()
+    return holder if holder and holder.get("token") != self.token else None
+
   def _write(self) -> None:
     self.path.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
 
@@ -133,8 +138,7 @@ class Lease:
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
-      holder = self.read()
-      if holder and holder.get("token") != self.token:
+      if (holder := self._taken_by()) is not None:
         self.lost_to = holder
         return
       try:
@@ -146,9 +150,7 @@ class Lease:
     """Raises WorkdirInUseError if another run has taken this run's workdir over (read afresh:
     called before every checkpoint save)."""
     if self.lost_to is None:
-      holder = self.read()
-      if holder and holder.get("token") != self.token:
-        self.lost_to = holder
+      self.lost_to = self._taken_by()
     if self.lost_to is not None:
       raise WorkdirInUseError(
         f"another run took over {self.path.parent} ({describe(self.lost_to)}); this run stops "

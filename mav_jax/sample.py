@@ -175,8 +175,6 @@ def run() -> list[str]:
     guidance=guidance,
     truncate_prompts=_TRUNCATE.value,
   )
-  if prompts:
-    cascade.check_prompts(prompts + ([_NEGATIVE.value] if _NEGATIVE.value else []))
   print(
     f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s), "
     f"loaded in {time.time() - start:.1f}s",

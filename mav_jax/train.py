@@ -53,9 +53,6 @@ def main(argv):
   del argv  # cli.main rejects positional arguments
   if _CONFIG.value is None or not _WORKDIR.value:
     raise errors.UserError("pass --config (e.g. configs/decoder.py:tiny) and --workdir")
-  workdir = _WORKDIR.value
-  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.UserError(f"--workdir {workdir} is a file; pass a folder (new or a run's)")
   if _CPU_DEVICES.value:
     from mav_jax.parallel import mesh
 
@@ -79,7 +76,7 @@ def main(argv):
   from mav_jax import train_lib
 
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_unlock=_FORCE_UNLOCK.value)
   except (errors.UserError, errors.CheckpointWriteError):
     raise  # one `error:` line (cli.main)
   except Exception as e:

@@ -83,15 +83,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run_user_command(fn: Callable[[], object]) -> None:
   """Runs `fn` with library INFO logs off (unless --verbosity was given: they would bury the
-  progress lines); user errors and failed checkpoint writes are one `error:` line, exit 1."""
+  progress lines). Its user errors reach `main`, which prints them as one line."""
   from absl import logging
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  try:
-    fn()
-  except (errors.UserError, errors.CheckpointWriteError) as e:
-    fail(str(e))
+  fn()
 
 
 def main(main_fn: Callable[[list[str]], object]) -> None:
@@ -106,9 +103,3 @@ def main(main_fn: Callable[[list[str]], object]) -> None:
       fail(str(e))
 
   app.run(wrapped, flags_parser=parse_flags)
-
-
-def close_matches(word: str, choices) -> str:
-  """'; did you mean X?' for a near miss among `choices`, else ''."""
-  close = difflib.get_close_matches(word, list(choices), n=1)
-  return f"; did you mean {close[0]}?" if close else ""
