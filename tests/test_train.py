@@ -80,10 +80,11 @@ _SUBPROCESS_ENV = {
 }
 
 
-def _train_cli(workdir, *extra, cpu_devices=4, env=None, **popen):
+def _train_cli(workdir, *extra, cpu_devices=4, env=None, wrap=(), **popen):
   env = {**os.environ, **_SUBPROCESS_ENV, **(env or {})}
   env["XLA_FLAGS"] = TEST_XLA_FLAGS  # without the device count: --cpu_devices sets it
   cmd = [
+    *wrap,
     sys.executable,
     "-m",
     "mav_jax.train",
@@ -379,7 +380,9 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_o
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_a_failed_checkpoint_write_stops_the_run_at_once(tmp_path, capsys, monkeypatch, async_save):
+def test_a_failed_checkpoint_write_stops_the_run_at_once(
+  tmp_path, capsys, caplog, monkeypatch, async_save
+):
   """A write that fails (here: ENOSPC injected into Orbax's array writes) stops the run with one
   message naming the cause and the folder; no step is trained past the failed save."""
   import errno
@@ -406,6 +409,36 @@ def test_a_failed_checkpoint_write_stops_the_run_at_once(tmp_path, capsys, monke
   trained = [int(s) for s in re.findall(r"\[train\] step (\d+)/", capsys.readouterr().out)]
   assert max(trained) <= 3, trained  # the save at step 2 failed: at most one step more
   assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
+
+
+def test_a_real_full_disk_stops_the_run_with_one_line_last(tmp_path):
+  """A real full file system (a 64 KB tmpfs as the workdir, in a private mount namespace): the
+  save at step 2 fails in TensorStore; the run's last line is the one `error:` line, and what
+  Orbax's writer threads, asyncio and TensorStore's callbacks print about it is in the file that
+  line names, not on the terminal."""
+  small = tmp_path / "small"
+  small.mkdir()
+  wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+  probe = subprocess.run([*wrap, f"mount -t tmpfs -o size=64k tmpfs {small}"], capture_output=True)
+  if probe.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root and unshare): {probe.stderr[-200:]!r}")
+  mount = [*wrap, 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(small)]
+  proc = _train_cli(
+    small / "w",
+    "--config.train.num_steps=6",
+    "--config.train.checkpoint_every=2",
+    cpu_devices=1,
+    wrap=mount,
+  )
+  out = proc.communicate(timeout=600)[0]
+  last = out.strip().splitlines()[-1]
+  assert proc.returncode == 1 and last.startswith("error: checkpoint 2 could not be written"), out[
+    -3000:
+  ]
+  assert "No space left on device" in last and "Traceback" not in out, out[-3000:]
+  held = re.search(r"the writers' own messages: (\S+?)\)", last).group(1)
+  assert "No space left on device" in open(held).read()
+  os.remove(held)
 
 
 def test_train_cli_mistakes_are_one_error_line(tmp_path):
