@@ -259,7 +259,7 @@ def train_args(args, res: Resource, process_id: int | None = None) -> list[str]:
   the coordinator itself; None: every worker finds its peers through the TPU runtime)."""
   overrides = list(args.overrides)
   if res.num_slices > 1 and not any(o.startswith("--config.mesh.dcn") for o in overrides):
-    overrides.append(f"--config.mesh.dcn=({res.num_slices},1,1)")  # data parallel across slices
+    overrides.append(f"--config.mesh.dcn=({res.num_slices},1,1,1)")  # data parallel across slices
   if process_id is None:
     join = ["--multihost"]
   else:

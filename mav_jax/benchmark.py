@@ -8,6 +8,9 @@ compiled ahead of time for a Cloud TPU topology (needs `pip install -r requireme
   # The paper-sized D^t on a v5p pod slice, compiled here by the TPU compiler:
   python -m mav_jax.benchmark --config configs/decoder.py:paper --target v5p:4x4x4 \
       --clip_config configs/clip.py:base --output outputs/bench_v5p
+  # Per-device state of every strategy on a 512-chip v5p pod, from shardings alone (seconds):
+  python -m mav_jax.benchmark --config configs/decoder.py:paper --target v5p:8x8x8 \
+      --clip_config configs/clip.py:base --memory_only --output outputs/plan_v5p_512
   # Factorised vs full 3D attention at the config's attention sizes:
   python -m mav_jax.benchmark --config configs/decoder.py:paper --target v5p:2x2x1 \
       --attention --output outputs/attention_v5p
@@ -39,8 +42,9 @@ _STRATEGIES = flags.DEFINE_list(
 _MESHES = flags.DEFINE_list(
   "meshes",
   [],
-  "Meshes (data x fsdp x tensor per slice, -1 = the rest), e.g. 1x-1x1,1x-1x4; "
-  "default: each strategy's natural mesh.",
+  "Meshes (data x fsdp x fsdp_transpose x tensor per slice, -1 = the rest; fsdp and "
+  "fsdp_transpose both -1: split for the model), e.g. 1x-1x-1x1,1x64x4x1; three sizes are data x "
+  "fsdp x tensor. Default: each strategy's natural mesh.",
 )
 _TENSOR = flags.DEFINE_integer("tensor", 4, "Tensor-parallel axis size of the natural meshes.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
@@ -48,6 +52,12 @@ _SAMPLE_BATCH = flags.DEFINE_integer(
   "sample_batch", None, "Clips per sampling step (default: the train batch)."
 )
 _NO_SAMPLE = flags.DEFINE_bool("skip_sample", False, "Compile the train step only.")
+_MEMORY_ONLY = flags.DEFINE_bool(
+  "memory_only",
+  False,
+  "Compile nothing: the train state's bytes per device (parameters, EMA, optimizer, frozen "
+  "models) and its split for each strategy, from the shardings alone (seconds, any topology).",
+)
 _ATTENTION = flags.DEFINE_bool(
   "attention", False, "Compare factorised with full 3D attention instead of the strategies."
 )
@@ -112,7 +122,7 @@ def _collective_summary(collectives) -> str:
 def format_table(rows) -> str:
   """The terminal / README table (GiB per device; times in ms)."""
   head = (
-    "| step | strategy | mesh (d x f x t) | params+EMA+opt GiB | split vs ideal | temp GiB | "
+    "| step | strategy | mesh (d x f x ft x t) | params+EMA+opt GiB | split vs ideal | temp GiB | "
     "total GiB | fits | TFLOP | est. ms | est. MFU | measured ms | collectives (count x MiB) |"
   )
   lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
@@ -122,13 +132,14 @@ def format_table(rows) -> str:
     loops = r.get("while_loops") or 0  # absent in results written before it was counted
     looped |= loops > 0
     est = "-" if r["estimated_s"] is None else f"{r['estimated_s'] * 1e3:.1f}"
+    flops = "-" if r["flops"] is None else f"{r['flops'] / 1e12:.2f}"
     mfu = "-" if r["estimated_mfu"] is None else f"{r['estimated_mfu']:.0%}"
     measured = "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.1f}"
     fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO")
     lines.append(
       f"| {r['step']} | {r['strategy']} | {r['mesh']} | {_gib(state)} | "
       f"{r['state_split_ratio']:.3f} | {_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | "
-      f"{fits} | {r['flops'] / 1e12:.2f}{f' ({loops} loops)' if loops else ''} | {est} | {mfu} "
+      f"{fits} | {flops}{f' ({loops} loops)' if loops else ''} | {est} | {mfu} "
       f"| {measured} | {_collective_summary(r['collectives'])} |"
     )
   if looped:
@@ -164,9 +175,10 @@ def plot(rows, path: str) -> None:
   labels = [f"{r['strategy']}\n{r['mesh']}" for r in train]
   gib = 2**30
   state = [(r["params_bytes"] + r["ema_bytes"] + r["opt_bytes"]) / gib for r in train]
-  temp = [r["temp_bytes"] / gib for r in train]
+  temp = [(r["temp_bytes"] or 0) / gib for r in train]  # None: a --memory_only plan
   other = [
-    max(r["total_bytes"] / gib - s - t, 0.0) for r, s, t in zip(train, state, temp, strict=True)
+    max((r["total_bytes"] or 0) / gib - s - t, 0.0)
+    for r, s, t in zip(train, state, temp, strict=True)
   ]
   fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(train), 4.5))
   x = range(len(train))
@@ -301,6 +313,7 @@ def main(argv):
         repeats=_REPEATS.value,
         hlo_dir=os.path.join(output, "hlo") if _SAVE_HLO.value else None,
         compiler_options=compiler_options,
+        memory_only=_MEMORY_ONLY.value,
         log=log,
       )
     except errors.UserError as e:
@@ -310,6 +323,10 @@ def main(argv):
         raise errors.UserError(f"--compiler_options: {e}") from e
       raise
     _write(output, name, rows, _CSV_COLUMNS)  # after every case: long runs keep what they made
+  if _MEMORY_ONLY.value:
+    print(format_table(rows))
+    print(f"[benchmark] wrote {output}/results.json, results.csv", file=sys.stderr)
+    return
   plot(rows, os.path.join(output, "memory_time.png"))
   print(format_table(rows))
   print(f"[benchmark] wrote {output}/results.json, results.csv, memory_time.png", file=sys.stderr)

@@ -33,27 +33,32 @@ from mav_jax.parallel import compiled_stats, sharding
 from mav_jax.parallel import targets as targets_lib
 from mav_jax.stages import common as stage_common
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "fsdp_transpose", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One strategy on one mesh: `ici` / `dcn` sizes over MESH_AXES (one -1 inferred)."""
+  """One strategy on one mesh: `ici` / `dcn` sizes over MESH_AXES (one -1 inferred, or the two
+  FSDP axes both -1: split for the model, `sharding.best_fsdp_split`)."""
 
   strategy: str
   ici: tuple[int, ...]
-  dcn: tuple[int, ...] = (1, 1, 1)
+  dcn: tuple[int, ...] = (1, 1, 1, 1)
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
-  """ "1x-1x4" -> (1, -1, 4): sizes of (data, fsdp, tensor)."""
+  """ "1x-1x-1x4" -> (1, -1, -1, 4): sizes of (data, fsdp, fsdp_transpose, tensor). Three sizes
+  are (data, fsdp, tensor) with no fsdp_transpose (the benchmark's meshes before it had one)."""
   try:
     sizes = tuple(int(s) for s in text.lower().split("x"))
   except ValueError:
     sizes = ()
+  if len(sizes) == len(MESH_AXES) - 1:
+    sizes = (sizes[0], sizes[1], 1, sizes[2])
   if len(sizes) != len(MESH_AXES):
     raise errors.UserError(
-      f"mesh {text!r}: give the sizes of {' x '.join(MESH_AXES)} like 1x-1x4 (-1: the rest)"
+      f"mesh {text!r}: give the sizes of {' x '.join(MESH_AXES)} like 1x-1x-1x4 (-1: the rest; "
+      f"both FSDP axes -1: split for the model), or of data x fsdp x tensor like 1x-1x4"
     )
   return sizes
 
@@ -67,24 +72,25 @@ def default_cases(
 ) -> list[Case]:
   """Each strategy on its natural mesh, or on every mesh of `meshes` when given.
 
-  Natural meshes: data_parallel and fsdp put every device of a slice on the "fsdp" axis (the batch
-  is split over data x fsdp either way; only fsdp also splits the parameters); tensor and
-  fsdp_tensor use a "tensor" axis of `tensor` devices and the rest on "fsdp". Across slices the
-  "data" axis spans the slices (the parameters are never split over the data-centre network).
+  Natural meshes: data_parallel and fsdp put every device of a slice on the two FSDP axes, split
+  for the model (the batch is split over all of them either way; only fsdp also splits the
+  parameters); tensor and fsdp_tensor use a "tensor" axis of `tensor` devices and the rest on the
+  FSDP axes. Across slices the "data" axis spans the slices (the parameters are never split over
+  the data-centre network).
   """
   for name in strategies:
     sharding.strategy_rules(name)  # unknown names fail here
   per_slice = num_devices // num_slices
-  dcn = (-1, 1, 1)
+  dcn = (-1, 1, 1, 1)
   cases = []
   for name in strategies:
     if meshes:
       cases += [Case(name, tuple(m), dcn) for m in meshes]
     elif "tensor" in name:
       t = math.gcd(tensor, per_slice)
-      cases.append(Case(name, (1, -1, t), dcn))
+      cases.append(Case(name, (1, -1, -1, t), dcn))
     else:
-      cases.append(Case(name, (1, -1, 1), dcn))
+      cases.append(Case(name, (1, -1, -1, 1), dcn))
   return cases
 
 
@@ -224,12 +230,18 @@ def format_options(options: dict[str, Any] | None) -> str:
 
 
 def mesh_name(mesh) -> str:
-  """ "data x fsdp x tensor" sizes, e.g. "1x4x2"."""
-  return "x".join(str(mesh.shape[a]) for a in MESH_AXES)
+  """ "data x fsdp x fsdp_transpose x tensor" sizes, e.g. "1x4x1x2"."""
+  return "x".join(str(mesh.shape.get(a, 1)) for a in MESH_AXES)
 
 
 def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str, Any]:
+  """One results row; `stats` None (a --memory_only plan): the compiler's columns are None."""
   chip = target.chip
+  if stats is None:
+    stats = compiled_stats.CompiledStats(
+      **{f.name: None for f in dataclasses.fields(compiled_stats.CompiledStats)}
+    )
+    stats = dataclasses.replace(stats, collectives={}, while_loops=0)
   row = {
     "target": target.name,
     "chip": chip.name,
@@ -241,15 +253,17 @@ def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str,
     "strategy": case.strategy,
     "mesh": mesh_name(mesh),
     "batch": config.batch_size,
-    "compile_s": round(compile_s, 2),
+    "compile_s": None if compile_s is None else round(compile_s, 2),
     "argument_bytes": stats.argument_bytes,
     "output_bytes": stats.output_bytes,
     "alias_bytes": stats.alias_bytes,
     "temp_bytes": stats.temp_bytes,
     "code_bytes": stats.code_bytes,
-    "total_bytes": stats.total_bytes,
+    "total_bytes": None if stats.argument_bytes is None else stats.total_bytes,
     "hbm_bytes": chip.hbm_bytes,
-    "fits": None if chip.hbm_bytes is None else stats.total_bytes <= chip.hbm_bytes,
+    "fits": None
+    if chip.hbm_bytes is None or stats.argument_bytes is None
+    else stats.total_bytes <= chip.hbm_bytes,
     "flops": stats.flops,
     "bytes_accessed": stats.bytes_accessed,
     "estimated_s": stats.estimated_seconds,
@@ -279,11 +293,14 @@ def run_case(
   repeats: int = 3,
   hlo_dir: str | None = None,
   compiler_options: dict[str, Any] | None = None,
+  memory_only: bool = False,
   log=print,
 ) -> list[dict[str, Any]]:
   """Compiles (and on local devices times) the train step and the sampling step of one case.
 
-  With `hlo_dir`, each compiled program's optimised HLO is written there as
+  `memory_only`: no compile: one train row with the state's bytes per device (parameters, EMA,
+  optimizer, frozen models: from the shardings alone, in seconds for any topology), the
+  compiler's columns None. With `hlo_dir`, each compiled program's optimised HLO is written there as
   `<stage>_<variant>_<strategy>_<mesh>_<step>.hlo.txt.gz`. `compiler_options` go to XLA with
   every compile (e.g. {"xla_tpu_spmd_unroll_windowed_einsum": True}) and are recorded in the rows.
   """
@@ -292,7 +309,7 @@ def run_case(
   devices = target.num_devices
   batch_spec = sharding.batch_sharding(mesh)
   shards = sharding.batch_shards(mesh)
-  if config.batch_size % shards:
+  if config.batch_size % shards and not memory_only:
     raise errors.UserError(
       f"batch_size {config.batch_size} does not split over the {shards} data x fsdp shards of "
       f"mesh {dict(mesh.shape)}; pass --batch_size as a multiple of {shards}"
@@ -300,8 +317,6 @@ def run_case(
   frozen_abstract, frozen_shardings, make_frozen = frozen_models(
     stage, model, config, mesh, clip_config
   )
-  example = example_batch(config)
-  batch_in = abstract_batch(example, config.batch_size, batch_spec)
   state_in = checkpointing.abstract_with_shardings(abstract, shardings)
   per_device = {
     "params_bytes": _shard_bytes(abstract.params, shardings.params),
@@ -321,11 +336,25 @@ def run_case(
     # Per-device state over an even split of the whole state: 1.0 is a perfect split (FSDP's goal).
     state_split_ratio=state_per_device / (state_total / devices),
   )
+  label = f"{config.stage}:{config.variant} {case.strategy} mesh {dict(mesh.shape)}"
+  _, _, ratio, whole = sharding.state_report(abstract, shardings, case.strategy, mesh)
+  named = sharding.describe_whole(whole)
+  log(
+    f"[benchmark] {label}: state {state_per_device / 2**30:.3f} GiB per device, "
+    f"{common['state_split_ratio']:.3f}x an even split over all devices ({ratio:.3f}x over those "
+    f"{case.strategy} shards it over); largest arrays left whole: {named}"
+  )
+  if memory_only:
+    return [_row(target, config, case, mesh, "train", None, None, common)]
+  example = example_batch(config)
+  batch_in = abstract_batch(example, config.batch_size, batch_spec)
   rows = []
   step_fn = train_step.jit_train_step(
-    train_step.make_train_step(model, stage, config, tx), mesh, shardings, frozen_shardings
+    train_step.make_train_step(model, stage, config, tx, shardings.params),
+    mesh,
+    shardings,
+    frozen_shardings,
   )
-  label = f"{config.stage}:{config.variant} {case.strategy} mesh {dict(mesh.shape)}"
 
   def hlo_path(step: str) -> str | None:
     if not hlo_dir:
@@ -335,7 +364,7 @@ def run_case(
     return os.path.join(hlo_dir, name)
 
   key_in = jax.eval_shape(lambda: jax.random.key(0))  # made here: no concrete arrays on a topology
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules(case.strategy)):
     log(f"[benchmark] {label}: compiling the train step")
     start = time.perf_counter()
     compiled = step_fn.lower(state_in, batch_in, frozen_abstract).compile(compiler_options)

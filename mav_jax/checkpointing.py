@@ -286,7 +286,9 @@ class _WriteNoise(logging.Filter):
 
   def __init__(self):
     super().__init__()
-    self.path = os.path.join(tempfile.gettempdir(), f"mav_jax-checkpoint-messages-{os.getpid()}.log")
+    self.path = os.path.join(
+      tempfile.gettempdir(), f"mav_jax-checkpoint-messages-{os.getpid()}.log"
+    )
     self.count = 0
     self._previous_hook = None
 
@@ -391,23 +393,30 @@ def _latest_step_dir(path: str) -> epath.Path:
   return root / str(steps[-1])
 
 
-def _restore_host(directory: epath.Path, item: str | None = None) -> Any:
-  """Restores an Orbax tree whole onto this host as numpy arrays; `item` picks one entry of it.
+def _restore(directory: epath.Path, item: str | None, shardings: Any = None, arrays: bool = True):
+  """Restores an Orbax tree (`item`: one entry of it); only the chosen arrays are read: a training
+  state's optimizer state (twice the parameters) and its other parameters are never read nor
+  allocated. Without `shardings`, as numpy arrays on this host (their saved dtypes); with them, as
+  global jax.Arrays with those shardings, this host reading only the slices its devices hold.
+  `arrays=False` reads the metadata alone: a tree of objects with `.shape` and `.dtype`.
 
   A folder whose files cannot be read (truncated, removed, corrupt) is a UserError naming it."""
   if not directory.exists():
     raise errors.UserFileNotFoundError(f"{directory} does not exist")
-  checkpointer = ocp.StandardCheckpointer()
-  failure = None
+  checkpointer = ocp.PyTreeCheckpointer()
+  failure = missing = differences = None
   with _stderr_held() as held:
     try:
-      saved = checkpointer.metadata(directory).item_metadata
-      # Each array whole on this host's first device: independent of the mesh it was saved from.
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
-      )
-      restored = jax.tree.map(np.asarray, checkpointer.restore(directory, target))
+      saved = checkpointer.metadata(directory).item_metadata.tree
+      if item is not None and item not in saved:
+        missing = sorted(saved)
+      elif not arrays:
+        restored = saved if item is None else saved[item]
+      else:
+        chosen = saved if item is None else saved[item]
+        args, differences = _restore_args(chosen, shardings)
+        if not differences:
+          restored = _restore_chosen(checkpointer, directory, chosen, args, item)
     except Exception as e:
       failure = _describe(e)
       held.failed = True
@@ -419,7 +428,53 @@ def _restore_host(directory: epath.Path, item: str | None = None) -> Any:
       f"{directory} cannot be read: a file in it is damaged or missing ({failure}); export the "
       f"model again (python -m mav_jax.export) or copy it again"
     )
-  return restored if item is None else restored[item]
+  if missing is not None:
+    raise errors.UserError(f"{directory} holds no {item!r}: it holds {', '.join(missing)}")
+  if differences:
+    raise errors.UserError(
+      f"{directory}: the saved parameters are not those of the target model (do the configs "
+      f"match?); first differences: {differences[:10]}"
+    )
+  return restored
+
+
+def _restore_args(chosen: Any, shardings: Any) -> tuple[Any, list[str]]:
+  """(RestoreArgs for each saved leaf of `chosen`, the paths where `shardings` differs from it).
+
+  Without shardings each array is read whole into host memory, not onto a device: independent of
+  the saving mesh, and a large model's parameters need no device that holds them all. With them
+  each is a global array in its sharding, of the saved shape and dtype (strict: never resized)."""
+  if shardings is None:
+    return jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), chosen), []
+  targets = {_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  saved = {_key(p) for p, _ in jax.tree_util.tree_leaves_with_path(chosen)}
+  differences = sorted(
+    [f"{k}: saved, not in the target" for k in saved - set(targets)]
+    + [f"{k}: in the target, not saved" for k in set(targets) - saved]
+  )
+  if differences:
+    return None, differences
+  args = jax.tree_util.tree_map_with_path(
+    lambda p, m: ocp.ArrayRestoreArgs(
+      sharding=targets[_key(p)], global_shape=tuple(m.shape), dtype=m.dtype
+    ),
+    chosen,
+  )
+  return args, []
+
+
+def _restore_chosen(checkpointer, directory: epath.Path, chosen: Any, args: Any, item: str | None):
+  """`chosen` (all of the saved tree, or its entry `item`) read as `args` say.
+
+  Orbax's partial restore: the target and its RestoreArgs name only the chosen subtree, and the
+  leaves outside it are skipped (never deserialized)."""
+  if item is None:
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(chosen, restore_args=args))
+  restored = checkpointer.restore(
+    directory,
+    args=ocp.args.PyTreeRestore({item: chosen}, restore_args={item: args}, partial_restore=True),
+  )
+  return restored[item]
 
 
 def is_exported_model(path: str) -> bool:
@@ -427,15 +482,33 @@ def is_exported_model(path: str) -> bool:
   return (root / MODEL_CONFIG).exists() and (root / MODEL_PARAMS).exists()
 
 
-def restore_params(path: str, item: str = "params") -> Any:
-  """Parameters of a checkpoint as host numpy arrays, for starting one stage from another.
+def _params_folder(path: str, item: str) -> tuple[epath.Path, str | None]:
+  """(the Orbax folder of `path`'s parameters, the entry of it to read: None for all of it)."""
+  if is_exported_model(path):
+    return _path(path) / MODEL_PARAMS, None  # an exported model holds its parameters only
+  return _latest_step_dir(path) / "state", item
+
+
+def restore_params(path: str, item: str = "params", shardings: Any = None) -> Any:
+  """Parameters of a checkpoint, for starting one stage from another or sampling.
 
   `path` is a training workdir (its latest step), a step folder (`item`: "params" or
-  "ema_params"), or a model exported by `mav_jax.export` (its only parameters).
+  "ema_params"), or a model exported by `mav_jax.export` (its only parameters; `item` is unused).
+  Only those parameters are read, never the optimizer state.
+
+  Without `shardings`: host numpy arrays, each whole. With `shardings`, a tree of
+  jax.sharding.Shardings (NamedShardings) with exactly the saved parameters' paths (any
+  containers: dicts, FrozenDicts; `params_metadata` gives the paths): global jax.Arrays with those
+  shardings, each host reading only the slices its devices hold (on a pod, no host holds the whole
+  model). Shapes and dtypes are the saved ones. Paths that differ are a UserError listing them.
   """
-  if is_exported_model(path):
-    return _restore_host(_path(path) / MODEL_PARAMS)
-  return _restore_host(_latest_step_dir(path) / "state", item)
+  return _restore(*_params_folder(path, item), shardings)
+
+
+def params_metadata(path: str, item: str = "params") -> Any:
+  """The saved parameters' tree as `restore_params` would return it, each leaf an object with
+  `.shape` and `.dtype`, read from the checkpoint's metadata alone (no array is read)."""
+  return _restore(*_params_folder(path, item), arrays=False)
 
 
 # ---------------------------------------------------------------------------------------------

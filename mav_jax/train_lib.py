@@ -13,6 +13,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -25,6 +26,7 @@ from mav_jax import lease as lease_lib
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.parallel import sharding
 from mav_jax.train_step import (
+  check_state_split,
   init_state,
   jit_train_step,
   make_train_step,
@@ -158,6 +160,7 @@ def _train(config, workdir, devices, held) -> dict[str, Any]:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh, model, stage, tx, shardings, abstract, create = setup(config, devices)
   logging.info("mesh %s, strategy %s", dict(mesh.shape), config.sharding.strategy)
+  check_state_split(config, abstract, shardings, mesh, lambda m: say(f"[train] {m}"))
 
   global_batch = config.batch_size
   batch_sharding = sharding.batch_sharding(mesh)
@@ -201,7 +204,7 @@ def _train(config, workdir, devices, held) -> dict[str, Any]:
   frozen = stage.load_frozen(model, config, mesh) if hasattr(stage, "load_frozen") else {}
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = jit_train_step(
-    make_train_step(model, stage, config, tx), mesh, shardings, frozen_shardings
+    make_train_step(model, stage, config, tx, shardings.params), mesh, shardings, frozen_shardings
   )
   n_samples = t.num_samples
 
@@ -218,22 +221,28 @@ def _train(config, workdir, devices, held) -> dict[str, Any]:
   if t.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=3))
   preemption = _Preemption()
-  losses, grad_norms, pending, step, interval = {}, {}, None, int(state.step), [None]
+  losses, grad_norms, step, interval = {}, {}, int(state.step), [None]
+  # Each step's metrics stay on the device until a step that reads them: a logging step, a
+  # checkpoint step (a non-finite step must stop the run before a save) and the last. Other steps
+  # send nothing to the host, so it never waits on the device.
+  recorder = _Recorder(mesh, min(t.log_every, t.checkpoint_every, max(t.num_steps - step, 1)))
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
+    with (
+      jax.set_mesh(mesh),
+      nn.logical_axis_rules(sharding.activation_rules(config.sharding.strategy)),
+    ):
       while step < t.num_steps:
         batch = data_pipeline.global_batch(next(data_iter), mesh, batch_sharding.spec[0])
         if sample_batch is None:
           sample_batch = batch  # samples are conditioned on the first batch's clips
         state, metrics = step_fn(state, batch, frozen)
         step += 1
+        recorder.add(step, metrics)
         checkpointer.check_for_errors()  # a failed background save stops the run here
         if held is not None and held.lost_to is not None and jax.process_count() == 1:
           held.check()  # taken over (--force_unlock): stop now, without saving
-        # The previous step's metrics are fetched now, so the host never waits on the device.
-        if pending is not None:
-          _check_and_log(*pending, writer, losses, grad_norms, t, interval)
-        pending = (step, metrics)
+        if step % t.log_every == 0 or step == t.num_steps:
+          _check_and_log(recorder.read(), writer, losses, grad_norms, t, interval)
         for hook in hooks:
           hook(step)
         if t.sample_every and hasattr(stage, "sample") and step % t.sample_every == 0:
@@ -244,15 +253,12 @@ def _train(config, workdir, devices, held) -> dict[str, Any]:
         stop = preemption.requested or checkpointer.reached_preemption(step)
         if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
           # Never save after a non-finite step.
-          _check_and_log(*pending, writer, losses, grad_norms, t, interval)
-          pending = None
+          _check_and_log(recorder.read(), writer, losses, grad_norms, t, interval)
           _check_lease(held)
           checkpointer.save(step, state, data_iter, config)
         if stop:
           say(f"[train] preempted at step {step}: checkpoint saved")
           break
-      if pending is not None:
-        _check_and_log(*pending, writer, losses, grad_norms, t, interval)
   except BaseException:
     # Already failing: finish or abandon the background save quietly, the first error is the one
     # to report.
@@ -274,19 +280,57 @@ def _train(config, workdir, devices, held) -> dict[str, Any]:
   return {"step": step, "losses": losses, "grad_norms": grad_norms, "state": state}
 
 
-def _check_and_log(step, step_metrics, writer, losses, grad_norms, t, interval):
-  """Stops on a non-finite step; averages metrics over the interval and writes them."""
-  values = jax.device_get(step_metrics)
-  if not bool(values["finite"]):
-    raise FloatingPointError(
-      f"non-finite loss ({float(values['loss'])}) or gradient at step {step}; the state was left "
-      f"as it was before that step and no checkpoint holds it. Lower optimizer.learning_rate or "
-      f"optimizer.grad_clip, or check the data."
-    )
-  losses[step] = float(values["loss"])
-  grad_norms[step] = float(values["grad_norm"])
+class _Recorder:
+  """Each step's metrics, kept on the device (row i of a [size] buffer per metric) until read.
+
+  `size` must be at least the number of steps between reads.
+  """
+
+  def __init__(self, mesh, size: int):
+    self._size, self._rows, self._steps = size, None, []
+
+    def record(rows, metrics, i):
+      if rows is None:
+        rows = jax.tree.map(lambda v: jnp.zeros((size,) + v.shape, v.dtype), metrics)
+      return jax.tree.map(lambda r, v: r.at[i].set(v), rows, metrics)
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._record = jax.jit(record, out_shardings=replicated)
+
+  def add(self, step: int, metrics) -> None:
+    if len(self._steps) == self._size:
+      raise AssertionError(f"{self._size} steps' metrics unread at step {step}")
+    self._rows = self._record(self._rows, metrics, len(self._steps))
+    self._steps.append(step)
+
+  def read(self) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """[(step, {metric: value})] of the steps since the last read, fetched in one transfer."""
+    if not self._steps:
+      return []
+    values = jax.device_get(self._rows)
+    rows = [(s, {k: v[i] for k, v in values.items()}) for i, s in enumerate(self._steps)]
+    self._steps = []
+    return rows
+
+
+def _check_and_log(rows, writer, losses, grad_norms, t, interval):
+  """Stops at the first non-finite step of `rows` (`_Recorder.read`); records each step's loss and
+  gradient norm; averages the metrics over the logging interval and writes them at its end."""
+  for step, values in rows:
+    if not bool(values["finite"]):
+      raise FloatingPointError(
+        f"non-finite loss ({float(values['loss'])}) or gradient at step {step}; the state was left "
+        f"as it was before that step and no checkpoint holds it. Lower optimizer.learning_rate or "
+        f"optimizer.grad_clip, or check the data."
+      )
+    losses[step] = float(values["loss"])
+    grad_norms[step] = float(values["grad_norm"])
+  if not rows:
+    return
+  step, last = rows[-1]
+  averaged = {k: np.stack([v[k] for _, v in rows]) for k in ("loss", "grad_norm", "update_norm")}
   update = TrainMetrics.single_from_model_output(
-    **{k: v for k, v in values.items() if k != "finite"}
+    **averaged, param_norm=last["param_norm"], learning_rate=last["learning_rate"]
   )
   interval[0] = update if interval[0] is None else interval[0].merge(update)
   if step % t.log_every == 0 or step == t.num_steps:

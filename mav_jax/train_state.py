@@ -80,12 +80,75 @@ def _by_name(fn):
 _text_mask = _by_name(is_text_pathway)
 
 
+def is_trained(path: tuple[str, ...], trainable: str) -> bool:
+  """Whether `train.trainable` trains the parameter at `path` (the train step differentiates the
+  loss with respect to exactly these; the others get no gradient and no update)."""
+  return trainable == "all" or is_video_only(path)
+
+
 def _labels(trainable: str):
-  return _by_name(lambda names: "train" if trainable == "all" or is_video_only(names) else "freeze")
+  return _by_name(lambda names: "train" if is_trained(names, trainable) else "freeze")
+
+
+# Lookup tables, not maps: the token / position embeddings of the text pathway and the relative-
+# position bias table of temporal attention (whose leaf is named "table").
+EMBEDDING_TABLES = ("temporal_text_tokens", "temporal_text_positions", "table")
+
+
+def is_decayed(path: tuple[str, ...], ndim: int) -> bool:
+  """Whether AdamW's weight decay applies to a parameter: kernels and projection matrices do; not
+  1-D / 0-D parameters (norm scales, biases, CLIP's class embedding, learned queries, CLIP's
+  `logit_scale`), nor embedding tables: leaves named `*embedding` (CLIP's and the prior's token /
+  positional embeddings) or in EMBEDDING_TABLES. (Modules named `*_embed`, e.g. `time_embed`,
+  `fps_embed`, CLIP's `patch_embed`, are MLPs and convolutions: their kernels decay.)"""
+  leaf = path[-1] if path else ""
+  return (
+    ndim >= 2
+    and leaf != "logit_scale"
+    and not leaf.endswith("embedding")
+    and leaf not in EMBEDDING_TABLES
+  )
+
+
+def _decay_mask(params):
+  """params -> a tree of is_decayed (boxed Partitioned leaves count as leaves)."""
+
+  def one(path, leaf):
+    names = tuple(str(getattr(p, "key", p)) for p in path)
+    return is_decayed(names, len(getattr(leaf, "value", leaf).shape))
+
+  return jax.tree_util.tree_map_with_path(
+    one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
+
+
+def _masked_weight_decay(weight_decay: float) -> optax.GradientTransformation:
+  """optax.add_decayed_weights on the parameters `is_decayed` picks, with its state (EmptyState)."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if not weight_decay:
+      return updates, state
+    updates = jax.tree.map(
+      lambda g, p, decayed: g + weight_decay * p if decayed else g,
+      updates,
+      params,
+      _decay_mask(params),
+    )
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW with warmup + cosine decay and global-norm clipping; frozen parameters get no update.
+
+  Weight decay applies to kernels and projection matrices only (`is_decayed`): not to norm scales,
+  biases, embedding tables or CLIP's `logit_scale`. The clipping norm is over the trained
+  parameters' gradients (a frozen parameter has none).
 
   `config.train.trainable`: "all", or "temporal" to train only what video adds to an image model
   (temporal layers, fps / frame-skip embeddings, extra-input conv), the spatial layers frozen.
@@ -97,11 +160,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
     raise errors.UserError(f"unknown train.trainable {trainable!r}; choose one of {TRAINABLE}")
   tx = optax.chain(
     optax.clip_by_global_norm(o.grad_clip),
-    optax.adamw(
-      learning_rate_schedule(o, config.train.num_steps),
-      b1=o.b1,
-      b2=o.b2,
-      weight_decay=o.weight_decay,
+    # optax.adamw's chain, its decay masked in place: adamw(mask=...) would wrap the decay's
+    # state in a MaskedState, and checkpoints of earlier runs would no longer restore.
+    optax.chain(
+      optax.scale_by_adam(b1=o.b1, b2=o.b2),
+      _masked_weight_decay(o.weight_decay),
+      optax.scale_by_learning_rate(learning_rate_schedule(o, config.train.num_steps)),
     ),
   )
   multiplier = o.get("text_lr_multiplier", 1.0)

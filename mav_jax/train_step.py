@@ -3,8 +3,6 @@ step itself (pure, state donated). Imports no logging or data-loading library, s
 (`mav_jax.benchmark`) compiles exactly the step `mav_jax.train` runs without them.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,18 +39,49 @@ def create_state_fn(model, stage, config, tx):
 
 
 def setup(config, devices=None):
-  """(mesh, model, stage, tx, state shardings, abstract state, create fn) for a config."""
-  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  """(mesh, model, stage, tx, state shardings, abstract state, create fn) for a config.
+
+  When `mesh.ici` leaves both FSDP axes to be chosen (-1, -1), their split is the one that divides
+  this model's train state most evenly (`sharding.best_fsdp_split`, from shapes alone)."""
   stage = stages.get_stage(config.stage)
   model = stage.make_model(config)
   tx = train_state.make_optimizer(config)
   create = create_state_fn(model, stage, config, tx)
   boxed = jax.eval_shape(create, jax.random.key(config.seed))
-  shardings = sharding.tree_shardings(
-    boxed, sharding.strategy_rules(config.sharding.strategy), mesh
-  )
+  rules = sharding.strategy_rules(config.sharding.strategy)
+
+  def split_fsdp(n):
+    others = {a: s for a, s in zip(config.mesh.axes, config.mesh.ici, strict=True) if s > 0}
+    return sharding.best_fsdp_split(boxed, rules, others, n)
+
+  mesh = mesh_lib.create_mesh(config.mesh, devices, split_fsdp)
+  shardings = sharding.tree_shardings(boxed, rules, mesh)
   abstract = nn.unbox(boxed)
   return mesh, model, stage, tx, shardings, abstract, create
+
+
+def check_state_split(config, abstract, shardings, mesh, log) -> None:
+  """Logs how evenly the train state is split; stops (UserError) above
+  `sharding.max_state_ratio`, naming the arrays left whole and the fix."""
+  strategy = config.sharding.strategy
+  held, even, ratio, whole = sharding.state_report(abstract, shardings, strategy, mesh)
+  gib = 2.0**30
+  named = sharding.describe_whole(whole)
+  log(
+    f"train state per device {held / gib:.2f} GiB, {ratio:.3f}x an even split over the devices "
+    f"{strategy} shards it over ({even / gib:.2f} GiB); largest arrays left whole: {named}"
+  )
+  limit = config.sharding.get("max_state_ratio", 0)
+  if limit and ratio > limit:
+    raise errors.UserError(
+      f"the {strategy} strategy on mesh {dict(mesh.shape)} leaves {ratio:.2f}x an even share of "
+      f"the train state on each device (over sharding.max_state_ratio={limit}): the mesh axes "
+      f"do not divide these arrays' dimensions: {named}. Give mesh sizes that divide them "
+      f"(fsdp and fsdp_transpose both -1 lets the trainer split what the other axes leave, e.g. "
+      f"--config.mesh.ici='(1,-1,-1,1)': data x fsdp x fsdp_transpose x tensor; plan meshes in "
+      f"seconds with python -m mav_jax.benchmark --memory_only), use the fsdp strategy, or raise "
+      f"sharding.max_state_ratio"
+    )
 
 
 def init_state(create, shardings, config) -> TrainState:
@@ -65,21 +94,31 @@ def state_from_image_checkpoint(state: TrainState, shardings, path: str) -> Trai
   """Loads an image-stage checkpoint's params into a fresh video state (temporal layers stay at
   their identity init); EMA starts from the same values, the optimizer from scratch.
 
-  The image parameters are read on each host (parameters only, not the optimizer state), each
-  array placed straight into the sharding of the video parameter it becomes; the merge runs under
-  jit with the video shardings, so the video model is never gathered onto one host.
+  The image checkpoint's parameter names and shapes come from its metadata first; each image
+  parameter is then restored straight into the sharding of the video parameter it becomes, each
+  host reading only its devices' slices (parameters only, not the optimizer state); the merge runs
+  under jit with the video shardings, so the video model is never gathered onto one host.
   """
-  image = traverse_util.flatten_dict(checkpointing.restore_params(path))
+  saved = traverse_util.flatten_dict(checkpointing.params_metadata(path))
   target = traverse_util.flatten_dict(shardings.params)
-  missing = sorted("/".join(p) for p in image if p not in target)
+  missing = sorted("/".join(p) for p in saved if p not in target)
   if missing:
     raise errors.UserError(
       f"{path}: image parameters missing from the video model (do the configs match?): "
       f"{missing[:10]}"
     )
-  placed = sharding.place_host_tree(
-    traverse_util.unflatten_dict(image),
-    traverse_util.unflatten_dict({p: target[p] for p in image}),
+  video = traverse_util.flatten_dict(nn.unbox(state.params))
+  mismatched = [
+    f"{'/'.join(p)}: image {tuple(m.shape)} vs video {video[p].shape}"
+    for p, m in saved.items()
+    if tuple(m.shape) != video[p].shape
+  ]
+  if mismatched:
+    raise errors.UserError(
+      f"{path}: parameter shapes differ between image and video model: {mismatched[:10]}"
+    )
+  placed = checkpointing.restore_params(
+    path, shardings=traverse_util.unflatten_dict({p: target[p] for p in saved})
   )
 
   def merge(image_params, video_params):
@@ -110,35 +149,72 @@ def _microbatches(batch, k: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model, stage, config, tx):
-  """train_step(state, batch) -> (state, metrics); non-finite steps leave the state unchanged."""
+def make_train_step(model, stage, config, tx, param_shardings=None):
+  """train_step(state, batch) -> (state, metrics); non-finite steps leave the state unchanged.
+
+  The loss is differentiated with respect to the trained parameters only (`train.trainable`,
+  train_state.is_trained): a frozen parameter enters the loss as a constant, so its weight
+  gradient is never computed; the optimizer gets zeros in its place (its state keeps the whole
+  tree's layout, and `set_to_zero` leaves the parameter as it is). The metric `grad_norm` and the
+  clipping norm are the global norm of the trained parameters' gradients.
+
+  With `train.grad_accum_steps` k > 1 the batch is split into k micro-batches (`_microbatches`),
+  micro-batch i drawing its noise from fold_in(rng, i); the loss and gradients are the means of
+  the k micro-batches'. `param_shardings` (the params' NamedShardings, as in the state's) keeps
+  the summed gradients of the scan's carry sharded like the parameters.
+  """
   k = config.train.grad_accum_steps
   if k < 1:
     raise errors.UserError(f"train.grad_accum_steps must be >= 1, got {k}")
   schedule = train_state.learning_rate_schedule(config.optimizer, config.train.num_steps)
+  trainable = config.train.trainable
+  carry_shardings = None
+  if param_shardings is not None:
+    carry_shardings = traverse_util.flatten_dict(param_shardings)
 
-  def loss_and_grads(params, batch, rng, frozen):
-    loss = functools.partial(stage.loss_fn, model, config, frozen=frozen)
-    return jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
+  def split(params):
+    """params -> (trained, frozen): flat {path: array} dicts."""
+    flat = traverse_util.flatten_dict(params)
+    trained = {p: v for p, v in flat.items() if train_state.is_trained(p, trainable)}
+    return trained, {p: v for p, v in flat.items() if p not in trained}
+
+  def constrain(grads):
+    if carry_shardings is None:
+      return grads
+    return {p: jax.lax.with_sharding_constraint(g, carry_shardings[p]) for p, g in grads.items()}
+
+  def loss_and_grads(trained, fixed, batch, rng, frozen):
+    def loss(trained):
+      params = traverse_util.unflatten_dict({**trained, **jax.lax.stop_gradient(fixed)})
+      return stage.loss_fn(model, config, params, batch, rng, frozen=frozen)
+
+    return jax.value_and_grad(loss, has_aux=True)(trained)
 
   def train_step(state: TrainState, batch, frozen=None):
     """`frozen`: parameters of frozen models the loss reads (e.g. CLIP's), not trained."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trained, fixed = split(state.params)
     if k == 1:
-      (loss, _), grads = loss_and_grads(state.params, batch, rng, frozen)
+      (loss, _), grads = loss_and_grads(trained, fixed, batch, rng, frozen)
     else:
 
       def body(carry, inputs):
         i, micro = inputs
-        (micro_loss, _), g = loss_and_grads(state.params, micro, jax.random.fold_in(rng, i), frozen)
-        return jax.tree.map(jnp.add, carry, (micro_loss, g)), None
+        (micro_loss, _), g = loss_and_grads(
+          trained, fixed, micro, jax.random.fold_in(rng, i), frozen
+        )
+        total, summed = carry
+        return (total + micro_loss, constrain(jax.tree.map(jnp.add, summed, g))), None
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+      zeros = (jnp.zeros(()), constrain(jax.tree.map(jnp.zeros_like, trained)))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), _microbatches(batch, k)))
       loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(jnp.add, state.params, updates)
     grad_norm = train_state.global_norm(grads)
+    full_grads = traverse_util.unflatten_dict(
+      {**grads, **{p: jnp.zeros_like(v) for p, v in fixed.items()}}
+    )
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = state.replace(
       step=state.step + 1,

@@ -100,7 +100,7 @@ def test_clip_stage_learns_the_synthetic_image_text_pairs(tmp_path):
   config = clip_config.get_config("tiny")
   config.train.num_steps = 120
   config.train.checkpoint_every = 1000
-  config.mesh.ici = (1, -1, 1)
+  config.mesh.ici = (1, -1, -1, 1)
   run = train_lib.train_and_evaluate(config, tmp_path, jax.devices()[:1])
   first, last = run["losses"][1], np.mean([run["losses"][s] for s in range(111, 121)])
   assert last < 0.7 * first, (first, last)
@@ -119,3 +119,45 @@ def test_clip_stage_learns_the_synthetic_image_text_pairs(tmp_path):
   ).T
   accuracy = float(np.mean(np.argmax(np.asarray(scores), axis=-1) == np.array(truth)))
   assert accuracy > 0.3, accuracy
+
+
+def test_contrastive_loss_is_float32_with_bfloat16_features():
+  """bfloat16 towers: the embeddings come out in float32, and the loss (normalised features and
+  logits scaled by 100 in float32) matches a float64 reference on the same features to 1e-5
+  (computed in bfloat16 it was 0.36% off here)."""
+  from mav_jax.stages import clip as clip_stage
+
+  config = clip.ClipConfig(
+    embed_dim=32,
+    vocab_size=20,
+    context_length=8,
+    text=clip.TowerConfig(16, 1, 2),
+    image_size=8,
+    patch_size=4,
+    vision=clip.TowerConfig(16, 1, 2),
+  )
+  model = clip.CLIP(config, dtype=jnp.bfloat16)
+  tokens, images = jnp.ones((2, 8), jnp.int32), jnp.zeros((2, 8, 8, 3))
+  params = model.init(jax.random.key(0), tokens, images)["params"]
+  text, image, _ = model.apply({"params": params}, tokens, images)
+  assert text.dtype == image.dtype == jnp.float32
+
+  rng = np.random.default_rng(0)
+  text = rng.normal(size=(64, 512))
+  image = text + 6 * rng.normal(size=text.shape)  # noisy pairs: loss 0.63, accuracy 0.8
+  text, image = (jnp.asarray(x, jnp.bfloat16) for x in (text, image))
+  loss, _ = clip_stage.contrastive_loss(text, image, jnp.log(100.0))
+
+  def reference(t, i):
+    t, i = (np.asarray(x, np.float64) for x in (t, i))
+    t, i = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (t, i))
+    logits = 100.0 * i @ t.T
+
+    def cross_entropy(z):
+      z = z - z.max(axis=-1, keepdims=True)
+      return np.mean(np.log(np.exp(z).sum(axis=-1)) - np.diag(z))
+
+    return (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(float(loss), reference(text, image), rtol=1e-5)

@@ -329,7 +329,7 @@ def test_multi_host_multi_slice_commands(capsys):
     assert "--worker=all" in cmd and "--node=all" in cmd
   assert check[-1].endswith("launch/worker.py check")
   remote = train[-1].removeprefix("--command=")
-  assert "--multihost '--config.mesh.dcn=(2,1,1)'" in remote  # data parallel across the 2 slices
+  assert "--multihost '--config.mesh.dcn=(2,1,1,1)'" in remote  # data parallel across the 2 slices
   fetch = _commands(capsys, "logs", *MULTI, "--fetch=logs")
   assert fetch[0] == ["mkdir", "-p", "logs"]
   # v5p-128: 64 chips, 16 hosts per slice; 2 slices.

@@ -40,7 +40,7 @@ def _test_config(**overrides):
   config.train.checkpoint_every = 100
   config.train.sample_every = 0
   config.train.async_checkpoints = False
-  config.mesh.ici = (2, 2, 2)
+  config.mesh.ici = (2, 2, 1, 2)
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -112,7 +112,7 @@ def _final_params(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
-  config = _test_config(**{"mesh.ici": (1, 1, 1), "sharding.strategy": "data_parallel"})
+  config = _test_config(**{"mesh.ici": (1, 1, 1, 1), "sharding.strategy": "data_parallel"})
   return train_lib.train_and_evaluate(config, tmp_path_factory.mktemp("one"), jax.devices()[:1])
 
 
@@ -157,7 +157,7 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path):
     _test_config(**{"train.num_steps": 2, **_NO_ATTENTION}), tmp_path
   )
   config = _test_config(
-    **{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1), **_NO_ATTENTION}
+    **{"sharding.strategy": "data_parallel", "mesh.ici": (4, 1, 1, 1), **_NO_ATTENTION}
   )
   devices = jax.devices()[:4]
   mesh, *_, shardings, abstract, _ = train_step.setup(config, devices)
@@ -258,6 +258,9 @@ def test_gradient_accumulation_and_mesh_sizes(tmp_path):
   micro = train_step._microbatches(batch, 2)["x"]
   np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])
   assert mesh_lib.resolve_sizes((2, -1, 1), 8, "ici") == (2, 4, 1)
+  pair = ("data", "fsdp", "fsdp_transpose", "tensor")
+  assert mesh_lib._resolve_ici(pair, (2, -1, -1, 1), 8, lambda n: (n // 2, 2)) == (2, 2, 2, 1)
+  assert mesh_lib._resolve_ici(pair, (2, -1, -1, 1), 8, None) == (2, 4, 1, 1)
   with pytest.raises(ValueError, match="at most one"):
     mesh_lib.resolve_sizes((-1, -1, 1), 8, "ici")
   with pytest.raises(ValueError, match="do not divide"):
@@ -448,6 +451,9 @@ def test_train_cli_mistakes_are_one_error_line(tmp_path):
     ([f"--workdir={tmp_path / 'file'}"], "is a file"),
     (["--config.model.chanels=3"], "did you mean model.channels?"),
     (["--config.batch_size=3"], "batch_size 3 must divide"),
+    (["--config.mesh.ici=(1,-1,1)"], "become four: (data, fsdp, fsdp_transpose, tensor)"),
+    # 6 channels on a 4-way FSDP axis: most of the state left whole; the arrays and fix named
+    (["--config.mesh.ici=(1,4,1,1)", "--config.model.channels=6"], "down_0_res_0/conv1"),
   ]:
     proc = _train_cli(tmp_path / "w", *extra)
     out = proc.communicate(timeout=120)[0]
@@ -516,3 +522,344 @@ def test_configs_of_earlier_versions_load_in_todays_form():
     bad = {section: {field: value}}
     with pytest.raises(ValueError, match=rf"{section}.{field} = .*commit 020500d"):
       checkpointing.config_from_json(bad)
+
+
+def _bytes_read() -> int:
+  """Bytes TensorStore (Orbax's reader) has read from local files in this process so far."""
+  import tensorstore as ts
+
+  metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+  return sum(v["value"] for m in metrics for v in m["values"])
+
+
+def test_restoring_one_item_reads_only_that_item(tmp_path):
+  """restore_params reads only the chosen item of a step's state: not the optimizer state (here
+  8 MB against 256 KB of parameters) nor the other parameters, which may even be missing."""
+  import orbax.checkpoint as ocp
+
+  rng = np.random.default_rng(0)
+
+  def tree():  # random values: they do not compress, so bytes read follow bytes stored
+    return {
+      "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 1024)), jnp.float32)},
+      "Norm_0": {"scale": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)},
+    }
+
+  moments = {"mu": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32)}
+  moments["nu"] = moments["mu"] + 1
+  state = {
+    "step": jnp.int32(3),
+    "params": tree(),
+    "ema_params": tree(),
+    "opt_state": ({"count": jnp.int32(3), **moments}, ()),
+    "rng": jnp.zeros(2, jnp.uint32),
+  }
+  step_dir = tmp_path / "checkpoints" / "3"
+  saver = ocp.StandardCheckpointer()
+  saver.save(step_dir / "state", state)
+  saver.wait_until_finished()
+  saver.close()
+  item_bytes = 64 * 1024 * 4
+
+  for item in ("params", "ema_params"):
+    before = _bytes_read()
+    restored = checkpointing.restore_params(str(tmp_path), item)
+    read = _bytes_read() - before
+    assert read < 1.5 * item_bytes, f"{item}: {read} bytes read for {item_bytes} bytes"
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state[item]), strict=True):
+      assert type(got) is np.ndarray and got.dtype == want.dtype
+      np.testing.assert_array_equal(got, np.asarray(want))
+    assert jax.tree.structure(restored) == jax.tree.structure(state[item])
+
+  # The optimizer state's files removed: the parameters still restore (nothing reads them).
+  data = [p for p in (step_dir / "state").glob("ocdbt.process_*/d/*") if p.is_file()]
+  big = [p for p in data if p.stat().st_size > 1 << 20]
+  assert sum(p.stat().st_size for p in big) > 7 << 20  # mu and nu, 4 MB each
+  for p in big:
+    p.unlink()
+  restored = checkpointing.restore_params(str(step_dir), "ema_params")
+  np.testing.assert_array_equal(
+    restored["Dense_0"]["kernel"], state["ema_params"]["Dense_0"]["kernel"]
+  )
+  with pytest.raises(errors.UserError, match="holds no 'ema'"):
+    checkpointing.restore_params(str(tmp_path), "ema")
+
+
+# -- The step does only its own work (issue 21, items 6-8). ------------------------------------
+
+
+def _one_device_config(**overrides):
+  config = _test_config(**{"sharding.strategy": "data_parallel", **_NO_ATTENTION, **overrides})
+  config.mesh.ici = (1,) * len(config.mesh.axes)
+  config.mesh.dcn = (1,) * len(config.mesh.axes)
+  return config
+
+
+def _compiled_step(config):
+  """(compiled train step, fresh state, a real batch, frozen params) on one device."""
+  import flax.linen as nn
+
+  from mav_jax.data import pipeline as data_pipeline
+
+  mesh, model, stage, tx, shardings, _, create = train_step.setup(config, jax.devices()[:1])
+  frozen = stage.load_frozen(model, config, mesh)
+  step_fn = train_step.jit_train_step(
+    train_step.make_train_step(model, stage, config, tx, shardings.params),
+    mesh,
+    shardings,
+    jax.tree.map(lambda x: x.sharding, frozen),
+  )
+  data, _ = data_pipeline.pipeline_from_config(config.data, "train", batch_size=config.batch_size)
+  batch_spec = sharding.batch_sharding(mesh).spec[0]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
+    batch = data_pipeline.global_batch(next(iter(data)), mesh, batch_spec)
+    state = train_step.init_state(create, shardings, config)
+    compiled = step_fn.lower(state, batch, frozen).compile()
+  return compiled, state, batch, frozen
+
+
+def test_trainable_temporal_computes_no_gradient_of_a_frozen_parameter():
+  """train.trainable=temporal differentiates the loss with respect to the temporal parameters
+  only: the compiled step does fewer FLOPs than with trainable=all (no weight gradients of the
+  frozen spatial layers), frozen parameters stay as they are and trained ones move."""
+  steps = {}
+  for trainable in ("all", "temporal"):
+    steps[trainable] = _compiled_step(_one_device_config(**{"train.trainable": trainable}))
+  flops = {k: steps[k][0].cost_analysis()["flops"] for k in steps}
+  # Measured: 64.9 MFLOP with all trained, 51.9 with temporal (64.5 when the frozen parameters'
+  # gradients were computed and masked: the optimizer work set_to_zero skips is under 1%).
+  assert flops["temporal"] < 0.85 * flops["all"], flops
+  compiled, state, batch, frozen = steps["temporal"]
+  before = traverse_util.flatten_dict(jax.device_get(state.params))
+  new, metrics = compiled(state, batch, frozen)
+  assert bool(metrics["finite"])
+  after = traverse_util.flatten_dict(jax.device_get(new.params))
+  moved = {p for p in before if not np.array_equal(before[p], after[p])}
+  trained = {p for p in before if train_state.is_video_only(p)}
+  assert moved and moved <= trained, sorted(moved - trained)[:3]
+  assert ("down_0_res_0", "conv1", "temporal_conv", "kernel") in moved
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_the_logit_scale():
+  """AdamW's decay (here alone: zero gradients) moves kernels and projection matrices only."""
+  config = decoder.get_config("tiny")
+  config.optimizer.warmup_steps = 0
+  config.optimizer.weight_decay = 0.1
+  params = {
+    "conv_in": {"spatial": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones((4,))}},
+    "out_norm": {"scale": jnp.ones((4,))},
+    "time_embed": {"dense_0": {"kernel": jnp.ones((4, 8))}},  # an MLP named *_embed: decays
+    "logit_scale": jnp.ones(()),
+    "text": {
+      "token_embedding": jnp.ones((9, 4)),
+      "positional_embedding": jnp.ones((5, 4)),
+      "projection": jnp.ones((4, 3)),
+    },
+    "vision": {"class_embedding": jnp.ones((4,))},
+    "temporal_attn": {"rel_pos": {"table": jnp.ones((5, 2))}},
+    "temporal_text_tokens": jnp.ones((9, 4)),
+    "temporal_conv": {"kernel": jnp.ones((3, 4, 4)), "bias": jnp.ones((4,))},
+  }
+  decayed = {
+    ("conv_in", "spatial", "kernel"),
+    ("time_embed", "dense_0", "kernel"),
+    ("text", "projection"),
+    ("temporal_conv", "kernel"),
+  }
+  for trainable in ("all", "temporal"):
+    config.train.trainable = trainable
+    tx = train_state.make_optimizer(config)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = {
+      p for p, u in traverse_util.flatten_dict(updates).items() if float(jnp.abs(u).max()) > 0
+    }
+    lr = config.optimizer.learning_rate
+    for p, u in traverse_util.flatten_dict(updates).items():
+      if p in moved:
+        np.testing.assert_allclose(u, -lr * 0.1, rtol=1e-6, err_msg=str(p))
+    want = decayed if trainable == "all" else {p for p in decayed if "temporal" in p[0]}
+    assert moved == want, (trainable, sorted(moved ^ want))
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  """k micro-batches give the full batch's loss and gradients (float32, rtol 1e-5), with the
+  summed gradients of the scan constrained to the parameters' shardings (FSDP over 8 devices).
+
+  The loss here is a mean over examples that draws no noise, so the k micro-batch means average
+  to the full batch's exactly up to rounding. (The stages' losses draw their noise per
+  micro-batch, from fold_in(rng, i): they match the full batch in distribution only.)"""
+  import types
+
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("fsdp",))  # Auto axes, as the trainer's
+  param_shardings = {
+    "dense": {"kernel": NamedSharding(mesh, P("fsdp", None)), "bias": NamedSharding(mesh, P())}
+  }
+
+  def loss_fn(model, config, params, batch, rng, frozen=None):
+    del model, config, rng, frozen
+    y = jnp.tanh(batch["x"] @ params["dense"]["kernel"] + params["dense"]["bias"])
+    loss = jnp.mean(jnp.sum((y - batch["y"]) ** 2, axis=-1))
+    return loss, {"loss": loss}
+
+  stage = types.SimpleNamespace(loss_fn=loss_fn)
+  # The optimizer keeps the gradients it is given as its state: the step's gradients, exactly.
+  keep = optax.GradientTransformation(
+    lambda p: jax.tree.map(jnp.zeros_like, p),
+    lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
+  )
+  rng = np.random.default_rng(0)
+  params = {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+    }
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(32, 8)), jnp.float32),
+  }
+  state = train_state.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=keep.init(params),
+    rng=jax.random.key_data(jax.random.key(0)),
+  )
+  state_shardings = train_state.TrainState(
+    step=NamedSharding(mesh, P()),
+    params=param_shardings,
+    ema_params=param_shardings,
+    opt_state=param_shardings,
+    rng=NamedSharding(mesh, P()),
+  )
+  results, texts = {}, {}
+  for k in (1, 2, 4):
+    config = decoder.get_config("tiny")
+    config.train.grad_accum_steps = k
+    step = jax.jit(
+      train_step.make_train_step(None, stage, config, keep, param_shardings),
+      in_shardings=(state_shardings, NamedSharding(mesh, P("fsdp"))),
+    )
+    texts[k] = step.lower(state, batch).as_text()
+    new, metrics = step(state, batch)
+    results[k] = (float(metrics["loss"]), jax.device_get(new.opt_state))
+  for k in (2, 4):
+    np.testing.assert_allclose(results[k][0], results[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[k][1]), jax.tree.leaves(results[1][1]), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert texts[k].count("sharding_constraint") > texts[1].count("sharding_constraint")  # carry
+
+
+def test_metrics_leave_the_device_only_on_logging_checkpoint_and_last_steps(tmp_path, monkeypatch):
+  """log_every=3, checkpoint_every=4, 7 steps: only steps 3, 4, 6 and 7 read metrics; between the
+  end of any other step's call and the next call nothing is fetched from the device (the transfer
+  guard on accelerators; on CPU, where it does not fire, reading a jax.Array's value raises). Every
+  step's loss is still returned."""
+  import contextlib
+
+  from jax._src import array
+
+  @contextlib.contextmanager
+  def no_array_reads():
+    """device_get, float(), int(), bool(), .tolist() and .item() of a jax.Array raise (CPU
+    arrays' np.asarray reads them in place, bypassing this)."""
+    saved = array.ArrayImpl._value, array.ArrayImpl.item
+
+    def refuse(self, *args):
+      raise RuntimeError("a device array was read on a step that reads none")
+
+    array.ArrayImpl._value, array.ArrayImpl.item = property(refuse), refuse
+    try:
+      yield
+    finally:
+      array.ArrayImpl._value, array.ArrayImpl.item = saved
+
+  reading = {3, 4, 6, 7}
+  guard, calls = contextlib.ExitStack(), [0]
+  jit_train_step = train_lib.jit_train_step
+
+  def guarded_jit(*args, **kwargs):
+    step_fn = jit_train_step(*args, **kwargs)
+
+    def step(*inputs):
+      guard.close()  # the previous step's window ends
+      out = step_fn(*inputs)
+      calls[0] += 1
+      if calls[0] not in reading:
+        guard.enter_context(jax.transfer_guard_device_to_host("disallow"))
+        guard.enter_context(no_array_reads())
+      return out
+
+    return step
+
+  monkeypatch.setattr(train_lib, "jit_train_step", guarded_jit)
+  config = _one_device_config(
+    **{"train.num_steps": 7, "train.log_every": 3, "train.checkpoint_every": 4}
+  )
+  try:
+    run = train_lib.train_and_evaluate(config, tmp_path, jax.devices()[:1])
+  finally:
+    guard.close()
+  assert calls[0] == 7 and sorted(run["losses"]) == sorted(run["grad_norms"]) == list(range(1, 8))
+  assert all(math.isfinite(v) for v in run["losses"].values())
+
+
+def test_restoring_params_into_shardings_reads_only_their_slices(tmp_path):
+  """restore_params with shardings: each parameter of the chosen item arrives as a global
+  jax.Array with its target sharding (Orbax reading the slices of this host's devices), the
+  optimizer state unread; a model exported by mav_jax.export restores the same way, and a
+  shardings tree that is not the saved one is a UserError listing the differences."""
+  import orbax.checkpoint as ocp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  rng = np.random.default_rng(1)
+
+  def tree():  # random values: they do not compress, so bytes read follow bytes stored
+    return {
+      "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 1024)), jnp.float32)},
+      "Norm_0": {"scale": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)},
+    }
+
+  moments = {"mu": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32)}
+  state = {"params": tree(), "ema_params": tree(), "opt_state": ({**moments, "nu": moments["mu"]},)}
+  saver = ocp.StandardCheckpointer()
+  saver.save(tmp_path / "run" / "checkpoints" / "3" / "state", state)
+  saver.save(tmp_path / "model" / checkpointing.MODEL_PARAMS, state["ema_params"])
+  saver.wait_until_finished()
+  saver.close()
+  (tmp_path / "model" / checkpointing.MODEL_CONFIG).write_text("{}")
+
+  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices())
+  shardings = {
+    "Dense_0": {"kernel": NamedSharding(mesh, P("a", "b"))},
+    "Norm_0": {"scale": NamedSharding(mesh, P())},
+  }
+  meta = checkpointing.params_metadata(str(tmp_path / "run"))
+  assert meta["Dense_0"]["kernel"].shape == (64, 1024)
+  item_bytes = 64 * 1024 * 4
+  for where, item in (("run", "params"), ("model", "ema_params")):
+    before = _bytes_read()
+    restored = checkpointing.restore_params(str(tmp_path / where), item, shardings=shardings)
+    read = _bytes_read() - before
+    assert read < 1.5 * item_bytes, f"{where}: {read} bytes read for {item_bytes} bytes"
+    assert jax.tree.structure(restored) == jax.tree.structure(state[item])
+    for got, want, target in zip(
+      jax.tree.leaves(restored),
+      jax.tree.leaves(state[item]),
+      jax.tree.leaves(shardings),
+      strict=True,
+    ):
+      assert isinstance(got, jax.Array) and got.sharding == target and got.dtype == want.dtype
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  kernel = restored["Dense_0"]["kernel"]
+  assert {s.data.shape for s in kernel.addressable_shards} == {(32, 256)}
+
+  wrong = {"Dense_0": {"bias": shardings["Norm_0"]["scale"]}, "Norm_0": shardings["Norm_0"]}
+  with pytest.raises(errors.UserError, match="Dense_0/bias: in the target, not saved"):
+    checkpointing.restore_params(str(tmp_path / "run"), shardings=wrong)

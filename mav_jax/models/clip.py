@@ -65,6 +65,12 @@ class ClipConfig:
   eos_token_id: int | None = None
 
 
+def _project(x: Array, proj: Array, dtype: Dtype) -> Array:
+  """The embedding projection in the compute dtype, its result kept in float32 (the contrastive
+  loss normalises it and scales the similarities by up to 100)."""
+  return jnp.matmul(x, proj.astype(dtype), preferred_element_type=jnp.float32)
+
+
 class Block(nn.Module):
   """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -94,7 +100,7 @@ class TextTower(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array) -> tuple[Array, Array]:
-    """tokens [b, l] int -> (embedding [b, embed_dim], token features [b, l, width])."""
+    """tokens [b, l] int -> (float32 embedding [b, embed_dim], token features [b, l, width])."""
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     w, length = c.text.width, tokens.shape[1]
     if length > c.context_length:
@@ -128,7 +134,7 @@ class TextTower(nn.Module):
       (w, c.embed_dim),
       self.param_dtype,
     )
-    return pooled @ proj.astype(self.dtype), x
+    return _project(pooled, proj, self.dtype), x
 
 
 class VisionTower(nn.Module):
@@ -140,7 +146,7 @@ class VisionTower(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
-    """images [b, h, w, 3] (CLIP-normalised) -> embedding [b, embed_dim]."""
+    """images [b, h, w, 3] (CLIP-normalised) -> float32 embedding [b, embed_dim]."""
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     w, p = c.vision.width, c.patch_size
     if images.shape[1:3] != (c.image_size, c.image_size):
@@ -188,7 +194,7 @@ class VisionTower(nn.Module):
       (w, c.embed_dim),
       self.param_dtype,
     )
-    return x @ proj.astype(self.dtype)
+    return _project(x, proj, self.dtype)
 
 
 class CLIP(nn.Module):
@@ -216,5 +222,6 @@ class CLIP(nn.Module):
     return self.vision(images)
 
   def __call__(self, tokens: Array, images: Array) -> tuple[Array, Array, Array]:
-    """(text embeddings, image embeddings, logit scale); embeddings are not normalised."""
+    """(text embeddings, image embeddings, logit scale); embeddings are float32, not
+    normalised."""
     return self.encode_text(tokens), self.encode_image(images), self.logit_scale

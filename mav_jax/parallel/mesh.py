@@ -1,7 +1,10 @@
 """Device meshes from a config: axis sizes inside a slice (ici) and across slices (dcn).
 
-`mesh.axes` names the axes, e.g. ("data", "fsdp", "tensor"); `mesh.ici` and `mesh.dcn` give their
-sizes within one slice and across slices, each allowing one -1 to be inferred from the device count.
+`mesh.axes` names the axes, e.g. ("data", "fsdp", "fsdp_transpose", "tensor"); `mesh.ici` and
+`mesh.dcn` give their sizes within one slice and across slices, each allowing one -1 to be inferred
+from the device count. Within a slice "fsdp" and "fsdp_transpose" may both be -1: together they
+take the devices left, split between them as `split_fsdp` chooses (the trainer and the benchmark
+choose the split that divides the model's train state most evenly).
 One slice gives a plain device mesh; several (multi-slice TPU) a hybrid mesh whose dcn axes cross
 the slower data-centre network. Devices are `jax.devices()` or, for ahead-of-time compilation,
 those of a TPU topology.
@@ -49,18 +52,34 @@ def num_slices(devices: Sequence) -> int:
   return 1 + max(int(getattr(d, "slice_index", 0) or 0) for d in devices)
 
 
-def create_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Mesh:
-  """The mesh of a config's `mesh` section (`axes`, `ici`, `dcn`) over `devices`."""
+def _resolve_ici(names, ici, total: int, split_fsdp) -> tuple[int, ...]:
+  """`resolve_sizes` for `mesh.ici`, where "fsdp" and "fsdp_transpose" may both be -1."""
+  pair = [names.index(a) for a in ("fsdp", "fsdp_transpose") if a in names]
+  if len(pair) == 2 and all(ici[i] == -1 for i in pair):
+    f, t = pair
+    sizes = resolve_sizes([1 if i == t else s for i, s in enumerate(ici)], total, "mesh.ici")
+    fsdp, transpose = split_fsdp(sizes[f]) if split_fsdp else (sizes[f], 1)
+    return tuple(fsdp if i == f else transpose if i == t else s for i, s in enumerate(sizes))
+  return resolve_sizes(ici, total, "mesh.ici")
+
+
+def create_mesh(mesh_config, devices: Sequence | None = None, split_fsdp=None) -> jax.sharding.Mesh:
+  """The mesh of a config's `mesh` section (`axes`, `ici`, `dcn`) over `devices`.
+
+  `split_fsdp(n) -> (fsdp, fsdp_transpose)` splits the n devices of the two FSDP axes when both
+  are -1 in `mesh.ici` (without it, all go to "fsdp")."""
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(mesh_config.axes)
   ici, dcn = tuple(mesh_config.ici), tuple(mesh_config.dcn)
   if not len(names) == len(ici) == len(dcn):
     raise errors.UserError(
-      f"mesh.axes {names}, mesh.ici {ici} and mesh.dcn {dcn} need equal lengths"
+      f"mesh.axes {names}, mesh.ici {ici} and mesh.dcn {dcn} need equal lengths (an older "
+      f"config's three sizes (data, fsdp, tensor) become four: (data, fsdp, fsdp_transpose, "
+      f"tensor), e.g. --config.mesh.ici='(1,-1,-1,1)')"
     )
   slices = num_slices(devices)
   dcn = resolve_sizes(dcn, slices, "mesh.dcn")
-  ici = resolve_sizes(ici, len(devices) // slices, "mesh.ici")
+  ici = _resolve_ici(names, ici, len(devices) // slices, split_fsdp)
   if slices > 1:
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
   elif devices[0].platform == "tpu":

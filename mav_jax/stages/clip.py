@@ -6,6 +6,7 @@ the synthetic image-text pairs (captions name shape and colour), so the cascade 
 pretrained OpenAI / Hugging Face weights load through `mav_jax.models.clip_convert` instead.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -52,10 +53,16 @@ def init(model: CLIP, config, rng: Array):
 
 
 def contrastive_loss(text: Array, image: Array, logit_scale: Array) -> tuple[Array, Array]:
-  """Symmetric InfoNCE over the batch -> (loss, image-to-text top-1 accuracy)."""
+  """Symmetric InfoNCE over the batch -> (loss, image-to-text top-1 accuracy).
+
+  In float32 whatever the towers' compute dtype: the normalised features, their products and the
+  logits (scaled by up to 100: in bfloat16 a logit near 100 would be off by up to 0.25).
+  """
+  text, image = text.astype(jnp.float32), image.astype(jnp.float32)
   text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
   image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-  logits = jnp.exp(jnp.minimum(logit_scale, jnp.log(100.0))) * image @ text.T
+  scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), jnp.log(100.0)))
+  logits = scale * jnp.matmul(image, text.T, precision=jax.lax.Precision.HIGHEST)
   labels = jnp.arange(logits.shape[0])
   loss = (
     optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

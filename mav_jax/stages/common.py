@@ -72,13 +72,20 @@ class FrozenClip:
 
   def load(self, mesh: jax.sharding.Mesh, strategy: str) -> Any:
     """The parameters on `mesh`, sharded by `strategy`'s rules like a trained model's."""
-    _, shardings = self.shardings(mesh, strategy)
-    host = checkpointing.restore_params(self.path)
-    if jax.tree.structure(host) != jax.tree.structure(shardings):
+    abstract, shardings = self.shardings(mesh, strategy)
+
+    def shapes(tree):
+      return {
+        jax.tree_util.keystr(p): tuple(a.shape)
+        for p, a in jax.tree_util.tree_leaves_with_path(tree)
+      }
+
+    if shapes(checkpointing.params_metadata(self.path)) != shapes(abstract):
       raise errors.UserError(
         f"{self.path}: the parameters do not match the CLIP config saved with them"
       )
-    return sharding.place_host_tree(host, shardings)
+    # Each host reads only the slices its devices hold.
+    return checkpointing.restore_params(self.path, shardings=shardings)
 
   def image_embedding(self, params: Any, images: Array) -> Array:
     """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d]."""
