@@ -551,7 +551,8 @@ _LAST_WITH_REMOVED = "020500d"  # the last commit with every removed option
 def upgrade_config(data: dict) -> dict:
   """A config (as JSON data) from an earlier mav_jax in today's form: model.temporal_text_attention,
   text_vocab_size and text_motion_conv become model.text_motion (enabled, vocab_size, conv_size);
-  removed options at their neutral values are dropped, and any other value is an error."""
+  a three-axis mesh (data, fsdp, tensor) gains fsdp_transpose; removed options at their neutral
+  values are dropped, and any other value is an error."""
   data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
   for section, fields in _REMOVED.items():
     for field, neutral in fields.items():
@@ -564,6 +565,14 @@ def upgrade_config(data: dict) -> dict:
           f"longer has; run it with mav_jax at commit {_LAST_WITH_REMOVED} "
           f"(git checkout {_LAST_WITH_REMOVED})"
         )
+  mesh = data.get("mesh", {})
+  if list(mesh.get("axes", [])) == ["data", "fsdp", "tensor"]:  # before fsdp_transpose
+    (d, f, t), (dd, df, dt) = mesh.get("ici", (1, -1, 1)), mesh.get("dcn", (1, 1, 1))
+    mesh.update(
+      axes=["data", "fsdp", "fsdp_transpose", "tensor"],
+      ici=[d, f, -1 if f == -1 else 1, t],  # the devices fsdp took, split for the model
+      dcn=[dd, df, 1, dt],
+    )
   model = data.get("model", {})
   if "temporal_text_attention" in model or (
     "channel_mults" in model and "text_motion" not in model  # a UNet from before the option

@@ -511,6 +511,10 @@ def test_configs_of_earlier_versions_load_in_todays_form():
     "text_motion": {"enabled": True, "vocab_size": 259, "conv_size": 3},
   }
   assert config.sampling.to_dict() == {"num_steps": 10} and config.train.to_dict() == {}
+  mesh = {"axes": ["data", "fsdp", "tensor"], "ici": [1, -1, 2], "dcn": [2, 1, 1]}
+  mesh = checkpointing.config_from_json({"mesh": mesh}).mesh  # before fsdp_transpose
+  assert mesh.axes == ("data", "fsdp", "fsdp_transpose", "tensor") and mesh.ici == (1, -1, -1, 2)
+  assert mesh.dcn == (2, 1, 1, 1)
   unet = checkpointing.config_from_json({"model": {"channel_mults": [1, 2]}})  # before the option
   assert unet.model.text_motion.to_dict() == {"enabled": False, "vocab_size": 0, "conv_size": 0}
   for section, field, value in [
@@ -811,20 +815,27 @@ def test_metrics_leave_the_device_only_on_logging_checkpoint_and_last_steps(tmp_
 
 def test_restoring_params_into_shardings_reads_only_their_slices(tmp_path):
   """restore_params with shardings: each parameter of the chosen item arrives as a global
-  jax.Array with its target sharding (Orbax reading the slices of this host's devices), the
-  optimizer state unread; a model exported by mav_jax.export restores the same way, and a
-  shardings tree that is not the saved one is a UserError listing the differences."""
+  jax.Array with its target sharding, Orbax reading the saved chunks of its slices once (not the
+  optimizer state), whether the target layout is the saved one or another; a model exported by
+  mav_jax.export restores the same way, and a shardings tree that is not the saved one is a
+  UserError listing the differences."""
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   rng = np.random.default_rng(1)
+  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices())
+  saved_as = {
+    "Dense_0": {"kernel": NamedSharding(mesh, P("a", "b"))},
+    "Norm_0": {"scale": NamedSharding(mesh, P())},
+  }
 
   def tree():  # random values: they do not compress, so bytes read follow bytes stored
-    return {
+    host = {
       "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 1024)), jnp.float32)},
       "Norm_0": {"scale": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)},
     }
+    return jax.device_put(host, saved_as)  # saved in chunks by shard, as a sharded run saves
 
   moments = {"mu": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32)}
   state = {"params": tree(), "ema_params": tree(), "opt_state": ({**moments, "nu": moments["mu"]},)}
@@ -835,15 +846,14 @@ def test_restoring_params_into_shardings_reads_only_their_slices(tmp_path):
   saver.close()
   (tmp_path / "model" / checkpointing.MODEL_CONFIG).write_text("{}")
 
-  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices())
-  shardings = {
-    "Dense_0": {"kernel": NamedSharding(mesh, P("a", "b"))},
-    "Norm_0": {"scale": NamedSharding(mesh, P())},
-  }
   meta = checkpointing.params_metadata(str(tmp_path / "run"))
   assert meta["Dense_0"]["kernel"].shape == (64, 1024)
+  other = {
+    "Dense_0": {"kernel": NamedSharding(mesh, P(None, ("a", "b")))},
+    "Norm_0": saved_as["Norm_0"],
+  }
   item_bytes = 64 * 1024 * 4
-  for where, item in (("run", "params"), ("model", "ema_params")):
+  for where, item, shardings in (("run", "params", saved_as), ("model", "ema_params", other)):
     before = _bytes_read()
     restored = checkpointing.restore_params(str(tmp_path / where), item, shardings=shardings)
     read = _bytes_read() - before
@@ -857,9 +867,8 @@ def test_restoring_params_into_shardings_reads_only_their_slices(tmp_path):
     ):
       assert isinstance(got, jax.Array) and got.sharding == target and got.dtype == want.dtype
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  kernel = restored["Dense_0"]["kernel"]
-  assert {s.data.shape for s in kernel.addressable_shards} == {(32, 256)}
+  assert {s.data.shape for s in restored["Dense_0"]["kernel"].addressable_shards} == {(64, 128)}
 
-  wrong = {"Dense_0": {"bias": shardings["Norm_0"]["scale"]}, "Norm_0": shardings["Norm_0"]}
+  wrong = {"Dense_0": {"bias": saved_as["Norm_0"]["scale"]}, "Norm_0": saved_as["Norm_0"]}
   with pytest.raises(errors.UserError, match="Dense_0/bias: in the target, not saved"):
     checkpointing.restore_params(str(tmp_path / "run"), shardings=wrong)
