@@ -153,16 +153,18 @@ def test_frame_skip_and_frame_masks():
   np.testing.assert_array_equal(video.frame_mask("last", 4, 2), [0, 0, 1, 1])
 
 
-def test_clip_indices_at_fps_and_with_skip():
-  # 30 fps source, 3 s long; 5 frames at 10 fps step 3 source frames.
-  idx, fps = video.indices_at_fps(91, 30.0, 10.0, 5)
-  np.testing.assert_array_equal(idx, [0, 3, 6, 9, 12])
+def test_clip_times_at_fps_on_a_constant_rate_video():
+  stamps = np.arange(91) / 30.0  # a 30 fps source, 3 s long
+  # 5 frames at 10 fps step 3 source frames.
+  times, fps = video.clip_times(float(stamps[-1]), 10.0, 5)
+  np.testing.assert_array_equal(video.indices_at_times(stamps, times), [0, 3, 6, 9, 12])
   assert fps == 10.0
   # Too short for 1 fps: the fps rises to what fits (5 frames over 3 s -> 4/3 fps).
-  idx, fps = video.indices_at_fps(91, 30.0, 1.0, 5)
-  assert fps == pytest.approx(4 / 3) and idx[-1] == 90
-  np.testing.assert_array_equal(video.indices_with_skip(20, 4, 3), [0, 4, 8])
-  assert video.indices_with_skip(5, 4, 3)[-1] == 4  # clipped to the last frame
+  times, fps = video.clip_times(float(stamps[-1]), 1.0, 5)
+  assert fps == pytest.approx(4 / 3) and video.indices_at_times(stamps, times)[-1] == 90
+  # Without fitting (a fixed frame skip), the clip runs past the end: its last frame repeats.
+  times, _ = video.clip_times(4 / 30.0, 30.0 / 4, 3, fit=False)
+  np.testing.assert_array_equal(video.indices_at_times(stamps[:5], times), [0, 4, 4])
 
 
 def test_global_batch_spreads_the_host_batch_over_8_devices():
@@ -222,3 +224,118 @@ def test_iterator_state_round_trips_through_orbax_with_grains_handler(tmp_path):
     y = next(fresh)
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
+
+
+# -- time-true decoding: frames chosen by their timestamps ---------------------------------------
+
+# Irregular timestamps (ms): bursts and gaps, 9 frames over 5 s; 30 fps would put them at 0..0.27 s.
+VFR_MS = [0, 100, 150, 1000, 1040, 3000, 3010, 3020, 5000]
+
+
+def _write_timed(path, stamps, time_base, fmt, codec):
+  """A 32x32 video whose frame i is grey level 20 i, shown at stamps[i] * time_base seconds."""
+  import fractions
+
+  import av
+
+  time_base = fractions.Fraction(time_base)
+  with av.open(str(path), "w", format=fmt) as container:
+    stream = container.add_stream(codec, rate=30)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    stream.codec_context.time_base = time_base
+    if fmt != "avi":  # the AVI muxer keeps the codec's time base: one slot per 1/15 s
+      stream.time_base = time_base
+    for i, pts in enumerate(stamps):
+      frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+      frame.pts, frame.time_base = pts, time_base
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  return path.read_bytes()
+
+
+def _frame_numbers(frames):
+  return np.round(frames[:, :, :, 0].astype(float).mean((1, 2)) / 20).astype(int).tolist()
+
+
+def _vfr_videos(tmp_path):
+  """(name, bytes, timestamps in s): a Matroska file with millisecond timestamps, and an AVI whose
+  header counts 76 slots of 1/15 s for 9 frames (as scraped web video does)."""
+  mkv = _write_timed(tmp_path / "vfr.mkv", VFR_MS, "1/1000", "matroska", "libx264")
+  slots = [0, 1, 2, 10, 11, 40, 41, 42, 75]
+  avi = _write_timed(tmp_path / "vfr.avi", slots, "1/15", "avi", "mpeg4")
+  return [
+    ("mkv", mkv, np.array(VFR_MS) / 1000),
+    ("avi", avi, np.array(slots) / 15),
+  ]
+
+
+def test_variable_frame_rate_video_is_probed_and_decoded_in_real_time(tmp_path):
+  for name, data, stamps in _vfr_videos(tmp_path):
+    info = video.probe(data)
+    gap = np.median(np.diff(stamps))  # one frame's display time
+    assert info["frames"] == 9, name
+    assert info["span"] == pytest.approx(5.0), name
+    assert info["duration"] == pytest.approx(5.0 + gap), name
+    assert info["fps"] == pytest.approx(9 / (5.0 + gap)), name
+    frames, times = video.decode_timed(data)
+    assert _frame_numbers(frames) == list(range(9)), name
+    np.testing.assert_allclose(times, stamps, atol=1e-6, err_msg=name)
+    # `decode` reports the real average rate (8 intervals over 5 s), not the header's 30 / 15 fps.
+    assert video.decode(data)[1] == pytest.approx(1.6), name
+    # The frame on screen at each wanted time: the last one at or before it.
+    wanted = np.array([0.0, 0.12, 0.9, 1.02, 2.99, 3.0, 4.5, 5.0, 9.0, -1.0])
+    expected = [int(np.searchsorted(stamps, max(t, 0.0), side="right")) - 1 for t in wanted]
+    clip, chosen = video.decode_at_times(data, wanted)
+    assert _frame_numbers(clip) == expected, name
+    np.testing.assert_allclose(chosen, stamps[expected], atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(video.indices_at_times(times, wanted), expected)
+
+
+def test_clips_of_variable_frame_rate_records_span_real_seconds(tmp_path):
+  from mav_jax.data import records
+
+  for name, data, stamps in _vfr_videos(tmp_path):
+    record = {"kind": "video", "id": name, "caption": "a clip", "video": data, **video.probe(data)}
+    encoded = records.encode_record(record)
+    # 6 frames asked at 0.5 fps do not fit in 5 s: the fps rises to 1, the clip covers 0..5 s.
+    spec = pipeline.ClipSpec(num_frames=6, resolution=32, fps_min=0.5, fps_max=0.5)
+    example = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())(
+      encoded, np.random.default_rng(0)
+    )
+    assert example["fps"] == pytest.approx(1.0), name
+    on_screen = [int(np.searchsorted(stamps, t + 1e-9, side="right")) - 1 for t in range(6)]
+    assert _frame_numbers(example["frames"]) == on_screen, name
+    assert on_screen == ([0, 3, 4, 5, 7, 8] if name == "mkv" else [0, 4, 4, 7, 7, 8])
+    # At 2 fps from a random start: consecutive frames are the ones on screen 0.5 s apart.
+    spec = pipeline.ClipSpec(num_frames=4, resolution=32, fps_min=2.0, fps_max=2.0)
+    make = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())
+    for seed in range(5):
+      got = _frame_numbers(make(encoded, np.random.default_rng(seed))["frames"])
+      starts = np.linspace(0.0, 3.5, 3501)
+      assert any(
+        list(video.indices_at_times(stamps, s + np.arange(4) / 2.0)) == got for s in starts
+      ), (name, got)
+
+
+def test_constant_frame_rate_clips_keep_their_frame_steps(tmp_path):
+  from mav_jax.data import records
+  from mav_jax.utils import video_io
+
+  frames = np.repeat(np.arange(0, 240, 4, dtype=np.uint8), 32 * 32 * 3).reshape(60, 32, 32, 3)
+  video_io.write_video(str(tmp_path / "cfr.mp4"), frames, fps=30)
+  data = (tmp_path / "cfr.mp4").read_bytes()
+  info = video.probe(data)
+  assert info["frames"] == 60 and info["fps"] == pytest.approx(30.0)
+  assert info["span"] == pytest.approx(59 / 30) and info["duration"] == pytest.approx(2.0)
+  assert video.decode(data)[1] == 30.0
+  record = records.encode_record(
+    {"kind": "video", "id": "c", "caption": "a clip", "video": data, **info}
+  )
+  spec = pipeline.ClipSpec(num_frames=6, resolution=32, fps_min=10.0, fps_max=10.0)
+  for seed in range(4):
+    example = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())(
+      record, np.random.default_rng(seed)
+    )
+    got = np.round(example["frames"][:, 0, 0, 0] / 4).astype(int)
+    np.testing.assert_array_equal(np.diff(got), 3)  # 10 fps of a 30 fps video: every 3rd frame
+    assert example["fps"] == pytest.approx(10.0)

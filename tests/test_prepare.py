@@ -292,3 +292,37 @@ def test_prepare_help_exits_zero():
     timeout=120,
   )
   assert proc.returncode == 0 and "--captions" in proc.stdout
+
+
+def test_prepare_stores_real_durations_of_variable_frame_rate_videos(tmp_path):
+  """An AVI whose header counts 76 slots of 1/15 s holds 9 frames over 5 s: the record carries the
+  9 frames, their 5 s span and the real duration, and clips sample real time from them."""
+  import fractions
+
+  import av
+
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  slots = [0, 1, 2, 10, 11, 40, 41, 42, 75]
+  with av.open(str(folder / "7.avi"), "w", format="avi") as container:
+    stream = container.add_stream("mpeg4", rate=15)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    for i, pts in enumerate(slots):
+      frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+      frame.pts, frame.time_base = pts, fractions.Fraction(1, 15)
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  (tmp_path / "results.csv").write_text("videoid,name\n7,a grey fade\n")
+  assert _prepare_videos(tmp_path, tmp_path / "out") == 0
+  (record,) = map(records.decode_record, records.array_record_source(str(tmp_path / "out")))
+  assert record["frames"] == 9 and record["span"] == pytest.approx(5.0)
+  assert record["duration"] == pytest.approx(5.0 + 1 / 15)
+  assert record["fps"] == pytest.approx(9 / (5.0 + 1 / 15))
+  # 6 frames at (raised to) 1 fps cover 0..5 s: the frames on screen at 0, 1, ..., 5 s.
+  spec = pipeline.ClipSpec(num_frames=6, resolution=32, fps_min=0.5, fps_max=0.5)
+  example = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())(
+    records.encode_record(record), np.random.default_rng(0)
+  )
+  shown = np.round(example["frames"][:, :, :, 0].mean((1, 2)) / 20).astype(int)
+  np.testing.assert_array_equal(shown, [0, 4, 4, 7, 7, 8])
+  assert example["fps"] == pytest.approx(1.0)

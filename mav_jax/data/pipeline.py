@@ -127,17 +127,23 @@ class MakeExample:
         raise errors.UserError("an image record in a video pipeline: prepare videos with `videos`")
       frames = video.decode(record["image"], max_frames=1)[0]
       return video.resize_and_crop(frames, spec.resolution, crop_rng), 0.0, record["caption"]
+    # Frames are chosen by their timestamps (seconds from the first frame). `span` (the first to
+    # the last frame's timestamp) comes from `prepare`; records written before it was stored
+    # assume evenly spaced frames, (frames - 1) / fps.
     num_source, source_fps = int(record["frames"]), float(record["fps"]) or 30.0
-    if spec.kind == "image":  # one random frame of a video
-      idx, fps = np.array([rng.integers(max(num_source, 1))]), 0.0
-    elif spec.frame_skip:
-      idx = video.indices_with_skip(num_source, spec.frame_skip, spec.num_frames, rng)
+    span = record.get("span")
+    if isinstance(span, bool) or not isinstance(span, (int, float)) or not span >= 0:
+      span = max(num_source - 1, 0) / source_fps
+    span = float(span)
+    if spec.kind == "image":  # the frame on screen at a random time
+      times, fps = np.array([rng.uniform(0.0, span)]), 0.0
+    elif spec.frame_skip:  # every frame_skip-th frame of the average frame rate, in real time
       fps = source_fps / spec.frame_skip
+      times, _ = video.clip_times(span, fps, spec.num_frames, rng, fit=False)
     else:
       target = video.sample_fps(rng, spec.fps_min, spec.fps_max, spec.fps_alpha, spec.fps_beta)
-      idx, fps = video.indices_at_fps(num_source, source_fps, target, spec.num_frames, rng)
-    decoded, _ = video.decode(record["video"], max_frames=int(idx.max()) + 1)
-    frames = decoded[np.minimum(idx, len(decoded) - 1)]
+      times, fps = video.clip_times(span, target, spec.num_frames, rng)
+    frames, _ = video.decode_at_times(record["video"], times)
     return video.resize_and_crop(frames, spec.resolution, crop_rng), fps, record["caption"]
 
 

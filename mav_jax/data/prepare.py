@@ -80,6 +80,9 @@ def _read_captions(
 def _video_record(key: str, caption: str, path: str) -> dict:
   with open(path, "rb") as f:
     data = f.read()
+  # Frames counted from the packets (not the header, which in AVI counts time slots), "span" (first
+  # to last frame timestamp, s), the real "duration" and average "fps": the pipeline chooses clip
+  # frames by their timestamps within the span (see video.probe).
   info = video.probe(data)
   if info["frames"] < 1:
     raise errors.UserError("the video has no frames")
