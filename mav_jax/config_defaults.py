@@ -27,10 +27,16 @@ def new_config(stage: str, arg: str | None, variants: tuple[str, ...]) -> ml_col
 def add_data(config: ml_collections.ConfigDict) -> None:
   """`config.data`: what an example is and where it comes from (mav_jax.data)."""
   config.data = ml_collections.ConfigDict()
-  # "synthetic" (the embedded shapes-in-motion world) or a folder made by mav_jax.data.prepare.
+  # "synthetic" (the embedded shapes-in-motion world), a folder made by mav_jax.data.prepare, or a
+  # TFDS dataset "tfds:NAME[/CONFIG][:SPLIT]" (mav_jax.data.tfds_datasets; split default "train").
   config.data.source = "synthetic"
-  # Prepared folder for evaluation when `source` is a folder ("" for none).
+  # Prepared folder or tfds: source for evaluation when `source` is not synthetic ("" for none).
   config.data.eval_source = ""
+  # TFDS data dir of tfds: sources (local or gs://; "" for TFDS's default, $TFDS_DATA_DIR).
+  config.data.tfds_data_dir = ""
+  # Frame rate of TFDS videos stored as decoded frames without an "fps" feature (TFDS's ucf101:
+  # 25); 0 refuses such datasets.
+  config.data.tfds_fps = 0.0
   # "video" clips (temporal training) or "image" single frames (spatial training).
   config.data.kind = "video"
   # Frames per clip (the paper's D^t makes 16).

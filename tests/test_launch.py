@@ -265,7 +265,13 @@ def test_life_of_a_run_on_two_workers(make_cloud, source_repo, tmp_path):
   assert "process 1 of 2, 4 devices" in cloud.log(1)
   out = _lose(cloud, 1)
   assert "lost contact with process 1 (its heartbeats stopped" in out, out
-  assert "[train] error: process 0 of 2 stopped" in cloud.log(0)
+  # The survivor's log says why it ended: its own error line when the failed collective reaches
+  # Python first, or (when JAX's coordination service aborts it first: metrics are read only on
+  # logging steps, so nothing may be waiting on the device) JAX's own line naming the lost process.
+  survivor = cloud.log(0)
+  assert "[train] error: process 0 of 2 stopped" in survivor or any(
+    line.startswith("lost contact with process 1") for line in worker.diagnose(survivor.encode())
+  ), survivor[-3000:]
 
   last = _checkpoints(workdir)[-1]
   out = cloud.launch("train", *_train_flags(workdir, last + 1, launcher=["--foreground"]))

@@ -1,6 +1,6 @@
 """Grain input pipelines for video-text clips and image-text pairs, per host, checkpointable.
 
-  source (synthetic scenes or ArrayRecord shards)
+  source (synthetic scenes, `prepare`'s ArrayRecord shards, or a TFDS dataset via tfds.data_source)
     -> shuffle(seed) -> repeat (reshuffled every epoch; the same permutation on every host)
     -> this host's positions [process_index::process_count]   (hosts read disjoint records)
     -> random_map(make example)  (decode, random fps or frame skip, crop, tokenise; per-example RNG)
@@ -86,7 +86,14 @@ class MakeExample:
         name = f"synthetic-{record['index']}"
         frames, fps, caption = self._synthetic(record, rng)
       else:
-        record = records.decode_record(record)
+        if isinstance(record, dict):  # read from TFDS (TfdsSource)
+          name = str(record.get("id", "?"))
+          if record.get("kind") == "video" and isinstance(record.get("video"), bytes):
+            if not {"frames", "fps"} <= record.keys():  # a dataset without them: probe the file
+              record = {**video.probe(record["video"]), **record}
+          record = records.check_record(record)
+        else:
+          record = records.decode_record(record)
         name = str(record.get("id", "?"))
         frames, fps, caption = self._decoded(record, rng)
     except (records.CorruptRecord, video.UnreadableVideo, ValueError, OSError) as e:
@@ -125,7 +132,9 @@ class MakeExample:
     if record["kind"] == "image":
       if spec.kind != "image":
         raise errors.UserError("an image record in a video pipeline: prepare videos with `videos`")
-      frames = video.decode(record["image"], max_frames=1)[0]
+      frames = _frames_of(record["image"][None]) if _decoded(record["image"]) else None
+      if frames is None:
+        frames = video.decode(record["image"], max_frames=1)[0]
       return video.resize_and_crop(frames, spec.resolution, crop_rng), 0.0, record["caption"]
     # Frames are chosen by their timestamps (seconds from the first frame). `span` (the first to
     # the last frame's timestamp) comes from `prepare`; records written before it was stored
@@ -143,8 +152,25 @@ class MakeExample:
     else:
       target = video.sample_fps(rng, spec.fps_min, spec.fps_max, spec.fps_alpha, spec.fps_beta)
       times, fps = video.clip_times(span, target, spec.num_frames, rng)
-    frames, _ = video.decode_at_times(record["video"], times)
+    if _decoded(record["video"]):  # decoded frames (a TFDS Video feature), evenly spaced
+      all_frames = _frames_of(record["video"])
+      indices = video.indices_at_times(np.arange(len(all_frames)) / source_fps, times)
+      frames = all_frames[indices]
+    else:
+      frames, _ = video.decode_at_times(record["video"], times)
     return video.resize_and_crop(frames, spec.resolution, crop_rng), fps, record["caption"]
+
+
+def _decoded(media) -> bool:
+  return isinstance(media, np.ndarray) and media.ndim > 0
+
+
+def _frames_of(array: np.ndarray) -> np.ndarray:
+  """uint8 [n, h, w, 3] from decoded frames [n, h, w, c] (grey repeated, alpha dropped)."""
+  if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or len(array) < 1:
+    raise ValueError(f"decoded frames of shape {array.shape}: expected [n, h, w, 1, 3 or 4]")
+  array = np.asarray(array, np.uint8)
+  return np.repeat(array, 3, -1) if array.shape[-1] == 1 else array[..., :3]
 
 
 @dataclasses.dataclass
@@ -212,13 +238,25 @@ class SkipInvalid(grain.IterDataset):
 
 
 def make_source(data_config, split: str, spec: ClipSpec):
-  """The random-access source named by the config: "synthetic" or a prepared dataset folder."""
+  """The random-access source named by the config: "synthetic", a prepared dataset folder, or a
+  TFDS dataset, "tfds:NAME[/CONFIG][:SPLIT]" (in data.tfds_data_dir)."""
   if data_config.source == "synthetic":
     count = data_config.num_train if split == "train" else data_config.num_eval
     return synthetic.SyntheticSource(split, count, spec.synthetic_duration, data_config.seed)
   folder = data_config.source if split == "train" else data_config.get("eval_source", "")
   if not folder:
-    raise errors.UserError(f"no {split} data: set data.eval_source to a prepared dataset folder")
+    raise errors.UserError(
+      f"no {split} data: set data.eval_source to a prepared dataset folder or a tfds: source"
+    )
+  if folder.startswith("tfds:"):
+    from mav_jax.data import tfds_datasets  # imports TensorFlow Datasets: only when asked for
+
+    return tfds_datasets.TfdsSource(
+      folder,
+      spec.kind,
+      data_config.get("tfds_data_dir", ""),
+      data_config.get("tfds_fps", 0.0),
+    )
   return records.array_record_source(folder)
 
 

@@ -5,6 +5,8 @@ r"""Prepares real data as ArrayRecord shards for the input pipeline.
   python -m mav_jax.data.prepare videos --videos DIR --captions results.csv --output OUT
   # Image-text pairs: a CSV with columns `image,caption` (image: a file name inside --images)
   python -m mav_jax.data.prepare images --images DIR --captions captions.csv --output OUT
+  # Either, as a TFDS dataset (ArrayRecord) in the TFDS data dir OUT (mav_jax.data.tfds_datasets)
+  python -m mav_jax.data.prepare videos ... --output OUT --format tfds [--split train] [--name N]
 
 Every file is checked (videos: PyAV opens it and decodes a frame; images: PIL verifies it);
 unreadable and missing files are skipped, counted and named in the report and in OUT/metadata.json.
@@ -119,6 +121,34 @@ def _find_video(folder: str, key: str, page_dir: str) -> str | None:
   return None
 
 
+def captioned_files(
+  kind: str, inputs: str, captions: str, encoding: str = "utf-8"
+) -> tuple[list[tuple[str, str, str | None]], list[dict], object]:
+  """([(id, caption, file path or None when missing)], repeated-id rows, record maker) of a folder
+  and its captions CSV: the reading shared by the ArrayRecord and TFDS outputs. The maker turns
+  (id, caption, path) into a record dict, raising ValueError / OSError for an unreadable file."""
+  if kind == "video":
+    table, duplicates = _read_captions(captions, "videoid", "name", "page_dir", encoding)
+    entries = [(key, cap, _find_video(inputs, key, page)) for key, (cap, page) in table.items()]
+    return entries, duplicates, _video_record
+  table, duplicates = _read_captions(captions, "image", "caption", encoding=encoding)
+  entries = [
+    (key, caption, p if os.path.isfile(p := os.path.join(inputs, key)) else None)
+    for key, (caption, _) in table.items()
+  ]
+  return entries, duplicates, _image_record
+
+
+def log_duplicates(duplicates: list[dict], log, where: str = records.METADATA) -> None:
+  if duplicates:
+    log(
+      f"[prepare] {len(duplicates)} row(s) repeat an id of an earlier row; the first row of each "
+      f"id is kept: "
+      + ", ".join(f"{d['id']} (row {d['row']})" for d in duplicates[:10])
+      + (f" and {len(duplicates) - 10} more (see {where})" if len(duplicates) > 10 else "")
+    )
+
+
 def prepare(
   kind: str,
   inputs: str,
@@ -145,26 +175,8 @@ def prepare(
     raise errors.UserFileNotFoundError(f"input folder not found: {inputs}")
   if shard_size < 1:
     raise errors.UserError(f"--shard_size must be positive, got {shard_size}")
-  if kind == "video":
-    table, duplicates = _read_captions(captions, "videoid", "name", "page_dir", encoding)
-    entries = [(key, cap, _find_video(inputs, key, page)) for key, (cap, page) in table.items()]
-    make = _video_record
-  else:
-    table, duplicates = _read_captions(captions, "image", "caption", encoding=encoding)
-    entries = [
-      (key, caption, p if os.path.isfile(p := os.path.join(inputs, key)) else None)
-      for key, (caption, _) in table.items()
-    ]
-    make = _image_record
-  if duplicates:
-    log(
-      f"[prepare] {len(duplicates)} row(s) repeat an id of an earlier row; the first row of each "
-      f"id is kept: "
-      + ", ".join(f"{d['id']} (row {d['row']})" for d in duplicates[:10])
-      + (
-        f" and {len(duplicates) - 10} more (see {records.METADATA})" if len(duplicates) > 10 else ""
-      )
-    )
+  entries, duplicates, make = captioned_files(kind, inputs, captions, encoding)
+  log_duplicates(duplicates, log)
 
   staging = f"{output.rstrip(os.sep)}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
@@ -245,6 +257,28 @@ def prepare(
   return metadata
 
 
+def _prepare_tfds(kind: str, inputs: str, args, log=print) -> None:
+  if args.overwrite:
+    raise errors.UserError("--overwrite is for --format array_record; a TFDS version is immutable")
+  from mav_jax.data import tfds_datasets  # TensorFlow Datasets: imported only when asked for
+
+  source, meta = tfds_datasets.build(
+    kind, inputs, args.captions, args.output, args.split, args.name, args.encoding, log
+  )
+  log(
+    f"[prepare] wrote {meta['count']} {kind} examples to TFDS {source[5:]} in {args.output}; "
+    f"skipped {meta['skipped_count']}; {len(meta['duplicate_ids'])} repeated id(s) left out"
+  )
+  for item in meta["skipped"][:20]:
+    log(f"[prepare]   skipped {item['id']}: {item['reason']}")
+  if len(meta["skipped"]) > 20:
+    log(f"[prepare]   ... and {len(meta['skipped']) - 20} more (see the dataset's metadata.json)")
+  log(
+    f"[prepare] train on it with --config.data.source={source} --config.data.tfds_data_dir="
+    + args.output
+  )
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m mav_jax.data.prepare",
@@ -261,19 +295,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard_size", type=int, default=1000, help="records per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--encoding", default="utf-8", help="the captions CSV's text encoding")
+    p.add_argument(
+      "--format",
+      choices=("array_record", "tfds"),
+      default="array_record",
+      help="array_record: mav_jax's own shards in --output (data.source=OUTPUT); tfds: a TFDS "
+      "dataset (mav_video_text / mav_image_text, ArrayRecord files) in the TFDS data dir --output "
+      "(data.source=tfds:NAME[/CONFIG]:SPLIT, data.tfds_data_dir=OUTPUT)",
+    )
+    p.add_argument("--split", default="train", help="--format tfds: the split the CSV becomes")
+    p.add_argument(
+      "--name", default="", help="--format tfds: a config name (several datasets in one data dir)"
+    )
   args = parser.parse_args(argv)
   kind = "video" if args.kind == "videos" else "image"
   inputs = args.videos if kind == "video" else args.images
   try:
-    prepare(
-      kind,
-      inputs,
-      args.captions,
-      args.output,
-      args.shard_size,
-      args.overwrite,
-      encoding=args.encoding,
-    )
+    if args.format == "tfds":
+      _prepare_tfds(kind, inputs, args)
+    else:
+      prepare(
+        kind,
+        inputs,
+        args.captions,
+        args.output,
+        args.shard_size,
+        args.overwrite,
+        encoding=args.encoding,
+      )
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

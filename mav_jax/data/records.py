@@ -13,6 +13,7 @@ import os
 
 import grain
 import msgpack
+import numpy as np
 
 from mav_jax import errors
 
@@ -22,8 +23,14 @@ KINDS = ("video", "image")
 
 # Required fields of each kind of record, with their accepted types.
 _FIELDS = {
-  "video": {"id": str, "caption": str, "video": bytes, "fps": (int, float), "frames": int},
-  "image": {"id": str, "caption": str, "image": bytes},
+  "video": {
+    "id": str,
+    "caption": str,
+    "video": (bytes, np.ndarray),
+    "fps": (int, float),
+    "frames": int,
+  },
+  "image": {"id": str, "caption": str, "image": (bytes, np.ndarray)},
 }
 
 
@@ -40,6 +47,12 @@ def decode_record(data: bytes) -> dict:
     record = msgpack.unpackb(data, raw=False)
   except (msgpack.exceptions.ExtraData, ValueError, TypeError) as e:
     raise CorruptRecord(f"record is not valid msgpack: {e}") from e
+  return check_record(record)
+
+
+def check_record(record) -> dict:
+  """`record` if it is a valid record map (decoded, or read from TFDS by `TfdsSource`: there the
+  media may also be decoded frames, a uint8 array), else CorruptRecord."""
   if not isinstance(record, dict) or record.get("kind") not in KINDS:
     raise CorruptRecord("record is not a mav_jax video or image record")
   for field, types in _FIELDS[record["kind"]].items():
