@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mav_jax import errors
-from mav_jax.utils import cli
+from mav_jax.utils import cli, distributed
 
 STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
 
@@ -52,13 +52,26 @@ _FPS = flags.DEFINE_float("fps", None, "Motion: D^t's frame rate (default: the d
 _STEPS = flags.DEFINE_string("steps", None, "Sampler steps, or stage=n,... (default: configs).")
 _GUIDANCE = flags.DEFINE_string("guidance", None, "Guidance scale, or stage=scale,...")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_STRATEGY = flags.DEFINE_enum(
+  "strategy",
+  "data_parallel",
+  ["data_parallel", "fsdp", "tensor", "fsdp_tensor"],
+  "How the cascade's parameters are sharded over the devices (fsdp for stages too large for one "
+  "device); the batch is split over the devices either way.",
+)
+_TENSOR = flags.DEFINE_integer(
+  "tensor", None, "Devices on the tensor axis for --strategy tensor / fsdp_tensor (default 2)."
+)
 
 _FILES = ("results.json", "results.md", "preview.gif")
 _PREFIXES = ("stage_", "gen_", "real_")
 
 
 def log(message: str) -> None:
-  print(message, file=sys.stderr)
+  import jax
+
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _check_output() -> None:
@@ -88,6 +101,8 @@ def _cascade(until: str):
     # Benchmark captions are what they are: cut at the text encoder's context, as CLIP-based
     # evaluations do, and said once.
     truncate_prompts=True,
+    strategy=_STRATEGY.value,
+    tensor=_TENSOR.value,
   )
   return cascade, checkpoints
 
@@ -103,8 +118,11 @@ def run_protocol() -> dict:
   protocols.check_real_side(config, protocols.parse_metrics(config))
   cascade, _ = _cascade(config.until)
   values = protocols.run(config, cascade, _OUTPUT.value, _SEED.value, log)
-  print(json.dumps(values, indent=2))
-  log(f"[evaluate] wrote {_OUTPUT.value}/results.json, results.md, preview.gif, *.npz")
+  import jax
+
+  if jax.process_index() == 0:  # every process has the same results; process 0 wrote them
+    print(json.dumps(values, indent=2))
+    log(f"[evaluate] wrote {_OUTPUT.value}/results.json, results.md, preview.gif, *.npz")
   return values
 
 
@@ -154,6 +172,7 @@ def run_motion() -> list[dict]:
 
 def main(argv):
   del argv  # cli.main rejects positional arguments
+  distributed.start()
   cli.run_user_command(run_protocol if _CONFIG.value is not None else run_motion)
 
 

@@ -11,7 +11,12 @@ With no checkpoint flags it uses the shipped tiny cascade (checkpoints/tiny/<sta
 Any part of the cascade: --until=decoder|interp|sr_low|sr_high; stage checkpoints with --prior,
 --decoder, --interp, --sr_low, --sr_high (model folders from mav_jax.export or training workdirs).
 Per-stage sampling: --steps=20 or --steps=decoder=30,sr_high=8 (likewise --sampler, --guidance).
-Writes the video (.gif or .mp4) and a contact sheet of its frames (<output>.png).
+Writes the video (.gif or .mp4) and a contact sheet of its frames (<output>.png); a prompts file
+gives <output>_000.gif, <output>_001.gif, ..., made --batch_size videos at a time.
+At scale: every stage is compiled once and reused by every batch; the batch is split over all the
+devices (--strategy shards the parameters too: fsdp for stages too large for one device); several
+processes (a pod, or `python launch/local.py --module mav_jax.sample --num_processes 2 -- ...`) each
+make and write their share of the videos, under the same names as one process would.
 """
 
 import os
@@ -20,7 +25,7 @@ import sys
 from absl import flags
 
 from mav_jax import errors
-from mav_jax.utils import cli
+from mav_jax.utils import cli, distributed
 
 MODES = ("text", "image", "variation", "interpolate", "extend")
 STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
@@ -66,7 +71,18 @@ _STRATEGY = flags.DEFINE_enum(
   "strategy",
   "data_parallel",
   ["data_parallel", "fsdp", "tensor", "fsdp_tensor"],
-  "How parameters are sharded over the devices.",
+  "How parameters are sharded over the devices (fsdp for stages too large for one device); the "
+  "batch is split over the devices either way.",
+)
+_TENSOR = flags.DEFINE_integer(
+  "tensor", None, "Devices on the tensor axis for --strategy tensor / fsdp_tensor (default 2)."
+)
+_BATCH = flags.DEFINE_integer(
+  "batch_size",
+  8,
+  "Videos per cascade call (text mode): a prompts file goes through in batches of this size, the "
+  "last one padded (each batch is padded to a multiple of the devices too; a video depends on the "
+  "seed, the batch size and its line, not on the devices).",
 )
 
 
@@ -91,6 +107,13 @@ def _prompts() -> list[str]:
   return [_PROMPT.value]
 
 
+def log(message: str) -> None:
+  import jax
+
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _outputs(n: int) -> list[str]:
   """Output paths for n videos (numbered when n > 1), all checked before any work is done."""
   from mav_jax.utils import video_io
@@ -110,6 +133,7 @@ def _outputs(n: int) -> list[str]:
 def run() -> list[str]:
   import time
 
+  distributed.start()
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -127,6 +151,8 @@ def run() -> list[str]:
   if mode in ("variation", "extend") and not _VIDEO.value:
     raise errors.UserError(f"{mode} mode needs --video")
   for name, value, ok, rule in [
+    ("batch_size", _BATCH.value, lambda v: v >= 1, ">= 1"),
+    ("tensor", _TENSOR.value, lambda v: v >= 1, ">= 1"),
     ("frame_skip", _SKIP.value, lambda v: v >= 1, ">= 1 (1: no interpolation)"),
     ("num_frames", _FRAMES.value, lambda v: v >= 2, ">= 2"),
     ("strength", _STRENGTH.value, lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -139,9 +165,9 @@ def run() -> list[str]:
   outputs = _outputs(len(prompts) if prompts else 1)
   # Inputs are read before any model is loaded, so a bad file fails fast.
   pictures = [sample_lib.read_image(p) for p in images]
-  video, video_fps = (None, None)
+  video, video_times = (None, None)
   if mode in ("variation", "extend"):
-    video, video_fps = sample_lib.read_video(_VIDEO.value)
+    video, video_times = sample_lib.read_video(_VIDEO.value)
 
   last = STAGES.index(_UNTIL.value)
   if mode not in ("text", "variation") and last < STAGES.index("interp"):
@@ -174,25 +200,45 @@ def run() -> list[str]:
     samplers=samplers,
     guidance=guidance,
     truncate_prompts=_TRUNCATE.value,
+    tensor=_TENSOR.value,
   )
-  print(
-    f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s), "
-    f"loaded in {time.time() - start:.1f}s",
-    file=sys.stderr,
+  log(
+    f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s) "
+    f"({jax.process_count()} process(es), mesh {dict(cascade.mesh.shape)}), loaded in "
+    f"{time.time() - start:.1f}s"
   )
   rng = jax.random.key(_SEED.value)
   base = cascade.base_resolution
   until = _UNTIL.value
+
+  def write(index: int, video, fps: float) -> None:
+    path = outputs[index]
+    frames = video_io.to_uint8(np.asarray(video))
+    scale = sample_lib.scale_for(frames.shape[1])
+    video_io.write_video(path, frames, fps=fps, scale=scale)
+    if _SHEET.value:
+      video_io.contact_sheet(frames, os.path.splitext(path)[0] + ".png", scale=scale)
+    print(
+      f"[sample] wrote {path} ({len(frames)} frames, {frames.shape[1]}x{frames.shape[2]}, "
+      f"{fps:g} fps) in {time.time() - start:.1f}s",
+      file=sys.stderr,
+    )
+
   if mode == "text":
-    clip, fps = cascade.text_to_video(
+    sample_lib.text_batches(
+      cascade,
       prompts,
+      _BATCH.value,
       rng,
+      write,
+      log,
       fps=_FPS.value,
       num_frames=_FRAMES.value,
       frame_skip=_SKIP.value,
       negative_prompt=_NEGATIVE.value,
       until=until,
     )
+    return outputs
   elif mode == "image":
     image = jnp.asarray(sample_lib.to_model_frames(pictures[0][None], base))
     clip, fps = cascade.image_to_video(
@@ -202,11 +248,11 @@ def run() -> list[str]:
     first, last_image = (jnp.asarray(sample_lib.to_model_frames(p[None], base)) for p in pictures)
     clip, fps = cascade.interpolate(first, last_image, rng, fps=_FPS.value, until=until)
   elif mode == "variation":
-    frames = _FRAMES.value or int(cascade.stages["decoder"].config.data.num_frames)
-    # Frames evenly spaced over the whole video: their rate, unless --fps says otherwise.
-    spaced_fps = video_fps * (frames - 1) / max(len(video) - 1, 1)
+    count = _FRAMES.value or int(cascade.stages["decoder"].config.data.num_frames)
+    # Frames evenly spaced in time over the whole video: their rate, unless --fps says otherwise.
+    picked, spaced_fps = sample_lib.frames_in_time(video, video_times, count=count)
     clip, fps = cascade.variation(
-      jnp.asarray(sample_lib.to_model_frames(video, base, frames))[None],
+      jnp.asarray(sample_lib.to_model_frames(picked, base))[None],
       rng,
       strength=_STRENGTH.value,
       fps=_FPS.value or spaced_fps,
@@ -214,25 +260,18 @@ def run() -> list[str]:
       until=until,
     )
   else:
+    # The video at --fps (default: its average real rate), frames chosen by their timestamps.
+    picked, video_fps = sample_lib.frames_in_time(video, video_times, fps=_FPS.value)
     clip, fps = cascade.extend(
-      jnp.asarray(sample_lib.to_model_frames(video, base))[None],
+      jnp.asarray(sample_lib.to_model_frames(picked, base))[None],
       rng,
       times=_EXTEND.value,
       context=_CONTEXT.value,
-      fps=_FPS.value or video_fps,
+      fps=video_fps,
       until=until,
     )
-  frames = video_io.to_uint8(np.asarray(clip))
-  scale = sample_lib.scale_for(frames.shape[2])
-  for path, video_frames in zip(outputs, frames, strict=True):
-    video_io.write_video(path, video_frames, fps=fps, scale=scale)
-    if _SHEET.value:
-      video_io.contact_sheet(video_frames, os.path.splitext(path)[0] + ".png", scale=scale)
-    print(
-      f"[sample] wrote {path} ({len(video_frames)} frames, {frames.shape[2]}x{frames.shape[3]}, "
-      f"{fps:g} fps) in {time.time() - start:.1f}s",
-      file=sys.stderr,
-    )
+  for row, video in sample_lib.local_rows(clip).items():
+    write(row, video, fps)
   return outputs
 
 

@@ -15,6 +15,7 @@ sharding rules (any device count); videos are [b, f, h, w, 3] in [-1, 1].
 
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -59,26 +60,40 @@ class LoadedStage:
     return stages.get_stage(self.name)
 
 
-def _place(stage, model, config, host_params, mesh, strategy: str, path: str):
-  boxed = jax.eval_shape(lambda: stage.init(model, config, jax.random.key(0)))
+def _boxed_params(stage, model, config):
+  return jax.eval_shape(lambda: stage.init(model, config, jax.random.key(0)))
+
+
+def _item(path: str) -> str:
+  return "params" if checkpointing.is_exported_model(path) else "ema_params"
+
+
+def _place(stage, model, config, path: str, mesh, strategy: str, given: str):
+  """The checkpoint's parameters read straight into their shardings on `mesh` (each host reads
+  only the slices its devices hold), after checking they fit the model."""
+  boxed = _boxed_params(stage, model, config)
   shardings = sharding.tree_shardings(boxed, sharding.strategy_rules(strategy), mesh)
-  want = {"/".join(p): s.shape for p, s in traverse_util.flatten_dict(nn.unbox(boxed)).items()}
-  have = {"/".join(p): np.shape(a) for p, a in traverse_util.flatten_dict(host_params).items()}
+
+  def shapes(tree):
+    return {"/".join(p): tuple(a.shape) for p, a in traverse_util.flatten_dict(tree).items()}
+
+  want, have = shapes(nn.unbox(boxed)), shapes(checkpointing.params_metadata(path, _item(path)))
   if want != have:
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     raise CheckpointError(
-      f"{path}: its parameters do not fit the model its config describes "
+      f"{given}: its parameters do not fit the model its config describes "
       f"(first differences: {diff[:5]}); re-export the checkpoint with mav_jax.export"
     )
-  return sharding.place_host_tree(host_params, shardings)
+  return checkpointing.restore_params(path, _item(path), shardings=shardings)
 
 
-def load_stage(name: str, path: str, mesh, strategy: str = "data_parallel") -> LoadedStage:
-  """Loads stage `name` from a model checkpoint or training workdir, with clear errors."""
+def read_stage(name: str, path: str) -> tuple[str, Any, Any]:
+  """(resolved path, config, model) of stage `name`'s checkpoint, with clear errors; none of its
+  parameters is read."""
   given = path
   path = paths.resolve(path)
   try:
-    config, host = checkpointing.load_model(path)
+    config = checkpointing.load_config(path)
   except FileNotFoundError as e:
     raise CheckpointError(
       f"--{name}={given!r}: no {name} checkpoint there ({e}). Train it with "
@@ -94,33 +109,86 @@ def load_stage(name: str, path: str, mesh, strategy: str = "data_parallel") -> L
       f"--{name}={given!r} is an image-stage checkpoint (trained with data.kind=image); sampling "
       f"needs the video stage trained from it (train.init_from)"
     )
-  stage = stages.get_stage(name)
-  model = stage.make_model(config)
-  params = _place(stage, model, config, host, mesh, strategy, given)
-  return LoadedStage(name, path, config, model, params)
+  return path, config, stages.get_stage(name).make_model(config)
+
+
+def load_stage(name: str, path: str, mesh, strategy: str = "data_parallel") -> LoadedStage:
+  """Loads stage `name` from a model checkpoint or training workdir onto `mesh`, with clear
+  errors."""
+  resolved, config, model = read_stage(name, path)
+  params = _place(stages.get_stage(name), model, config, resolved, mesh, strategy, path)
+  return LoadedStage(name, resolved, config, model, params)
+
+
+MESH_AXES = ("data", "fsdp", "fsdp_transpose", "tensor")
+
+
+def sampling_mesh(
+  strategy: str, devices=None, tensor: int | None = None, boxed=None
+) -> jax.sharding.Mesh:
+  """The trainer's mesh axes over `devices` (default: all, of every process) for sampling with
+  `strategy`: data_parallel puts every device on "data"; fsdp on the two FSDP axes (split to divide
+  `boxed`, the largest stage's abstract parameters, most evenly); the tensor strategies put
+  `tensor` devices (default 2) on "tensor" and the rest on "data" / the FSDP axes. The batch is
+  split over every axis but "tensor" (sharding.batch_sharding), as in training."""
+  import ml_collections
+
+  from mav_jax.parallel import mesh as mesh_lib
+
+  devices = list(jax.devices() if devices is None else devices)
+  rules = sharding.strategy_rules(strategy)  # unknown names fail here
+  if tensor is None:
+    tensor = 2 if "tensor" in strategy and len(devices) % 2 == 0 else 1
+  if "tensor" not in strategy and tensor != 1:
+    raise errors.UserError(
+      f"--tensor={tensor} needs a tensor strategy (--strategy tensor or fsdp_tensor); "
+      f"{strategy} uses no tensor axis"
+    )
+  if tensor < 1 or len(devices) % tensor:
+    raise errors.UserError(
+      f"--tensor={tensor} must divide the {len(devices)} devices (e.g. --tensor=2)"
+    )
+  fsdp = -1 if "fsdp" in strategy else 1
+  ici = (1 if fsdp == -1 else -1, fsdp, fsdp, tensor)
+  config = ml_collections.ConfigDict({"axes": MESH_AXES, "ici": ici, "dcn": (-1, 1, 1, 1)})
+
+  def split_fsdp(n):
+    if boxed is None:
+      return n, 1
+    return sharding.best_fsdp_split(boxed, rules, {"data": 1, "tensor": tensor}, n)
+
+  return mesh_lib.create_mesh(config, devices, split_fsdp)
 
 
 class Progress:
-  """A per-stage progress line: `[sample] decoder  12/20 steps  3.1s` (redrawn on a terminal)."""
+  """Progress lines written from the host around stage calls; nothing inside the sampling loop
+  calls back to the host (scripts/progress_cost.py measured what a per-step callback cost: see
+  docs/sampling.md). A call that compiles first is announced before it starts; a line follows every
+  call that compiled or took over `slow_s` seconds (a run of many fast batches leaves the per-batch
+  lines to its caller):
 
-  def __init__(self, name: str, total: int, batches: int = 1, stream=None):
-    self.name, self.total, self.count, self.start = name, total * batches, 0, time.time()
-    self.stream = stream or sys.stderr
-    self.tty = getattr(self.stream, "isatty", lambda: False)()
+    [sample] decoder  20 steps x 8 videos (compiling first)
+    [sample] decoder  20 steps x 8 videos in 14.2s
+  """
 
-  def __call__(self, step):
-    del step
-    self.count += 1
-    if self.tty or self.count == self.total or self.count % max(1, self.total // 4) == 0:
-      end = "\n" if (self.count >= self.total or not self.tty) else ""
-      bar = "#" * int(20 * self.count / self.total)
-      print(
-        f"\r[sample] {self.name:8s} [{bar:20s}] {self.count}/{self.total} steps "
-        f"{time.time() - self.start:6.1f}s",
-        end=end,
-        file=self.stream,
-        flush=True,
-      )
+  def __init__(self, stream=None, slow_s: float = 5.0):
+    self.stream, self.slow_s = stream or sys.stderr, slow_s
+
+  def _say(self, line: str) -> None:
+    if jax.process_index() == 0:
+      print(line, file=self.stream, flush=True)
+
+  def start(self, name: str, steps: int, batch: int, compiling: bool) -> tuple:
+    what = f"[sample] {name:8s} {steps} steps x {batch} videos"
+    if compiling:
+      self._say(f"{what} (compiling first)")
+    return what, time.time()
+
+  def done(self, name: str, started: tuple, compiling: bool) -> None:
+    what, start = started
+    seconds = time.time() - start
+    if compiling or seconds > self.slow_s:
+      self._say(f"{what} in {seconds:.1f}s")
 
 
 def _sampling(config, steps: dict, samplers: dict, guidance: dict, name: str):
@@ -189,12 +257,23 @@ def _per_stage(value, name: str, cast) -> dict:
 class Cascade:
   """The loaded stages and the functions that run them.
 
+  Every stage runs as one jitted function, built once per (stage, input shapes, sampling settings)
+  and reused by every later batch, prompts file, evaluation batch and `extend` round. The stages'
+  parameters are sharded by `strategy` over the trainer's mesh axes and every batch is split over
+  the data axes (padded to a multiple of their size; the padding's outputs are dropped), so N
+  devices sample N times the videos at once. With several JAX processes (a pod, or
+  launch/local.py), every process runs the same calls on the same inputs; outputs are global
+  arrays, each process holding its devices' rows (`local_rows`).
+
   Args:
     checkpoints: {stage: path} for the stages to load (missing stages cannot be used).
     clip: CLIP checkpoint (default: the prior's or the decoder's conditioning.clip).
-    devices: devices for the mesh (default: all).
+    devices: devices for the mesh (default: all, of every process).
     strategy: sharding strategy for the parameters (data_parallel replicates them).
+    tensor: devices on the "tensor" axis for the tensor strategies (default 2).
     steps, samplers, guidance: per-stage overrides ({stage: value}).
+    progress: where the per-stage progress lines go (default: stderr; `Progress(io.StringIO())`
+      to keep them quiet).
   """
 
   def __init__(
@@ -207,15 +286,35 @@ class Cascade:
     samplers: dict | None = None,
     guidance: dict | None = None,
     truncate_prompts: bool = False,
+    tensor: int | None = None,
+    progress: Progress | None = None,
   ):
     self.truncate_prompts, self._warned_truncation = truncate_prompts, False
-    devices = np.asarray(devices if devices is not None else jax.devices())
-    # All devices on the axis the strategy shards parameters over (data_parallel: replicated).
-    shape = {"data_parallel": (-1, 1, 1), "tensor": (1, 1, -1)}.get(strategy, (1, -1, 1))
-    self.mesh = jax.sharding.Mesh(devices.reshape(shape), ("data", "fsdp", "tensor"))
     self.strategy = strategy
-    self.stages = {n: load_stage(n, p, self.mesh, strategy) for n, p in checkpoints.items() if p}
+    read = {n: read_stage(n, p) for n, p in checkpoints.items() if p}
+    # The FSDP axes are split to divide the largest stage's parameters most evenly.
+    boxed = None
+    if read and "fsdp" in strategy:
+      boxed = max(
+        (_boxed_params(stages.get_stage(n), m, c) for n, (_, c, m) in read.items()),
+        key=lambda b: sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(b))),
+      )
+    self.mesh = sampling_mesh(strategy, devices, tensor, boxed)
+    self.rules = sharding.activation_rules(strategy)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.batch_shards = sharding.batch_shards(self.mesh)
+    self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.stages = {
+      n: LoadedStage(
+        n, path, c, m, _place(stages.get_stage(n), m, c, path, self.mesh, strategy, checkpoints[n])
+      )
+      for n, (path, c, m) in read.items()
+    }
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
+    self.progress = progress or Progress()
+    # (stage, kind, static arguments, sampling settings) -> its jitted function.
+    self._jitted: dict = {}
+    self._seen: set = set()  # (key, input shapes) already compiled
     self._check_chain()
     self.clip, self.clip_params = None, None
     clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
@@ -281,14 +380,58 @@ class Cascade:
 
   # -- stage runners -------------------------------------------------------------------------------
 
-  def _run(self, name: str, fn, *args, batches: int = 1):
-    """Runs jitted `fn(progress, *args)` under the mesh with a progress line."""
-    loaded = self.stages[name]
-    s = _sampling(loaded.config, self.steps, self.samplers, self.guidance, name)
-    progress = Progress(name, s.num_steps, batches)
-    with jax.set_mesh(self.mesh):
-      out = jax.jit(functools.partial(fn, s, progress))(*args)
-      return jax.block_until_ready(out)
+  def _to_batch(self, x, n: int):
+    """One batch input (leading dim b) padded to n rows (the last repeated) and split over the
+    data axes. Arrays already on the mesh stay on the devices; host arrays (the same on every
+    process) are placed slice by slice."""
+    if isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat):
+      if x.shape[0] < n:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n - x.shape[0], axis=0)])
+      return jax.device_put(x, self.batch_sharding)
+    x = np.asarray(x)
+    if x.shape[0] < n:
+      x = np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)])
+    return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index: x[index])
+
+  def _call(self, key, fn, shared, batch, rng=None):
+    """`fn(shared, batch, rng)`, jitted once per `key` (and compiled once per input shape), under
+    the mesh and the strategy's activation rules. `batch`'s leaves all lead with the same batch
+    size b: they are padded to a multiple of the batch shards and split over them, and the
+    outputs (all leading with the batch) cut back to b. `rng` is replicated."""
+    jitted = self._jitted.get(key)
+    if jitted is None:
+
+      def wrapped(shared, batch, key_data):
+        rng = None if key_data is None else jax.random.wrap_key_data(key_data)
+        return fn(shared, batch, rng)
+
+      jitted = self._jitted[key] = jax.jit(wrapped, out_shardings=self.batch_sharding)
+    b = jax.tree.leaves(batch)[0].shape[0]
+    n = -(-b // self.batch_shards) * self.batch_shards
+    batch = jax.tree.map(lambda x: self._to_batch(x, n), batch)
+    key_data = None
+    if rng is not None:
+      data = np.asarray(jax.random.key_data(rng))
+      key_data = jax.make_array_from_callback(data.shape, self._replicated, lambda i: data[i])
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      out = jitted(shared, batch, key_data)
+    return out if n == b else jax.tree.map(lambda x: x[:b], out)
+
+  def _run(self, name: str, kind: str, statics: tuple, fn, shared, batch, rng):
+    """Runs sampling function `fn(settings, shared, batch, rng)` of stage `name` (see `_call`),
+    built once per (kind, `statics`, the stage's sampling settings), with progress lines."""
+    s = _sampling(self.stages[name].config, self.steps, self.samplers, self.guidance, name)
+    settings = json.dumps(s.to_dict(), sort_keys=True, default=str)
+    key = (name, kind, statics, settings)
+    b = jax.tree.leaves(batch)[0].shape[0]
+    n = -(-b // self.batch_shards) * self.batch_shards  # as padded by _call
+    shapes = tuple((n, *x.shape[1:], str(x.dtype)) for x in jax.tree.leaves(batch))
+    compiling = (key, shapes) not in self._seen
+    self._seen.add((key, shapes))
+    started = self.progress.start(name, s.num_steps, b, compiling)
+    out = jax.block_until_ready(self._call(key, functools.partial(fn, s), shared, batch, rng))
+    self.progress.done(name, started, compiling)
+    return out
 
   def tokenize(self, prompts: list[str]):
     for p in prompts:
@@ -331,31 +474,30 @@ class Cascade:
     self.require("prior")
     p = self.stages["prior"]
     tokens, mask = self.tokenize(prompts)
-    negative = None
+    batch = {"tokens": tokens, "mask": mask}
     if negative_prompt:
-      neg_ids, neg_mask = self.tokenize([negative_prompt] * len(prompts))
-      negative = (neg_ids, neg_mask)
+      batch["negative"] = self.tokenize([negative_prompt] * len(prompts))
 
-    def fn(s, progress, params, clip_params, tokens, mask, negative, rng):
+    def fn(s, shared, batch, rng):
+      params, clip_params = shared
       return stages.prior.generate(
         p.model,
         p.config,
         params,
         clip_params,
-        tokens,
-        mask,
+        batch["tokens"],
+        batch["mask"],
         rng,
-        negative=negative,
+        negative=batch.get("negative"),
         sampling=s,
-        progress=progress,
       )
 
-    return self._run("prior", fn, p.params, self.clip_params, tokens, mask, negative, rng)
+    return self._run("prior", "prior", (), fn, (p.params, self.clip_params), batch, rng)
 
   def image_embedding(self, frames):
     """Scaled-unit CLIP image embeddings of model-space images [b, h, w, 3]."""
-    with jax.set_mesh(self.mesh):
-      return jax.jit(self.clip.image_embedding)(self.clip_params, frames)
+    fn = lambda params, batch, rng: self.clip.image_embedding(params, batch)  # noqa: E731
+    return self._call(("clip", "image_embedding"), fn, self.clip_params, frames)
 
   def caption_tokens(self, name: str, prompts: list[str] | None, batch: int):
     """(tokens, mask) for a stage with `model.text_motion` (None for other stages):
@@ -394,53 +536,63 @@ class Cascade:
     check_frames(d.config, num_frames)
     r = int(d.config.data.resolution)
     b = embedding.shape[0]
-    shape = (b, num_frames, r, r, 3)
-    cond = {"embedding": embedding, "scalars": {"fps": jnp.full((b,), fps, jnp.float32)}}
-    caption = self.caption_tokens("decoder", prompts, b)
+    batch = {
+      "embedding": embedding,
+      "fps": np.full((b,), fps, np.float32),
+      "caption": self.caption_tokens("decoder", prompts, b),
+      "negative": negative,
+      "init": init,
+    }
+    strength = float(strength)
 
-    def fn(s, progress, params, clip_params, caption, cond, negative, init, rng):
-      cond = self._with_caption("decoder", cond, clip_params, caption)
+    def fn(s, shared, batch, rng):
+      params, clip_params = shared
+      cond = {"embedding": batch["embedding"], "scalars": {"fps": batch["fps"]}}
+      cond = self._with_caption("decoder", cond, clip_params, batch["caption"])
       return video.DECODER.generate(
         d.model,
         d.config,
         params,
         cond,
-        shape,
+        (batch["embedding"].shape[0], num_frames, r, r, 3),
         rng,
         sampling=s,
-        negative_embedding=negative,
-        init=init,
+        negative_embedding=batch["negative"],
+        init=batch["init"],
         strength=strength,
-        progress=progress,
       )
 
-    return self._run("decoder", fn, d.params, self.clip_params, caption, cond, negative, init, rng)
+    statics = (num_frames, strength)
+    return self._run("decoder", "decoder", statics, fn, (d.params, self.clip_params), batch, rng)
 
   def interp(self, given, mask, skip: float, fps: float, embedding, rng, prompts=None):
     """↑F: fills in the frames of `given` [b, f, h, w, 3] where `mask` [f] is False."""
     self.require("interp")
     it = self.stages["interp"]
     b = given.shape[0]
-    caption = self.caption_tokens("interp", prompts, b)
-    mask = jnp.broadcast_to(jnp.asarray(mask, bool), given.shape[:2])
-    cond = {
+    batch = {
+      "given": given,
+      "mask": np.broadcast_to(np.asarray(mask, bool), given.shape[:2]),
       "embedding": embedding,
-      "scalars": {
-        "fps": jnp.full((b,), fps, jnp.float32),
-        "frame_skip": jnp.full((b,), skip, jnp.float32),
-      },
-      "extra": video.masked_video_inputs(given, mask),
+      "fps": np.full((b,), fps, np.float32),
+      "frame_skip": np.full((b,), skip, np.float32),
+      "caption": self.caption_tokens("interp", prompts, b),
     }
 
-    def fn(s, progress, params, clip_params, caption, cond, rng):
-      cond = self._with_caption("interp", cond, clip_params, caption)
-      out = video.INTERP.generate(
-        it.model, it.config, params, cond, given.shape, rng, sampling=s, progress=progress
-      )
+    def fn(s, shared, batch, rng):
+      params, clip_params = shared
+      given, mask = batch["given"], batch["mask"]
+      cond = {
+        "embedding": batch["embedding"],
+        "scalars": {"fps": batch["fps"], "frame_skip": batch["frame_skip"]},
+        "extra": video.masked_video_inputs(given, mask),
+      }
+      cond = self._with_caption("interp", cond, clip_params, batch["caption"])
+      out = video.INTERP.generate(it.model, it.config, params, cond, given.shape, rng, sampling=s)
       # The given frames are kept exactly.
       return jnp.where(mask[:, :, None, None, None], given, out)
 
-    return self._run("interp", fn, it.params, self.clip_params, caption, cond, rng)
+    return self._run("interp", "interp", (), fn, (it.params, self.clip_params), batch, rng)
 
   def expand(self, clip, skip: int, fps: float, embedding, rng, prompts=None):
     """↑F interpolation: f frames at `fps` -> (f - 1) * skip + 1 frames at fps * skip."""
@@ -460,10 +612,11 @@ class Cascade:
         f"{name} upsamples {c.conditioning.low_resolution}px frames, got {clip.shape[2]}px"
       )
     r = int(c.data.resolution)
-    b, f = clip.shape[:2]
     stage = stages.get_stage(name)
 
-    def fn(s, progress, params, clip, rng):
+    def fn(s, params, batch, rng):
+      clip = batch["clip"]
+      b, f = clip.shape[:2]
       aug_rng, rng = jax.random.split(rng)
       aug, level = diffusion.noise_augment(
         aug_rng,
@@ -473,11 +626,9 @@ class Cascade:
         share_across_frames=name == "sr_high",
       )
       cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r)}
-      return stage.generate(
-        sr.model, c, params, cond, (b, f, r, r, 3), rng, sampling=s, progress=progress
-      )
+      return stage.generate(sr.model, c, params, cond, (b, f, r, r, 3), rng, sampling=s)
 
-    return self._run(name, fn, sr.params, clip, rng)
+    return self._run(name, name, (), fn, sr.params, {"clip": clip}, rng)
 
   def finish(self, clip, rng, until: str = "sr_high"):
     """SR_l^t then SR_h, each only if `until` is that stage or later."""
@@ -588,12 +739,58 @@ class Cascade:
     # As in training: the CLIP embedding of the first given frame.
     embedding = self.image_embedding(clip[:, -context])
     mask = video_lib.frame_mask("first", n, context)
+    # Every round is the same call (the last `context` frames in from the host, n out): ↑F
+    # compiles once, and nothing else compiles per round. Base-resolution frames are small.
+    pieces = [to_host(clip)]
+    tail = pieces[0][:, -context:]
+    blank = np.zeros((clip.shape[0], n - context) + clip.shape[2:], np.float32)
     for _ in range(times):
       rng, sub = jax.random.split(rng)
-      given = jnp.zeros((clip.shape[0], n) + clip.shape[2:]).at[:, :context].set(clip[:, -context:])
-      new = self.interp(given, mask, 1.0, fps, embedding, sub)
-      clip = jnp.concatenate([clip, new[:, context:]], axis=1)
+      new = to_host(
+        self.interp(np.concatenate([tail, blank], axis=1), mask, 1.0, fps, embedding, sub)
+      )
+      pieces.append(new[:, context:])
+      tail = new[:, -context:]
+    clip = np.concatenate(pieces, axis=1)
     return (clip if until == "interp" else self.finish(clip, rng, until)), fps
+
+
+def text_batches(
+  cascade: Cascade,
+  prompts: list[str],
+  batch_size: int,
+  rng,
+  write,
+  log=None,
+  **kwargs,
+) -> float:
+  """Samples videos for `prompts`, a fixed batch at a time (the last padded with its last prompt;
+  padding is never written), and hands each video this process holds to `write(index, video,
+  fps)` (video: model space [f, h, w, 3], host numpy) as its batch finishes. Batch k's key is
+  `rng` for k = 0 and fold_in(rng, first prompt's index) after: a video depends on the seed, the
+  batch size and its place in the file. Returns the fps.
+  The batches are the same whatever the device or process count (each is padded to a multiple of
+  the devices inside the cascade), so the videos are too. `kwargs` go to `text_to_video`."""
+  if batch_size < 1:
+    raise errors.UserError(f"--batch_size must be >= 1, got {batch_size}")
+  size = min(batch_size, len(prompts))
+  start, fps = time.time(), None
+  for first in range(0, len(prompts), size):
+    chunk = prompts[first : first + size]
+    padded = chunk + [chunk[-1]] * (size - len(chunk))
+    key = rng if first == 0 else jax.random.fold_in(rng, first)
+    clip, fps = cascade.text_to_video(padded, key, **kwargs)
+    for row, video_frames in sorted(local_rows(clip).items()):
+      if row < len(chunk):
+        write(first + row, video_frames, fps)
+    done = first + len(chunk)
+    if log and len(prompts) > size:
+      rate = (time.time() - start) / done
+      log(
+        f"[sample] {done}/{len(prompts)} videos ({rate:.2f} s/video, "
+        f"{rate * (len(prompts) - done) / 60:.1f} min left)"
+      )
+  return fps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,17 +811,34 @@ def read_image(path: str) -> np.ndarray:
     raise errors.UserError(f"cannot read image {path!r}: {e}") from None
 
 
-def read_video(path: str) -> tuple[np.ndarray, float]:
-  """A video file -> (uint8 [n, h, w, 3], fps), with a clear error for an unreadable file."""
+def read_video(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """A video file -> (uint8 [n, h, w, 3], float64 [n] presentation times in seconds from the first
+  frame), with a clear error for an unreadable file."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
     raise errors.UserFileNotFoundError(f"input video {path!r} does not exist") from None
   try:
-    return video_lib.decode(data)
+    return video_lib.decode_timed(data)
   except video_lib.UnreadableVideo as e:
     raise errors.UserError(f"cannot read video {path!r}: {e}") from None
+
+
+def frames_in_time(
+  frames: np.ndarray, times: np.ndarray, *, count: int | None = None, fps: float | None = None
+) -> tuple[np.ndarray, float]:
+  """A decoded video's frames at evenly spaced real times (its timestamps, so a variable frame
+  rate plays at real speed) -> (frames, their fps): `count` frames over its whole span, or the
+  span at `fps` (default: the video's average real rate)."""
+  span = float(times[-1] - times[0]) if len(times) > 1 else 0.0
+  if count is not None:
+    rate = (count - 1) / span if span > 0 and count > 1 else (fps or 1.0)
+    wanted = np.linspace(0.0, span, count)
+  else:
+    rate = fps or ((len(times) - 1) / span if span > 0 else 1.0)
+    wanted = np.arange(int(np.floor(span * rate + 1e-6)) + 1) / rate
+  return frames[video_lib.indices_at_times(times - times[0], wanted)], float(rate)
 
 
 def to_model_frames(frames: np.ndarray, resolution: int, num_frames: int | None = None):
@@ -634,6 +848,30 @@ def to_model_frames(frames: np.ndarray, resolution: int, num_frames: int | None 
     frames = frames[np.round(np.linspace(0, len(frames) - 1, num_frames)).astype(int)]
   frames = video_lib.resize_and_crop(frames, resolution)
   return frames.astype(np.float32) / 127.5 - 1.0
+
+
+def to_host(x) -> np.ndarray:
+  """A batch output as one host array on every process (gathered from the others' devices when
+  several processes hold parts of it)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x) -> dict[int, np.ndarray]:
+  """{row: host array} of the rows of a batch output `x` [b, ...] that this process's devices hold
+  (every row with one process): each process writes its own share of the videos."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return dict(enumerate(np.asarray(x)))
+  rows = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    data = np.asarray(shard.data)
+    for i in range(data.shape[0]):
+      rows.setdefault(start + i, data[i])
+  return rows
 
 
 def default_checkpoints(root: str = DEFAULT_ROOT) -> dict[str, str]:

@@ -262,3 +262,81 @@ def test_per_stage_flag_values():
   s = sample_lib._sampling(config, {"decoder": 7}, {}, {"decoder": 2.0}, "decoder")
   assert (s.num_steps, s.guidance_scale) == (7, 2.0) and config.sampling.num_steps == 10
   assert sample_lib._sampling(config, {"decoder": 7}, {}, {}, "interp").num_steps == 10
+
+
+# -- at scale: compiled once, batches split over the devices -------------------------------------
+
+
+class _Compiles:
+  """Counts XLA compilations (jax.monitoring's backend-compile events) while active."""
+
+  def __enter__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def _listen(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_batches_and_extend_rounds_after_the_first_compile_nothing():
+  """Each stage's sampling function is built once per (shape, settings): after one batch, three
+  more batches of new prompts and seeds (sample --prompts_file, evaluation) compile nothing, nor
+  does an `extend` of three rounds after one of one round."""
+  cascade = sample_lib.Cascade(
+    {n: SHIPPED[n] for n in ("prior", "decoder", "interp")},
+    steps={s: 2 for s in sample_lib.CASCADE},
+  )
+  written = {}
+
+  def write(index, video, fps):
+    written[index] = video
+
+  prompts = ["a red circle moving left", "a blue square moving up"]
+  with _Compiles() as one:
+    sample_lib.text_batches(cascade, prompts, 2, jax.random.key(0), write, until="interp")
+  more = prompts + ["a green circle", "a red square moving down", "a blue circle", "a square"]
+  with _Compiles() as three:
+    sample_lib.text_batches(cascade, more, 2, jax.random.key(1), write, until="interp")
+  assert one.count > 0 and three.count == 0, (one.count, three.count)
+  assert sorted(written) == list(range(6))
+  frames = jnp.asarray(_scene_frames())
+  with _Compiles() as one_round:
+    cascade.extend(frames, jax.random.key(2), times=1, context=2, until="interp")
+  with _Compiles() as three_rounds:
+    longer, _ = cascade.extend(frames, jax.random.key(3), times=3, context=2, until="interp")
+  assert one_round.count > 0 and three_rounds.count == 0, (one_round.count, three_rounds.count)
+  assert longer.shape[1] == 4 + 3 * 8
+
+
+def test_sampling_splits_the_batch_over_8_devices_and_matches_one_device():
+  """The same seeds give the same videos on 1 device and on 8 (data parallel and FSDP); on 8 the
+  batch is split (one video per device) and under FSDP the parameters are too."""
+  checkpoints = {n: SHIPPED[n] for n in ("prior", "decoder")}
+  prompts = [f"a {c} {s}" for c in COLOURS for s in ("circle", "square")] + ["a red circle"] * 2
+
+  def run(devices, strategy):
+    cascade = sample_lib.Cascade(
+      checkpoints, devices=devices, strategy=strategy, steps={"prior": 3, "decoder": 3}
+    )
+    clip, _ = cascade.text_to_video(prompts, jax.random.key(7), until="decoder")
+    return cascade, clip
+
+  _, single = run(jax.devices()[:1], "data_parallel")
+  for strategy in ("data_parallel", "fsdp"):
+    cascade, clip = run(jax.devices(), strategy)
+    assert cascade.batch_shards == 8
+    assert {s.data.shape[0] for s in clip.addressable_shards} == {1}, strategy
+    assert len({s.device for s in clip.addressable_shards}) == 8
+    np.testing.assert_allclose(np.asarray(clip), np.asarray(single), atol=2e-4, err_msg=strategy)
+    split = [
+      p for p in jax.tree.leaves(cascade.stages["decoder"].params) if not p.is_fully_replicated
+    ]
+    assert bool(split) == (strategy == "fsdp"), strategy
+  # Fewer videos than devices: padded to one per device, the padding dropped.
+  clip, _ = cascade.text_to_video(prompts[:3], jax.random.key(7), until="decoder")
+  np.testing.assert_allclose(np.asarray(clip), np.asarray(single)[:3], atol=2e-4)

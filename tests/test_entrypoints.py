@@ -183,9 +183,50 @@ def test_evaluate_msrvtt_protocol_cli_with_converted_inception(tmp_path):
   assert "real side: 2 videos as 4 frames" in proc.stderr
   for name in ("results.md", "preview.gif", "gen_fid.npz", "real_fid.npz"):
     assert (out / name).exists(), name
+  # One job of 2 processes: each makes its share of the videos; their features merge into the same
+  # statistics, written once.
+  two = _two_processes("mav_jax.evaluate", *args[3:-1], f"--output={tmp_path / 'eval2'}")
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  merged = json.loads((tmp_path / "eval2" / "results.json").read_text())
+  assert merged["setup"]["processes"] == 2 and merged["setup"]["videos"] == 2
+  for name, value in result["metrics"].items():
+    assert merged["metrics"][name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
   # Kept results, and bad input named before any model loads: both exit 1 at once.
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode == 1 and "--overwrite" in again.stderr
   args[4] = f"--config.captions={tmp_path / 'missing.txt'}"
   missing = subprocess.run(args + ["--overwrite"], cwd=REPO, capture_output=True, text=True)
   assert missing.returncode == 1 and "missing.txt' does not exist" in missing.stderr
+
+
+def _two_processes(module, *args, timeout=600):
+  """`module` with `args` as one job of 2 processes x 2 CPU devices (launch/local.py)."""
+  command = [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices=2"]
+  command += [f"--module={module}", "--", *args]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.long
+def test_prompts_file_in_batches_on_two_processes_writes_what_one_process_writes(tmp_path):
+  """A prompts file of 5 captions, --batch_size 4 (the last batch padded): 2 processes write each
+  video once, under the names 1 process uses, with the same frames (same seed)."""
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text(
+    "a red circle moving left\na blue square moving up\na green circle\n"
+    "a red square moving down\na blue circle moving right\n"
+  )
+  args = [f"--prompts_file={prompts}", "--until=decoder", "--steps=2", "--batch_size=4"]
+  args += ["--contact_sheet=false"]
+  one = _sample(*args, f"--output={tmp_path / 'one' / 'v.mp4'}")
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = _two_processes("mav_jax.sample", *args, f"--output={tmp_path / 'two' / 'v.mp4'}")
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  names = [f"v_{i:03d}.mp4" for i in range(5)]
+  assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two")) == names
+  # Each video written once, by the process holding its row (rows 0-1, 4 on process 0).
+  wrote = [line for line in two.stdout.splitlines() if "[sample] wrote" in line]
+  assert len(wrote) == 5 and sum(line.startswith("[process 1]") for line in wrote) == 2, wrote
+  assert "2 process(es)" in two.stdout
+  for name in names:
+    a, b = (np.asarray(_frames(str(tmp_path / d / name)), np.float32) for d in ("one", "two"))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, (name, np.abs(a - b).mean())

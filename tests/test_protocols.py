@@ -57,12 +57,21 @@ def test_ucf101_prompts_from_class_names(tmp_path):
     protocols.ucf101_prompts(str(index), "{}")
 
 
-def test_clip_at_rate_resamples_by_time():
-  frames = np.arange(30)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-  clip = protocols.clip_at_rate(frames, source_fps=24.0, num_frames=4, fps=8.0)
-  assert [int(f[0, 0, 0]) for f in clip] == [0, 3, 6, 9]
-  short = protocols.clip_at_rate(frames[:5], source_fps=24.0, num_frames=4, fps=8.0)
-  assert [int(f[0, 0, 0]) for f in short] == [0, 3, 4, 4]  # the last frame repeats
+def test_real_clips_are_taken_by_time_from_variable_frame_rate_files(tmp_path):
+  """The real side's clip at the generated fps: frames chosen by their timestamps, so a
+  variable-frame-rate file is read at real speed (not as if its frames were evenly spaced)."""
+  from test_data import VFR_MS, _frame_numbers, _write_timed
+
+  path = tmp_path / "vfr.mkv"
+  _write_timed(path, VFR_MS, "1/1000", "matroska", "libx264")
+  clip = protocols.clip_at_times(str(path), num_frames=6, fps=1.0)
+  # On screen at 0, 1, ..., 5 s: frames 0 (shown at 0 s), 3 (1.0 s), 4 (1.04 s), 5 (3.0 s),
+  # 7 (3.02 s), 8 (5.0 s).
+  assert _frame_numbers(clip) == [0, 3, 4, 5, 7, 8]
+  # Past the end the last frame repeats; evenly spaced indices would have given 0, 1, 2, 3, 4, 5.
+  assert _frame_numbers(protocols.clip_at_times(str(path), 3, 0.2)) == [0, 8, 8]
+  with pytest.raises(ValueError, match="does not exist"):
+    protocols.clip_at_times(str(tmp_path / "missing.mp4"), 2, 1.0)
 
 
 def test_config_checks_fail_before_any_work(tmp_path):

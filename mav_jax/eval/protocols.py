@@ -137,12 +137,21 @@ def find_videos(folder: str, limit: int = 0) -> list[str]:
   return found[:limit] if limit else found
 
 
-def clip_at_rate(frames: np.ndarray, source_fps: float, num_frames: int, fps: float) -> np.ndarray:
-  """The first `num_frames` frames of a video resampled from `source_fps` to `fps` (the last
-  frame repeats when the video is shorter)."""
-  times = np.arange(num_frames) / fps
-  index = np.minimum(np.round(times * source_fps).astype(int), len(frames) - 1)
-  return frames[index]
+def clip_at_times(path: str, num_frames: int, fps: float) -> np.ndarray:
+  """The first `num_frames` frames of the video at `path` at `fps`, chosen by their presentation
+  timestamps (a variable-frame-rate file plays at real speed; the last frame repeats when the video
+  is shorter) -> uint8 [num_frames, h, w, 3]. Only the chosen frames are converted."""
+  from mav_jax.data import video as video_lib
+
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise errors.UserFileNotFoundError(f"real video {path!r} does not exist") from None
+  try:
+    return video_lib.decode_at_times(data, np.arange(num_frames) / fps)[0]
+  except video_lib.UnreadableVideo as e:
+    raise errors.UserError(f"cannot read video {path!r}: {e}") from None
 
 
 def square(frames: np.ndarray, size: int) -> np.ndarray:
@@ -167,14 +176,26 @@ class Sharded:
   fn: Callable
   mesh: jax.sharding.Mesh
 
-  def __call__(self, x: np.ndarray):
-    n, k = x.shape[0], self.mesh.size
+  def __call__(self, x):
+    """x: a host array (the same on every process) or an array on the mesh's devices -> host
+    outputs (on every process)."""
+    from mav_jax import sample_lib
+    from mav_jax.parallel import sharding
+
+    spec = sharding.batch_sharding(self.mesh)  # the mesh's data axes (a cascade's: data x fsdp)
+    n, k = x.shape[0], sharding.batch_shards(self.mesh)
     pad = -n % k
-    if pad:  # a batch the devices cannot split evenly: pad, then drop the padding's outputs
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    out = self.fn(jax.device_put(x, spec))
-    return jax.tree.map(lambda a: a[:n], out)
+    on_devices = isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat)
+    if on_devices:  # a cascade's output: it stays on the devices
+      if pad:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+      x = jax.device_put(x, spec)
+    else:  # a batch the devices cannot split evenly: pad, then drop the padding's outputs
+      x = np.asarray(x)
+      if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+      x = jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+    return jax.tree.map(lambda a: sample_lib.to_host(a)[:n], self.fn(x))
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -235,28 +256,34 @@ class Accumulator:
   inception_score: scores.InceptionScore = dataclasses.field(default_factory=scores.InceptionScore)
   clipsim: scores.Mean = dataclasses.field(default_factory=scores.Mean)
 
-  def update(self, videos: np.ndarray, ex: Extractors, captions: list[str] | None = None) -> None:
-    """Adds videos [b, t, h, w, 3] in [0, 1] (and their captions, for CLIPSIM)."""
+  def update(
+    self, videos, ex: Extractors, captions: list[str] | None = None, count: int | None = None
+  ) -> None:
+    """Adds videos [b, t, h, w, 3] in [0, 1] (host arrays, or a cascade's output on the devices)
+    and their captions (for CLIPSIM); only the first `count` (default: all) are counted (the rest
+    pad a fixed batch). Every process adds the same features."""
     b, t = videos.shape[:2]
+    n = b if count is None else count
     frames = videos.reshape((b * t,) + videos.shape[2:])
     need = needs(self.metrics, self.is_features)
     score_with = self.is_features if "is" in self.metrics else None
     if need["inception"]:
       out = ex.inception(frames)
       if "fid" in self.metrics:
-        self.frame_stats.update(out["pool"])
+        self.frame_stats.update(out["pool"][: n * t])
       if score_with == "inception":
         # The IS reference code (and torch-fidelity) takes the 1008-way fc without its bias.
-        self.inception_score.update(out["logits_unbiased"])
+        self.inception_score.update(out["logits_unbiased"][: n * t])
     if need["i3d"]:
       out = ex.i3d(videos)
       if "fvd" in self.metrics:
-        self.clip_stats.update(out["logits"])
+        self.clip_stats.update(out["logits"][:n])
       if score_with == "i3d":
-        self.inception_score.update(out["logits"])
+        self.inception_score.update(out["logits"][:n])
     if need["clip"] and captions is not None:
-      image = ex.clip_image(frames).reshape(b, t, -1)
-      self.clipsim.update(scores.clip_similarity(jnp.asarray(ex.clip_text(captions)), image))
+      image = np.asarray(ex.clip_image(frames)).reshape(b, t, -1)[:n]
+      text = jnp.asarray(ex.clip_text(captions[:n]))
+      self.clipsim.update(scores.clip_similarity(text, image))
 
 
 def save_stats(acc: Accumulator, folder: str, prefix: str) -> list[str]:
@@ -320,15 +347,17 @@ def generate(
   """Streams `prompts` through `make_videos` (prompts, rng -> videos [b, t, h, w, 3] in [0, 1])
   into `acc`, a fixed batch at a time (the last one padded, so nothing recompiles); returns the
   first `keep` videos (for a preview), or None."""
+  from mav_jax import sample_lib
+
   kept, start, done = [], time.time(), 0
   for i in range(0, len(prompts), batch_size):
     chunk = prompts[i : i + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    videos = np.asarray(make_videos(padded, jax.random.fold_in(jax.random.key(seed), i)))
-    videos = videos[: len(chunk)]
-    acc.update(videos, ex, chunk)
+    # On the devices (each process made its share); only the features come to the host.
+    videos = make_videos(padded, jax.random.fold_in(jax.random.key(seed), i))
+    acc.update(videos, ex, padded, count=len(chunk))
     if len(kept) < keep:
-      kept.extend(videos[: keep - len(kept)])
+      kept.extend(sample_lib.to_host(videos[: min(keep - len(kept), len(chunk))]))
     done += len(chunk)
     rate = (time.time() - start) / done
     log(
@@ -352,17 +381,15 @@ def read_real(
   (matching the generated clips), centre-cropped and resized to `size`. A file that cannot be
   decoded is skipped with a log line (one bad file in a dataset should not end a long run);
   returns the skipped paths. Fails when no file could be read."""
-  from mav_jax import sample_lib
-
   batch, skipped, start = [], [], time.time()
   for n, path in enumerate(paths, 1):
     try:
-      frames, source_fps = sample_lib.read_video(path)
+      frames = clip_at_times(path, num_frames, fps)
     except ValueError as e:
       skipped.append(path)
       log(f"[evaluate] skipped a real video: {e}")
     else:
-      batch.append(square(clip_at_rate(frames, source_fps, num_frames, fps), size))
+      batch.append(square(frames, size))
     if batch and (len(batch) == batch_size or n == len(paths)):
       acc.update(np.stack(batch), ex)
       batch = []
@@ -457,6 +484,9 @@ def run(
   if config.batch_size < 1:
     raise errors.UserError(f"batch_size must be >= 1, got {config.batch_size}")
   ex = ex or load_extractors(config, metrics, cascade)
+  # Fixed batches of the same prompts whatever the device count (the cascade pads each to a
+  # multiple of the devices; the padding is dropped).
+  batch_size = min(config.batch_size, len(prompts))
 
   shape = {}
 
@@ -470,12 +500,12 @@ def run(
       until=config.until,
     )
     shape.update(fps=float(fps), frames=int(clip.shape[1]), size=int(clip.shape[2]))
-    return np.clip((np.asarray(clip, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return jnp.clip((clip.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
   log(f"[evaluate] {config.protocol}: {len(prompts)} videos, metrics {', '.join(metrics)}")
   generated = Accumulator(metrics, config.is_features)
   preview = generate(
-    make_videos, prompts, config.batch_size, seed, generated, ex, log, keep=config.preview
+    make_videos, prompts, batch_size, seed, generated, ex, log, keep=config.preview
   )
   os.makedirs(output, exist_ok=True)
   real = None
@@ -493,10 +523,14 @@ def run(
       paths, shape["frames"], shape["fps"], shape["size"], config.batch_size, real, ex, log
     )
     shape["real_videos_read"], shape["real_videos_skipped"] = len(paths) - len(skipped), skipped
+  values = results(generated, real)
+  if jax.process_index() != 0:  # every process holds the same statistics; process 0 writes them
+    return values
+  if real is not None and not config.real_stats:
     save_stats(real, output, "real")
   save_stats(generated, output, "gen")
-  values = results(generated, real)
   setup = dict(config.to_dict(), seed=seed, videos=len(prompts), **shape)
+  setup["processes"] = jax.process_count()
   setup["checkpoints"] = {n: s.path for n, s in cascade.stages.items()}
   with open(os.path.join(output, "results.json"), "w") as f:
     json.dump({"setup": setup, "metrics": values}, f, indent=2)

@@ -122,7 +122,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   if d is None or shapes != ((d,), (d, d), (d,), (d, d)):
     raise errors.UserError(f"need means [d] and covariances [d, d] of one d, got shapes {shapes}")
   # float64 on the host CPU: accelerators lack (or emulate slowly) float64 eigendecompositions.
-  with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+  with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
     mu1, sigma1, mu2, sigma2 = (jnp.asarray(a, jnp.float64) for a in (mu1, sigma1, mu2, sigma2))
     root1 = _sqrt_psd((sigma1 + sigma1.T) / 2)
     middle = root1 @ sigma2 @ root1

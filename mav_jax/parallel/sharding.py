@@ -172,7 +172,9 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def batch_shards(mesh: jax.sharding.Mesh) -> int:
   """Into how many pieces `batch_sharding(mesh)` splits the batch (the data x FSDP devices)."""
-  return math.prod(mesh.shape[a] for a in batch_sharding(mesh).spec[0])
+  axes = batch_sharding(mesh).spec[0]
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def activation_rules(strategy: str = "fsdp") -> list:
