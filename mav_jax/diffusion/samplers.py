@@ -69,7 +69,6 @@ def sample(
   clip_x0: float | None = None,
   spacing: str = "logsnr",
   t_start: float = 1.0,
-  progress: Callable[[Array], None] | None = None,
 ) -> Array:
   """Integrates the reverse process from `noise` at t=1 to a sample at t=0.
 
@@ -88,8 +87,6 @@ def sample(
     spacing: time grid, "logsnr" (uniform in log-SNR) or "time" (uniform in t).
     t_start: the time `noise` is at: 1 for pure noise; < 1 for an input noised to that time with
       `add_noise` (variations keep the input's layout and change its detail).
-    progress: called on the host with the step index after each step (`jax.debug.callback`), for
-      progress bars.
 
   Returns:
     The sample, shaped like `noise`.
@@ -132,8 +129,6 @@ def sample(
       )
       step = _ddpm_step if sampler == "ddpm" else functools.partial(_ddim_step, eta=eta)
       z_next = step(z, x0, eps, a_t, s_t, a_s, s_s, step_noise, is_last)
-    if progress is not None:
-      jax.debug.callback(progress, i)
     return z_next, x0
 
   z, _ = jax.lax.fori_loop(

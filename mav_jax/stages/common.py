@@ -31,6 +31,33 @@ def to_model_space(frames: Array) -> Array:
   return frames.astype(jnp.float32) / 127.5 - 1.0
 
 
+def clip_resize_and_crop(images: Array, size: int) -> Array:
+  """OpenAI CLIP's image transform on floats: [b, h, w, c] in [0, 1] -> [b, size, size, c] in [0, 1].
+
+  As clip.load's preprocess (torchvision Resize(size, BICUBIC) then CenterCrop(size) on PIL
+  images): the shorter side becomes `size` and the longer int(size * long / short) (torchvision's
+  rounding), resampled as PIL does: bicubic (Keys, a = -0.5) with the kernel widened when
+  shrinking (antialiasing), width first, then height, each pass clipped to [0, 1] (PIL's 8-bit
+  passes clip the overshoot); then the centre size x size crop (offsets rounded as CenterCrop
+  does). PIL also rounds each pass to 8 bits, which floats skip: the two differ by under 1.25
+  grey levels (tests/test_clip.py, on real photos).
+  """
+  b, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  short, long = min(h, w), max(h, w)
+  new_long = int(size * long / short)
+  new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+  if new_w != w:
+    images = jnp.clip(jax.image.resize(images, (b, h, new_w, c), "bicubic", antialias=True), 0, 1)
+  if new_h != h:
+    images = jnp.clip(
+      jax.image.resize(images, (b, new_h, new_w, c), "bicubic", antialias=True), 0, 1
+    )
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  return images[:, top : top + size, left : left + size]
+
+
 def scaled_unit(x: Array) -> Array:
   """x / |x| * sqrt(width): unit-variance components."""
   x = x.astype(jnp.float32)
@@ -88,11 +115,12 @@ class FrozenClip:
     return checkpointing.restore_params(self.path, shardings=shardings)
 
   def image_embedding(self, params: Any, images: Array) -> Array:
-    """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d]."""
+    """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d].
+
+    Images of another size are brought to CLIP's input size as OpenAI's CLIP does
+    (`clip_resize_and_crop`: shorter side bicubic, centre crop)."""
     size = int(self.config.data.resolution)
-    images = (images.astype(jnp.float32) + 1.0) / 2.0
-    if images.shape[1:3] != (size, size):
-      images = jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear")
+    images = clip_resize_and_crop((images.astype(jnp.float32) + 1.0) / 2.0, size)
     images = (images - IMAGE_MEAN) / IMAGE_STD
     embedding = self.module.apply({"params": params}, images, method=type(self.module).encode_image)
     return scaled_unit(embedding)

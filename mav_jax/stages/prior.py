@@ -104,7 +104,6 @@ def generate(
   *,
   negative: tuple[Array, Array] | None = None,
   sampling=None,
-  progress=None,
 ) -> Array:
   """Scaled-unit image embeddings [b, d] for captions `tokens` [b, l] (mask [b, l]).
 
@@ -136,7 +135,6 @@ def generate(
     num_steps=s.num_steps,
     target=d.target,
     eta=s.eta,
-    progress=progress,
   )
   return scaled_unit(out)
 

@@ -254,7 +254,6 @@ class VideoStage:
     init: Array | None = None,
     strength: float = 1.0,
     image_mode: bool = False,
-    progress=None,
   ) -> Array:
     """Samples clips of `shape` [b, f, h, w, 3] in [-1, 1] given `cond` {embedding, scalars, extra}.
 
@@ -264,7 +263,6 @@ class VideoStage:
       init: a clip to vary: it is noised to time `strength` and denoised from there.
       strength: how much of `init` is replaced (1: none of it is kept).
       image_mode: frames are independent images (image-stage samples); SR_h always is.
-      progress: host callback after each sampler step.
     """
     s, d = sampling or config.sampling, config.diffusion
     per_frame = self.name == "sr_high"
@@ -324,7 +322,6 @@ class VideoStage:
       share_noise_across_frames=per_frame,
       clip_x0=1.0,
       t_start=strength if init is not None else 1.0,
-      progress=progress,
     )
     # The last step leaves sigma_min * eps of noise: clip to the pixel range.
     return jnp.clip(out, -1.0, 1.0)
