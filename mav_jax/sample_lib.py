@@ -304,18 +304,17 @@ class Cascade:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.batch_shards = sharding.batch_shards(self.mesh)
     self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.stages = {
-      n: LoadedStage(
-        n, path, c, m, _place(stages.get_stage(n), m, c, path, self.mesh, strategy, checkpoints[n])
+    self.stages = {n: LoadedStage(n, path, c, m, None) for n, (path, c, m) in read.items()}
+    self._check_chain()  # from the configs: no parameter is read for stages that do not chain
+    for n, loaded in self.stages.items():
+      loaded.params = _place(
+        loaded.stage, loaded.model, loaded.config, loaded.path, self.mesh, strategy, checkpoints[n]
       )
-      for n, (path, c, m) in read.items()
-    }
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
     self.progress = progress or Progress()
     # (stage, kind, static arguments, sampling settings) -> its jitted function.
     self._jitted: dict = {}
     self._seen: set = set()  # (key, input shapes) already compiled
-    self._check_chain()
     self.clip, self.clip_params = None, None
     clip_user = next((s for s in ("prior", "decoder", "interp") if s in self.stages), None)
     if clip_user:

@@ -284,9 +284,11 @@ class _Compiles:
 
 
 def test_batches_and_extend_rounds_after_the_first_compile_nothing():
-  """Each stage's sampling function is built once per (shape, settings): after one batch, three
-  more batches of new prompts and seeds (sample --prompts_file, evaluation) compile nothing, nor
-  does an `extend` of three rounds after one of one round."""
+  """Each stage's sampling function is built once per (shape, settings): after a first run of a
+  prompts file (two batches of 2, the last padded: everything compiles there), a run of three
+  batches of new prompts and another seed (sample --prompts_file, evaluation) compiles nothing, nor
+  does an `extend` of three rounds after one of one round. (Before, every call compiled every stage
+  again.)"""
   cascade = sample_lib.Cascade(
     {n: SHIPPED[n] for n in ("prior", "decoder", "interp")},
     steps={s: 2 for s in sample_lib.CASCADE},
@@ -296,13 +298,17 @@ def test_batches_and_extend_rounds_after_the_first_compile_nothing():
   def write(index, video, fps):
     written[index] = video
 
-  prompts = ["a red circle moving left", "a blue square moving up"]
-  with _Compiles() as one:
+  prompts = ["a red circle moving left", "a blue square moving up", "a green circle"]
+  with _Compiles() as first:
     sample_lib.text_batches(cascade, prompts, 2, jax.random.key(0), write, until="interp")
-  more = prompts + ["a green circle", "a red square moving down", "a blue circle", "a square"]
+  assert sorted(written) == [0, 1, 2]
+  more = ["a red square moving down", "a blue circle", "a square", "a circle", "a green square"]
+  written.clear()
   with _Compiles() as three:
-    sample_lib.text_batches(cascade, more, 2, jax.random.key(1), write, until="interp")
-  assert one.count > 0 and three.count == 0, (one.count, three.count)
+    sample_lib.text_batches(
+      cascade, more + ["a triangle"], 2, jax.random.key(1), write, until="interp"
+    )
+  assert first.count > 0 and three.count == 0, (first.count, three.count)
   assert sorted(written) == list(range(6))
   frames = jnp.asarray(_scene_frames())
   with _Compiles() as one_round:

