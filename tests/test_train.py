@@ -538,7 +538,9 @@ def _bytes_read() -> int:
 
 def test_restoring_one_item_reads_only_that_item(tmp_path):
   """restore_params reads only the chosen item of a step's state: not the optimizer state (here
-  8 MB against 256 KB of parameters) nor the other parameters, which may even be missing."""
+  8 MB against 256 KB of parameters) nor the other parameters (bytes read by this process). (It
+  also removed the optimizer state's data files and restored again, until TensorStore once packed
+  the EMA kernel into the same OCDBT data file as the moments: files are not arrays.)"""
   import orbax.checkpoint as ocp
 
   rng = np.random.default_rng(0)
@@ -575,16 +577,6 @@ def test_restoring_one_item_reads_only_that_item(tmp_path):
       np.testing.assert_array_equal(got, np.asarray(want))
     assert jax.tree.structure(restored) == jax.tree.structure(state[item])
 
-  # The optimizer state's files removed: the parameters still restore (nothing reads them).
-  data = [p for p in (step_dir / "state").glob("ocdbt.process_*/d/*") if p.is_file()]
-  big = [p for p in data if p.stat().st_size > 1 << 20]
-  assert sum(p.stat().st_size for p in big) > 7 << 20  # mu and nu, 4 MB each
-  for p in big:
-    p.unlink()
-  restored = checkpointing.restore_params(str(step_dir), "ema_params")
-  np.testing.assert_array_equal(
-    restored["Dense_0"]["kernel"], state["ema_params"]["Dense_0"]["kernel"]
-  )
   with pytest.raises(errors.UserError, match="holds no 'ema'"):
     checkpointing.restore_params(str(tmp_path), "ema")
 
