@@ -179,7 +179,7 @@ class Progress:
       print(line, file=self.stream, flush=True)
 
   def start(self, name: str, steps: int, batch: int, compiling: bool) -> tuple:
-    what = f"[sample] {name:8s} {steps} steps x {batch} videos"
+    what = f"[sample] {name:8s} {steps} steps x {batch} video{'' if batch == 1 else 's'}"
     if compiling:
       self._say(f"{what} (compiling first)")
     return what, time.time()
