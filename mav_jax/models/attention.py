@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from mav_jax import errors
 from mav_jax.models import axes
-from mav_jax.models.common import Array, Dtype, dense, layer_norm
+from mav_jax.models.common import Array, Dtype, FrameGroupNorm, dense, layer_norm
 from mav_jax.models.embeddings import EmbeddingMLP, space_time_features
 
 
@@ -122,6 +122,71 @@ class MultiHeadAttention(nn.Module):
     )(out)
 
 
+class AddedKVAttention(nn.Module):
+  """diffusers' `Attention(added_kv_proj_dim=...)` with `AttnAddedKVProcessor(2_0)` (unCLIP/Karlo)
+  on [n, t, c] tokens that are already group-normalised: queries from the image tokens; keys and
+  values = concat(added_key/added_value(context), key/value(tokens)), the context tokens first;
+  `context_mask` masks the context part only (image tokens always valid). Scale head_dim**-0.5.
+
+  Attributes:
+    num_heads: number of heads.
+    head_dim: features per head.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, in_features: int, in_axis: str, name: str) -> _Projection:
+    return _Projection(
+      (in_features, self.num_heads, self.head_dim),
+      (in_axis, axes.HEADS, axes.HEAD_DIM),
+      "ntc,chd->nthd",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, context_mask: Array | None = None) -> Array:
+    """x [n, t, c] (normalised tokens); context [n, s, d]; context_mask [n, s] (True = valid)."""
+    c, d = x.shape[-1], context.shape[-1]
+    q = self._proj(c, axes.CHANNELS_IN, "query")(x)
+    k = jnp.concatenate(
+      [
+        self._proj(d, axes.CONTEXT, "added_key")(context),
+        self._proj(c, axes.CHANNELS_IN, "key")(x),
+      ],
+      axis=1,
+    )
+    v = jnp.concatenate(
+      [
+        self._proj(d, axes.CONTEXT, "added_value")(context),
+        self._proj(c, axes.CHANNELS_IN, "value")(x),
+      ],
+      axis=1,
+    )
+    mask = None
+    if context_mask is not None:
+      valid = jnp.concatenate(
+        [context_mask.astype(bool), jnp.ones((x.shape[0], x.shape[1]), bool)], axis=1
+      )
+      mask = valid[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return _Projection(
+      (self.num_heads, self.head_dim, c),
+      (axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
+      "nthd,hdc->ntc",
+      in_dims=2,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="out",
+    )(out)
+
+
 class RelativePositionBias(nn.Module):
   """A learned per-head bias indexed by the clipped frame distance j - i.
 
@@ -176,7 +241,12 @@ class FeedForward(nn.Module):
 class Pseudo3DAttention(nn.Module):
   """Factorised space-time transformer block on [batch, frames, height, width, channels].
 
-  Per frame: spatial self-attention, optional cross-attention to conditioning tokens, feed-forward.
+  Per frame, with `spatial="transformer"` (the default): spatial self-attention, optional
+  cross-attention to conditioning tokens, feed-forward (pre-LayerNorm residual branches). With
+  `spatial="added_kv"`: diffusers' unCLIP block instead, x + out(attn(GN(x))) where the keys and
+  values are the context tokens' (own projections, masked by `context_mask`) followed by GN(x)'s
+  (AddedKVAttention; GroupNorm with `norm_groups` groups, eps 1e-5; no LayerNorm, no feed-forward;
+  `context` required, `use_cross_attention` must stay False).
   Then, in video mode, temporal self-attention over frames at every spatial position (zero-init
   output, so the identity at initialisation) and, with `temporal_cross_attention`, cross-attention
   from each position's frame sequence to the context tokens (beyond the paper: lets the temporal
@@ -191,6 +261,8 @@ class Pseudo3DAttention(nn.Module):
     ff_mult: feed-forward expansion.
     max_temporal_distance: clip of the temporal relative-position buckets.
     image_mode: skip the temporal attention.
+    spatial: "transformer" or "added_kv" (the per-frame part, see above).
+    norm_groups: GroupNorm groups of "added_kv" (must divide the channels).
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -202,6 +274,8 @@ class Pseudo3DAttention(nn.Module):
   ff_mult: int = 4
   max_temporal_distance: int = 32
   image_mode: bool = False
+  spatial: str = "transformer"
+  norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -213,23 +287,14 @@ class Pseudo3DAttention(nn.Module):
     b, f, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, **kw)
-    tokens_axes = (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_CHANNELS)
-
-    t = axes.constrain(x.reshape(b * f, h * w, c), tokens_axes)
-    t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
-    if (self.use_cross_attention or self.temporal_cross_attention) and context is None:
+    if self.spatial == "added_kv":
+      x = self._added_kv(x, context, context_mask, attn)
+    elif self.spatial == "transformer":
+      x = self._transformer(x, context, context_mask, attn)
+    else:
       raise errors.UserError(
-        "this attention block was built with use_cross_attention or temporal_cross_attention but "
-        "got no context tokens; pass context=[batch, tokens, dim]"
+        f"unknown Pseudo3DAttention spatial {self.spatial!r}: use 'transformer' or 'added_kv'"
       )
-    if self.use_cross_attention:
-      ctx = jnp.repeat(context, f, axis=0)
-      ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
-      t = t + MultiHeadAttention(**attn, name="cross_attn")(
-        layer_norm("cross_norm", **kw)(t), ctx, ctx_mask
-      )
-    t = t + FeedForward(self.ff_mult, **kw, name="ff")(layer_norm("ff_norm", **kw)(t))
-    x = t.reshape(b, f, h, w, c)
     if self.image_mode:
       return x
 
@@ -248,6 +313,53 @@ class Pseudo3DAttention(nn.Module):
     if self.temporal_cross_attention:
       t = t + self._temporal_text(t, context, context_mask, attn, (b, f, h, w))
     return jnp.transpose(t.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))
+
+  def _transformer(self, x, context, context_mask, attn):
+    """Per frame: self-attention, optional cross-attention, feed-forward (pre-LN residuals)."""
+    b, f, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    tokens_axes = (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_CHANNELS)
+    t = axes.constrain(x.reshape(b * f, h * w, c), tokens_axes)
+    t = t + MultiHeadAttention(**attn, name="spatial_attn")(layer_norm("spatial_norm", **kw)(t))
+    if (self.use_cross_attention or self.temporal_cross_attention) and context is None:
+      raise errors.UserError(
+        "this attention block was built with use_cross_attention or temporal_cross_attention but "
+        "got no context tokens; pass context=[batch, tokens, dim]"
+      )
+    if self.use_cross_attention:
+      ctx = jnp.repeat(context, f, axis=0)
+      ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
+      t = t + MultiHeadAttention(**attn, name="cross_attn")(
+        layer_norm("cross_norm", **kw)(t), ctx, ctx_mask
+      )
+    t = t + FeedForward(self.ff_mult, **kw, name="ff")(layer_norm("ff_norm", **kw)(t))
+    return t.reshape(b, f, h, w, c)
+
+  def _added_kv(self, x, context, context_mask, attn):
+    """Per frame: x + out(attention of GN(x) to [context tokens, GN(x) tokens]) (diffusers'
+    AttnAddedKVProcessor; its residual_connection/rescale_output_factor are not read there)."""
+    b, f, h, w, c = x.shape
+    if context is None:
+      raise errors.UserError(
+        "a spatial='added_kv' attention block needs context tokens; pass context=[batch, tokens, "
+        "dim]"
+      )
+    if self.use_cross_attention:
+      raise errors.UserError(
+        "spatial='added_kv' already attends to the context: set use_cross_attention=False"
+      )
+    if c % self.norm_groups:
+      raise errors.UserError(
+        f"spatial='added_kv' GroupNorm: norm_groups={self.norm_groups} does not divide {c} channels"
+      )
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    tokens_axes = (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_CHANNELS)
+    normed = FrameGroupNorm(self.norm_groups, **kw, name="spatial_norm")(x)
+    t = axes.constrain(normed.reshape(b * f, h * w, c), tokens_axes)
+    ctx = jnp.repeat(context.astype(self.dtype), f, axis=0)
+    ctx_mask = None if context_mask is None else jnp.repeat(context_mask, f, axis=0)
+    out = AddedKVAttention(**attn, name="spatial_attn")(t, ctx, ctx_mask)
+    return x + out.reshape(b, f, h, w, c).astype(x.dtype)
 
   def _temporal_text(self, t, context, context_mask, attn, shape):
     """Cross-attention of every position's frames [b * h * w, f, c] to the caption tokens.
