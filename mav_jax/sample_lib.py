@@ -379,18 +379,9 @@ class Cascade:
 
   # -- stage runners -------------------------------------------------------------------------------
 
-  def _to_batch(self, x, n: int):
-    """One batch input (leading dim b) padded to n rows (the last repeated) and split over the
-    data axes. Arrays already on the mesh stay on the devices; host arrays (the same on every
-    process) are placed slice by slice."""
-    if isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat):
-      if x.shape[0] < n:
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], n - x.shape[0], axis=0)])
-      return jax.device_put(x, self.batch_sharding)
-    x = np.asarray(x)
-    if x.shape[0] < n:
-      x = np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)])
-    return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index: x[index])
+  def _padded(self, b: int) -> int:
+    """The batch size `b` is padded to: a multiple of the batch shards."""
+    return -(-b // self.batch_shards) * self.batch_shards
 
   def _call(self, key, fn, shared, batch, rng=None):
     """`fn(shared, batch, rng)`, jitted once per `key` (and compiled once per input shape), under
@@ -406,8 +397,8 @@ class Cascade:
 
       jitted = self._jitted[key] = jax.jit(wrapped, out_shardings=self.batch_sharding)
     b = jax.tree.leaves(batch)[0].shape[0]
-    n = -(-b // self.batch_shards) * self.batch_shards
-    batch = jax.tree.map(lambda x: self._to_batch(x, n), batch)
+    n = self._padded(b)
+    batch = jax.tree.map(lambda x: place_batch(x, n, self.batch_sharding), batch)
     key_data = None
     if rng is not None:
       data = np.asarray(jax.random.key_data(rng))
@@ -423,7 +414,7 @@ class Cascade:
     settings = json.dumps(s.to_dict(), sort_keys=True, default=str)
     key = (name, kind, statics, settings)
     b = jax.tree.leaves(batch)[0].shape[0]
-    n = -(-b // self.batch_shards) * self.batch_shards  # as padded by _call
+    n = self._padded(b)
     shapes = tuple((n, *x.shape[1:], str(x.dtype)) for x in jax.tree.leaves(batch))
     compiling = (key, shapes) not in self._seen
     self._seen.add((key, shapes))
@@ -810,18 +801,24 @@ def read_image(path: str) -> np.ndarray:
     raise errors.UserError(f"cannot read image {path!r}: {e}") from None
 
 
-def read_video(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """A video file -> (uint8 [n, h, w, 3], float64 [n] presentation times in seconds from the first
-  frame), with a clear error for an unreadable file."""
+def decode_video_file(path: str, decode, what: str = "input video"):
+  """`decode(the file's bytes)`, with one clear error for a missing file (`what` names it) and for
+  one that cannot be decoded."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
-    raise errors.UserFileNotFoundError(f"input video {path!r} does not exist") from None
+    raise errors.UserFileNotFoundError(f"{what} {path!r} does not exist") from None
   try:
-    return video_lib.decode_timed(data)
+    return decode(data)
   except video_lib.UnreadableVideo as e:
     raise errors.UserError(f"cannot read video {path!r}: {e}") from None
+
+
+def read_video(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """A video file -> (uint8 [n, h, w, 3], float64 [n] presentation times in seconds from the first
+  frame), with a clear error for an unreadable file."""
+  return decode_video_file(path, video_lib.decode_timed)
 
 
 def frames_in_time(
@@ -847,6 +844,20 @@ def to_model_frames(frames: np.ndarray, resolution: int, num_frames: int | None 
     frames = frames[np.round(np.linspace(0, len(frames) - 1, num_frames)).astype(int)]
   frames = video_lib.resize_and_crop(frames, resolution)
   return frames.astype(np.float32) / 127.5 - 1.0
+
+
+def place_batch(x, n: int, batch_sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """One batch input (leading dim b <= n) padded to n rows (the last repeated) and split by
+  `batch_sharding`. Arrays already on its devices stay there; host arrays (the same on every
+  process) are placed slice by slice."""
+  if isinstance(x, jax.Array) and x.sharding.device_set == batch_sharding.device_set:
+    if x.shape[0] < n:
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], n - x.shape[0], axis=0)])
+    return jax.device_put(x, batch_sharding)
+  x = np.asarray(x)
+  if x.shape[0] < n:
+    x = np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)])
+  return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
 
 
 def to_host(x) -> np.ndarray:

@@ -372,39 +372,20 @@ def real_clip_folder(root) -> tuple[str, str]:
 
 
 def tiny_decoder_config(source: str, **overrides):
-  """The tiny decoder at its smallest for tests (as tests/test_train.py trims it): 2 frames of
-  8x8, one level without attention, one device, a batch of 2."""
-  from configs import decoder
+  """tests/test_train.py's tiny decoder (2 frames of 8x8, one level) without attention, on one
+  device, a batch of 2, reading `source`."""
+  from test_train import _NO_ATTENTION, _test_config
 
-  config = decoder.get_config("tiny")
   settings = {
     "data.source": source,
-    "data.num_frames": 2,
-    "data.resolution": 8,
     "data.num_threads": 1,
-    "model.channels": 8,
-    "model.head_dim": 4,
-    "model.channel_mults": (1,),
-    "model.attention_levels": (),
-    "model.mid_attention": False,
+    **_NO_ATTENTION,
     "batch_size": 2,
-    "optimizer.warmup_steps": 0,
     "train.num_steps": 2,
-    "train.log_every": 1,
-    "train.checkpoint_every": 100,
-    "train.sample_every": 0,
-    "train.async_checkpoints": False,
     "mesh.ici": (1, 1, 1, 1),
     "sharding.strategy": "data_parallel",
-    **overrides,
   }
-  for key, value in settings.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return _test_config(**{**settings, **overrides})
 
 
 @needs_real_clips

