@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import grain
@@ -281,8 +282,11 @@ class _WriteNoise(logging.Filter):
   `RuntimeError: Event loop is closed` through `sys.unraisablehook`: 15-190 tracebacks in a
   600 KB-tmpfs run, before and after the one line that says what happened. Those records (Orbax's
   and asyncio's warnings and errors whose text names a storage failure, and the closed-loop
-  reports) go to `<tmp>/mav_jax-checkpoint-messages-<pid>.log`, which the error line names; anything
-  else (a lost host, a bug) is printed as before."""
+  reports) go to `<tmp>/mav_jax-checkpoint-messages-<pid>.log`, which the error line names.
+  Once such a failure has been recorded, the `coroutine ... was never awaited` warnings that the
+  abandoned write coroutines raise when the interpreter collects them at exit (after the error
+  line, too late for any Python hook: the interpreter prints them itself) are filtered out, and
+  the file says so. Anything else (a lost host, a bug) is printed as before."""
 
   def __init__(self):
     super().__init__()
@@ -325,6 +329,12 @@ class _WriteNoise(logging.Filter):
     self._previous_hook(unraisable)
 
   def _write(self, text: str) -> None:
+    if not self.count:
+      warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+      text += (
+        "\n(from here on, 'coroutine ... was never awaited' warnings, the abandoned writes "
+        "collected at exit, are not shown)"
+      )
     self.count += 1
     try:
       with open(self.path, "a") as f:

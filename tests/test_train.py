@@ -414,6 +414,41 @@ def test_a_failed_checkpoint_write_stops_the_run_at_once(
   assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
 
 
+def test_abandoned_write_coroutines_collected_at_exit_do_not_follow_the_error_line(tmp_path):
+  """After a failed write, the interpreter collects Orbax's abandoned write coroutines at exit and
+  prints `coroutine ... was never awaited` for each itself, after the one `error:` line (a CI run's
+  last line was such a warning): once a storage failure has been recorded they are filtered out
+  and the messages file says so; before one, and for other warnings, nothing is hidden."""
+  script = f"""
+import sys, tempfile, warnings
+tempfile.tempdir = {str(tmp_path)!r}
+from mav_jax import checkpointing
+noise = checkpointing._write_noise
+noise.install()
+async def write_fragment():
+  pass
+if sys.argv[1] == "failed":
+  noise._write("ERROR orbax: No space left on device")
+  print(noise.path)
+warnings.warn("an unrelated warning", UserWarning)
+kept = write_fragment()  # collected at interpreter exit, like the abandoned writes
+print("error: checkpoint 2 could not be written", file=sys.stderr)
+"""
+  for case in ("failed", "clean"):
+    proc = subprocess.run(
+      [sys.executable, "-c", script, case], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "an unrelated warning" in proc.stderr
+    if case == "failed":
+      assert proc.stderr.strip().splitlines()[-1] == "error: checkpoint 2 could not be written"
+      assert "was never awaited" not in proc.stderr, proc.stderr
+      with open(proc.stdout.strip()) as held:
+        assert "'coroutine ... was never awaited' warnings" in held.read()
+    else:
+      assert "was never awaited" in proc.stderr  # nothing failed: nothing hidden
+
+
 def test_a_real_full_disk_stops_the_run_with_one_line_last(tmp_path):
   """A real full file system (a 64 KB tmpfs as the workdir, in a private mount namespace): the
   save at step 2 fails in TensorStore; the run's last line is the one `error:` line, and what
