@@ -20,11 +20,15 @@ from mav_jax.models.attention import CaptionPool, Pseudo3DAttention
 from mav_jax.models.caption_motion import CaptionMotionConv
 from mav_jax.models.common import Array, Dtype, FrameGroupNorm, spatial_conv
 from mav_jax.models.conv import Downsample, Pseudo3DConv, Upsample
-from mav_jax.models.embeddings import EmbeddingMLP, sinusoidal_embedding
-from mav_jax.models.resblock import ResBlock
+from mav_jax.models.embeddings import EmbeddingMLP, UnclipProjection, sinusoidal_embedding
+from mav_jax.models.resblock import TIME_EMBEDDINGS, ResBlock
 
 # Diffusion time t in [0, 1] is scaled to [0, 1000] before the sinusoidal features.
 TIME_SCALE = 1000.0
+RESAMPLES = ("conv", "resblock")
+SPATIAL_ATTENTIONS = ("transformer", "added_kv")
+GLOBAL_CONDITIONINGS = ("mlp", "unclip")
+EXTRA_INPUT_MODES = ("zero_init", "concat")
 
 
 class SpaceTimeUNet(nn.Module):
@@ -45,7 +49,16 @@ class SpaceTimeUNet(nn.Module):
       that its useful range spans many periods: 1 for fps or frame skips (natural units), 1000 for
       a level in [0, 1] such as a noise-augmentation time (as for t). Empty: all 1.
     use_global_embedding: condition on a global vector (e.g. a CLIP image embedding).
+    global_conditioning: how the global vector conditions the model: "mlp" (a two-layer MLP of it
+      added to the time embedding) or "unclip" (Karlo's decoder: `UnclipProjection` of the raw
+      image embedding, the raw text embedding `text_embedding` and the `context` token features;
+      its vector is added to the time embedding and its tokens, 4 from the image then the
+      projected text tokens, become the `context` of every attention block).
+    unclip_context_dim: width of the "unclip" context tokens (Karlo: 1536).
     use_cross_attention: attention blocks cross-attend to `context` tokens.
+    spatial_attention: the per-frame part of every attention block: "transformer" (self-attention,
+      optional cross-attention, feed-forward) or "added_kv" (unCLIP: GroupNorm, then attention
+      whose keys and values are the context tokens' followed by the frame's; needs `context`).
     temporal_text_attention: the temporal layer of every attention block also cross-attends to
       `context` tokens (caption features), and an attention-pooled summary of them joins the
       conditioning embedding in video mode, so motion can follow the caption; off in the
@@ -62,8 +75,18 @@ class SpaceTimeUNet(nn.Module):
       a mix, weighted by the caption, of learned (frame, y, x) kernels, so the caption can say
       which way things move between frames. Zero-initialised; 0: off.
     extra_input_channels: channels concatenated to the input (masked frames + mask for frame
-      interpolation; an upsampled low-resolution video for super-resolution). They enter through a
-      zero-initialised conv, so a model fine-tuned from one without them starts out equal to it.
+      interpolation; an upsampled low-resolution video for super-resolution).
+    extra_input_mode: how they enter: "zero_init" (a zero-initialised conv added to conv_in's
+      output, so a model fine-tuned from one without them starts out equal to it) or "concat"
+      (concatenated after the input channels before conv_in, as diffusers' super-resolution UNets
+      read them).
+    time_scale: multiplier of t before its sinusoidal features: 1000 for t in [0, 1]; 1 for the
+      integer timesteps of a discrete schedule (Karlo's), which then go in exactly.
+    time_embedding: how residual blocks take the embedding: "scale_shift" (GroupNorm scale and
+      shift) or "additive" (added before the GroupNorm; Karlo's super-resolution UNets).
+    resample: between levels, "conv" (a stride-2 conv down, nearest x2 + conv up) or "resblock"
+      (a residual block that average-pools / nearest-upsamples inside, diffusers'
+      `ResnetDownsampleBlock2D` / `ResnetUpsampleBlock2D`, Karlo's).
     temporal_kernel_size: taps of every temporal conv.
     max_temporal_distance: clip of the temporal attention's relative-position buckets.
     dropout: dropout rate inside residual blocks.
@@ -85,11 +108,18 @@ class SpaceTimeUNet(nn.Module):
   conditioning_scalars: tuple[str, ...] = ()
   conditioning_scalar_scales: tuple[float, ...] = ()
   use_global_embedding: bool = False
+  global_conditioning: str = "mlp"
+  unclip_context_dim: int = 1536
   use_cross_attention: bool = False
+  spatial_attention: str = "transformer"
   temporal_text_attention: bool = False
   text_vocab_size: int = 0
   text_motion_conv: int = 0
   extra_input_channels: int = 0
+  extra_input_mode: str = "zero_init"
+  time_scale: float = TIME_SCALE
+  time_embedding: str = "scale_shift"
+  resample: str = "conv"
   temporal_kernel_size: int = 3
   max_temporal_distance: int = 32
   dropout: float = 0.0
@@ -98,7 +128,25 @@ class SpaceTimeUNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _check_inputs(self, x, t, scalars, global_embedding, context, extra_inputs, image_mode):
+  def _check_options(self):
+    for name, value, allowed in (
+      ("global_conditioning", self.global_conditioning, GLOBAL_CONDITIONINGS),
+      ("spatial_attention", self.spatial_attention, SPATIAL_ATTENTIONS),
+      ("extra_input_mode", self.extra_input_mode, EXTRA_INPUT_MODES),
+      ("time_embedding", self.time_embedding, TIME_EMBEDDINGS),
+      ("resample", self.resample, RESAMPLES),
+    ):
+      if value not in allowed:
+        raise errors.UserError(f"unknown model.{name} {value!r}: expected one of {allowed}")
+    if self.spatial_attention == "added_kv" and self.use_cross_attention:
+      raise errors.UserError(
+        "spatial_attention='added_kv' already attends to the context: set use_cross_attention=False"
+      )
+
+  def _check_inputs(
+    self, x, t, scalars, global_embedding, text_embedding, context, extra_inputs, image_mode
+  ):
+    self._check_options()
     if x.ndim != 5:
       raise errors.UserError(
         f"SpaceTimeUNet takes [batch, frames, height, width, channels], got shape "
@@ -142,9 +190,20 @@ class SpaceTimeUNet(nn.Module):
       raise errors.UserError(
         "got global_embedding but the model was built with use_global_embedding=False"
       )
-    if self.use_cross_attention and context is None:
+    unclip = self.use_global_embedding and self.global_conditioning == "unclip"
+    if unclip and (text_embedding is None or context is None):
       raise errors.UserError(
-        "model built with use_cross_attention=True needs context=[b, tokens, d]"
+        "model built with global_conditioning='unclip' needs text_embedding=[b, d] (the raw CLIP "
+        "text embedding) and context=[b, tokens, d] (the text tower's token features)"
+      )
+    if not unclip and text_embedding is not None:
+      raise errors.UserError(
+        "got text_embedding but the model was not built with global_conditioning='unclip'"
+      )
+    if (self.use_cross_attention or self.spatial_attention == "added_kv") and context is None:
+      raise errors.UserError(
+        "model built with use_cross_attention=True or spatial_attention='added_kv' needs "
+        "context=[b, tokens, d]"
       )
     if self.temporal_text_attention and context is None and not image_mode:
       raise errors.UserError(
@@ -188,7 +247,7 @@ class SpaceTimeUNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_dim = self.embed_dim or 4 * self.channels
     emb = EmbeddingMLP(embed_dim, **kw, name="time_embed")(
-      sinusoidal_embedding(t * TIME_SCALE, self.channels)
+      sinusoidal_embedding(t * self.time_scale, self.channels)
     )
     if emb.ndim == 3:  # a time per frame [b, f, e]: the per-clip terms below broadcast over frames
       emb = emb.swapaxes(0, 1)
@@ -198,7 +257,7 @@ class SpaceTimeUNet(nn.Module):
         emb = emb + EmbeddingMLP(embed_dim, zero_init_out=True, **kw, name=f"{name}_embed")(
           sinusoidal_embedding(scalars[name] * scale, self.channels)
         )
-    if self.use_global_embedding:
+    if self.use_global_embedding and self.global_conditioning == "mlp":
       emb = emb + EmbeddingMLP(embed_dim, in_axis=axes.CONTEXT, **kw, name="global_embed")(
         global_embedding.astype(self.dtype)
       )
@@ -212,6 +271,8 @@ class SpaceTimeUNet(nn.Module):
     *,
     scalars: Mapping[str, Array] | None = None,
     global_embedding: Array | None = None,
+    text_embedding: Array | None = None,
+    drop_image: Array | None = None,
     context: Array | None = None,
     context_mask: Array | None = None,
     context_ids: Array | None = None,
@@ -223,10 +284,15 @@ class SpaceTimeUNet(nn.Module):
 
     Args:
       x: noisy input [b, f, h, w, c].
-      t: diffusion time in [0, 1], shape [b], or [b, f] for a time per frame (diffusion.frame_noise).
+      t: diffusion time in [0, 1] (an integer timestep with time_scale=1), shape [b], or [b, f]
+        for a time per frame (diffusion.frame_noise).
       scalars: {name: [b]} values for `conditioning_scalars` in natural units (fps in frames per
         second, frame skip in frames). Optional in image mode.
-      global_embedding: [b, d] conditioning vector (zeros are the null condition for guidance).
+      global_embedding: [b, d] conditioning vector ("mlp": zeros are the null condition for
+        guidance; "unclip": the raw CLIP image embedding).
+      text_embedding: [b, d] raw CLIP text embedding ("unclip" only).
+      drop_image: [b] bool, rows whose image embedding is replaced by the learned null one
+        ("unclip" only; the unconditional branch of guidance and condition dropout).
       context: [b, s, d] tokens for cross-attention.
       context_mask: [b, s] True where a context token is valid.
       context_ids: [b, s] token ids of `context` (needed when `text_vocab_size` > 0).
@@ -238,7 +304,9 @@ class SpaceTimeUNet(nn.Module):
       [b, f, h, w, out_channels] float32 prediction.
     """
     scalars = dict(scalars or {})
-    self._check_inputs(x, t, scalars, global_embedding, context, extra_inputs, image_mode)
+    self._check_inputs(
+      x, t, scalars, global_embedding, text_embedding, context, extra_inputs, image_mode
+    )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mode = dict(
       image_mode=image_mode,
@@ -256,6 +324,11 @@ class SpaceTimeUNet(nn.Module):
       attn_cls = nn.remat(Pseudo3DAttention, policy=policy)
 
     emb = self._embedding(t, scalars, global_embedding)
+    if self.use_global_embedding and self.global_conditioning == "unclip":
+      add, context, context_mask = UnclipProjection(
+        emb.shape[-1], self.unclip_context_dim, **kw, name="unclip_proj"
+      )(global_embedding, text_embedding, context, context_mask, drop_image)
+      emb = emb + (add[:, None] if emb.ndim == 3 else add).astype(emb.dtype)
     if self.temporal_text_attention and not image_mode:
       if self.text_vocab_size:
         context = context + self._learned_text(context_ids, context.shape)
@@ -266,10 +339,16 @@ class SpaceTimeUNet(nn.Module):
 
     steer_motion = self.temporal_text_attention and self.text_motion_conv and not image_mode
 
-    def res_block(h, features, name):
-      h = res_cls(features, dropout=self.dropout, deterministic=deterministic, **mode, name=name)(
-        h, emb
-      )
+    def res_block(h, features, name, resample=None):
+      h = res_cls(
+        features,
+        dropout=self.dropout,
+        deterministic=deterministic,
+        time_embedding=self.time_embedding,
+        resample=resample,
+        **mode,
+        name=name,
+      )(h, emb)
       if steer_motion:
         h = h + CaptionMotionConv(self.text_motion_conv, **kw, name=f"temporal_text_motion_{name}")(
           h, context, context_mask
@@ -285,13 +364,17 @@ class SpaceTimeUNet(nn.Module):
         temporal_cross_attention=self.temporal_text_attention and not image_mode,
         max_temporal_distance=self.max_temporal_distance,
         image_mode=image_mode,
+        spatial=self.spatial_attention,
         **kw,
         name=name,
       )(h, context, context_mask)
 
     x = axes.constrain(x.astype(self.dtype), axes.VIDEO)
+    concat = self.extra_input_channels and self.extra_input_mode == "concat"
+    if concat:
+      x = jnp.concatenate([x, extra_inputs.astype(self.dtype)], axis=-1)
     h = Pseudo3DConv(self.channels, **mode, name="conv_in")(x)
-    if self.extra_input_channels:
+    if self.extra_input_channels and not concat:
       h = h + spatial_conv(self.channels, zero_init=True, name="conv_in_extra", **kw)(
         extra_inputs.astype(self.dtype)
       )
@@ -303,7 +386,11 @@ class SpaceTimeUNet(nn.Module):
           h = attention(h, f"down_{level}_attn_{i}")
         skips.append(h)
       if level != len(self.channel_mults) - 1:
-        h = Downsample(h.shape[-1], **kw, name=f"down_{level}_downsample")(h)
+        name = f"down_{level}_downsample"
+        if self.resample == "resblock":
+          h = res_block(h, h.shape[-1], name, resample="down")
+        else:
+          h = Downsample(h.shape[-1], **kw, name=name)(h)
         skips.append(h)
 
     mid_features = h.shape[-1]
@@ -319,7 +406,11 @@ class SpaceTimeUNet(nn.Module):
         if level in self.attention_levels:
           h = attention(h, f"up_{level}_attn_{i}")
       if level != 0:
-        h = Upsample(h.shape[-1], **kw, name=f"up_{level}_upsample")(h)
+        name = f"up_{level}_upsample"
+        if self.resample == "resblock":
+          h = res_block(h, h.shape[-1], name, resample="up")
+        else:
+          h = Upsample(h.shape[-1], **kw, name=name)(h)
 
     h = nn.silu(FrameGroupNorm(**kw, name="norm_out")(h))
     out = Pseudo3DConv(self.out_channels, **mode, name="conv_out")(h)
