@@ -8,6 +8,7 @@ ids with a boolean attention mask, as the data pipeline feeds the models.
 import functools
 import gzip
 import html
+import json
 import os
 from typing import Protocol
 
@@ -186,6 +187,24 @@ class ClipBpeTokenizer:
       symbols = "".join(self._byte_encoder[b] for b in token.encode("utf-8"))
       ids.extend(self.encoder[piece] for piece in self._bpe(symbols).split(" "))
     return ids + [self.eos_id]
+
+
+def check_clip_vocab(tokenizer: ClipBpeTokenizer, vocab_file: str) -> None:
+  """A UserError naming the first id whose token differs between the vocabulary `tokenizer` builds
+  from its merges and `vocab_file` (Hugging Face's CLIPTokenizer vocab.json: token -> id), or the
+  first token only one of them has. Equal vocabularies give equal ids for every text."""
+  if not os.path.isfile(vocab_file):
+    raise errors.UserFileNotFoundError(f"CLIP vocabulary file not found: {vocab_file}")
+  with open(vocab_file, encoding="utf-8") as f:
+    theirs = {int(i): token for token, i in json.load(f).items()}
+  ours = {i: token for token, i in tokenizer.encoder.items()}
+  for i in sorted(set(ours) | set(theirs)):
+    if ours.get(i) != theirs.get(i):
+      raise errors.UserError(
+        f"{vocab_file} does not match the merges file: id {i} is {theirs.get(i)!r} there and "
+        f"{ours.get(i)!r} in the vocabulary the merges build ({len(theirs)} and "
+        f"{len(ours)} tokens); use the vocab.json and merges.txt of one tokenizer"
+      )
 
 
 def make_tokenizer(kind: str = "byte", path: str | None = None) -> Tokenizer:

@@ -4,7 +4,10 @@ C_x of the cascade is the text tower; the decoder is conditioned on the image to
 frame. The parameter tree follows the structure of OpenAI's / Hugging Face's CLIPModel closely enough
 that `mav_jax.models.clip_convert` maps a PyTorch checkpoint onto it one tensor at a time.
 
-Attributes of `ClipConfig` mirror Hugging Face's CLIPConfig names where they exist.
+Attributes of `ClipConfig` mirror Hugging Face's CLIPConfig names where they exist. A CLIP may
+have no vision tower (`ClipConfig.vision = None`: a text encoder converted alone, such as Karlo's
+`text_encoder/`): its parameters are the text tower's only, and asking it for image embeddings is
+a UserError (`NO_VISION`).
 """
 
 import dataclasses
@@ -18,7 +21,19 @@ from mav_jax.models import axes
 from mav_jax.models.attention import MultiHeadAttention
 from mav_jax.models.common import Array, Dtype, dense, layer_norm
 
-ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": nn.gelu}
+ACTIVATIONS = {
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": nn.gelu,  # tanh approximation
+  "gelu_exact": lambda x: nn.gelu(x, approximate=False),  # erf, as torch.nn.GELU()
+}
+
+NO_VISION = (
+  "this CLIP has no vision tower (it was converted from a text encoder alone, such as Karlo's "
+  "text_encoder/), so it cannot embed images; convert the text encoder together with the vision "
+  "tower of a full Hugging Face CLIPModel folder whose text tower is the same (for Karlo: "
+  "openai/clip-vit-large-patch14) with mav_jax.models.clip_convert.load_hf_text_encoder(folder, "
+  "vision_from=CLIPMODEL_FOLDER)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +64,9 @@ class ClipConfig:
     text: the text tower.
     image_size: input image side.
     patch_size: ViT patch side.
-    vision: the vision tower.
-    activation: "quick_gelu" (OpenAI) or "gelu".
+    vision: the vision tower; None for a text-only CLIP (no vision tower and no logit scale).
+    activation: a key of ACTIVATIONS: "quick_gelu" (OpenAI), "gelu_exact" (Hugging Face's "gelu")
+      or "gelu" (flax's tanh approximation, kept for existing checkpoints).
     eos_token_id: the end-of-text id whose position pools the text (None: the highest id, as OpenAI).
   """
 
@@ -60,9 +76,13 @@ class ClipConfig:
   text: TowerConfig = TowerConfig()
   image_size: int = 224
   patch_size: int = 32
-  vision: TowerConfig = TowerConfig(width=768, layers=12, heads=12)
+  vision: TowerConfig | None = TowerConfig(width=768, layers=12, heads=12)
   activation: str = "quick_gelu"
   eos_token_id: int | None = None
+
+  @property
+  def has_vision(self) -> bool:
+    return self.vision is not None
 
 
 def _project(x: Array, proj: Array, dtype: Dtype) -> Array:
@@ -198,7 +218,8 @@ class VisionTower(nn.Module):
 
 
 class CLIP(nn.Module):
-  """Both towers and the learned temperature of the contrastive loss."""
+  """Both towers and the learned temperature of the contrastive loss; the text tower alone when
+  `config.vision` is None (then the image methods raise a UserError)."""
 
   config: ClipConfig
   dtype: Dtype = jnp.float32
@@ -207,6 +228,8 @@ class CLIP(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.text = TextTower(self.config, name="text", **kw)
+    if not self.config.has_vision:
+      return
     self.vision = VisionTower(self.config, name="vision", **kw)
     self.logit_scale = self.param(
       "logit_scale",
@@ -219,6 +242,8 @@ class CLIP(nn.Module):
     return self.text(tokens)[0]
 
   def encode_image(self, images: Array) -> Array:
+    if not self.config.has_vision:
+      raise errors.UserError(NO_VISION)
     return self.vision(images)
 
   def __call__(self, tokens: Array, images: Array) -> tuple[Array, Array, Array]:

@@ -3,32 +3,161 @@
 The symmetric InfoNCE loss of CLIP over the global batch: each image's caption is its positive and
 every other caption in the batch a negative, and vice versa. On the embedded default this trains on
 the synthetic image-text pairs (captions name shape and colour), so the cascade needs no download;
-pretrained OpenAI / Hugging Face weights load through `mav_jax.models.clip_convert` instead.
+pretrained OpenAI / Hugging Face weights load through `mav_jax.models.clip_convert` instead, and
+`write_clip_folder` writes them as a model folder that `conditioning.clip` can name.
+
+In a stage config, `model.vision_width = 0` means a CLIP with no vision tower (a text encoder
+converted alone); `model.text_mlp_ratio` / `model.vision_mlp_ratio`, absent from configs/clip.py,
+default to 4 (OpenAI's).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from mav_jax import config_defaults, errors
 from mav_jax.models.clip import CLIP, ClipConfig, TowerConfig
 from mav_jax.models.common import Array
 from mav_jax.stages.common import IMAGE_MEAN, IMAGE_STD
+
+# The tokenizer's merges file inside a model folder written by `write_clip_folder`
+# (`data.tokenizer_path` names it relative to the folder; FrozenClip.tokenizer reads it there).
+TOKENIZER_DIR = "tokenizer"
 
 
 def clip_config(config) -> ClipConfig:
   """The ClipConfig of a stage config's `model` section."""
   m = config.model
+  vision = None
+  if m.vision_width:
+    vision = TowerConfig(
+      m.vision_width, m.vision_layers, m.vision_heads, m.get("vision_mlp_ratio", 4.0)
+    )
   return ClipConfig(
     embed_dim=m.embed_dim,
     vocab_size=m.vocab_size,
     context_length=config.data.max_tokens,
-    text=TowerConfig(m.text_width, m.text_layers, m.text_heads),
+    text=TowerConfig(m.text_width, m.text_layers, m.text_heads, m.get("text_mlp_ratio", 4.0)),
     image_size=config.data.resolution,
     patch_size=m.patch_size,
-    vision=TowerConfig(m.vision_width, m.vision_layers, m.vision_heads),
+    vision=vision,
     activation=m.activation,
     eos_token_id=m.eos_token_id if m.eos_token_id >= 0 else None,
   )
+
+
+def stage_config(
+  clip: ClipConfig, tokenizer_path: str, dtype: str = "float32"
+) -> ml_collections.ConfigDict:
+  """A CLIP stage config that `clip_config` turns back into `clip` (the inverse), with CLIP BPE
+  tokens from the merges file `tokenizer_path`: the config.json of a converted model folder."""
+  config = config_defaults.new_config("clip", "converted", ("converted",))
+  config_defaults.add_data(config)
+  config.data.kind = "image"
+  config.data.resolution = clip.image_size
+  config.data.tokenizer = "clip_bpe"
+  config.data.tokenizer_path = tokenizer_path
+  config.data.max_tokens = clip.context_length
+  vision = clip.vision or TowerConfig(0, 0, 0)
+  config.model = ml_collections.ConfigDict(
+    dict(
+      embed_dim=clip.embed_dim,
+      vocab_size=clip.vocab_size,
+      text_width=clip.text.width,
+      text_layers=clip.text.layers,
+      text_heads=clip.text.heads,
+      text_mlp_ratio=float(clip.text.mlp_ratio),
+      patch_size=clip.patch_size,
+      vision_width=vision.width,  # 0: no vision tower
+      vision_layers=vision.layers,
+      vision_heads=vision.heads,
+      vision_mlp_ratio=float(vision.mlp_ratio),
+      activation=clip.activation,
+      eos_token_id=-1 if clip.eos_token_id is None else clip.eos_token_id,
+      dtype=dtype,
+      param_dtype="float32",
+    )
+  )
+  config_defaults.add_optimizer(config)
+  config_defaults.add_runtime(config)
+  config.train.sample_every = 0
+  if clip_config(config) != clip:
+    raise ValueError(f"stage_config does not round-trip: {clip_config(config)} != {clip}")
+  return config
+
+
+def write_clip_folder(
+  output: str,
+  clip: ClipConfig,
+  params,
+  merges_file: str,
+  vocab_file: str | None = None,
+  dtype: str = "float32",
+  overwrite: bool = False,
+) -> ml_collections.ConfigDict:
+  """Writes converted CLIP weights as a model folder that `conditioning.clip` (and --clip) reads,
+  the layout `mav_jax.export` writes: `config.json` (a CLIP stage config, `stage_config`),
+  `params/` (Orbax), plus `tokenizer/` holding a copy of `merges_file` (and of `vocab_file`).
+
+  The tokenizer is checked first: the vocabulary the merges build must have `clip.vocab_size`
+  ids, equal `vocab_file` (Hugging Face's vocab.json) when given, and end with the end-of-text id
+  that `clip` pools at. `params` must have the tree `CLIP(clip)` initialises. The folder is written
+  beside `output` first and swapped in; an existing `output` is replaced only with `overwrite`.
+  Returns the stage config.
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from mav_jax import checkpointing
+  from mav_jax.data import tokenizers
+
+  out = epath.Path(output)
+  if out.exists() and not overwrite:
+    raise errors.UserFileExistsError(
+      f"{output} already exists; choose another output or pass --overwrite"
+    )
+  tokenizer = tokenizers.ClipBpeTokenizer(merges_file)
+  if vocab_file:
+    tokenizers.check_clip_vocab(tokenizer, vocab_file)
+  if tokenizer.vocab_size != clip.vocab_size:
+    raise errors.UserError(
+      f"{merges_file} makes a vocabulary of {tokenizer.vocab_size} tokens, the text encoder "
+      f"embeds {clip.vocab_size}; use the tokenizer of this text encoder"
+    )
+  if clip.eos_token_id is not None and clip.eos_token_id != tokenizer.eos_id:
+    raise errors.UserError(
+      f"the text encoder pools at token {clip.eos_token_id}, the tokenizer's end of text is "
+      f"{tokenizer.eos_id}"
+    )
+  merges_name = "merges.txt.gz" if merges_file.endswith(".gz") else "merges.txt"
+  config = stage_config(clip, f"{TOKENIZER_DIR}/{merges_name}", dtype)
+  model = make_model(config)
+  abstract = jax.eval_shape(lambda: init(model, config, jax.random.key(0)))
+  shapes = jax.tree.map(lambda a: tuple(a.shape), nn.unbox(abstract))
+  given = jax.tree.map(lambda a: tuple(a.shape), params)
+  if shapes != given:
+    raise ValueError(f"the params do not have the tree of CLIP({clip}): {given} != {shapes}")
+
+  staging = out.parent / f"{out.name}.staging"  # beside the output, never inside it
+  if staging.exists():
+    staging.rmtree()
+  (staging / TOKENIZER_DIR).mkdir(parents=True)
+  (staging / TOKENIZER_DIR / merges_name).write_bytes(epath.Path(merges_file).read_bytes())
+  if vocab_file:
+    (staging / TOKENIZER_DIR / "vocab.json").write_bytes(epath.Path(vocab_file).read_bytes())
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(staging / checkpointing.MODEL_PARAMS, params)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (staging / checkpointing.MODEL_CONFIG).write_text(
+    config.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  if out.exists():
+    out.rmtree()
+  staging.rename(out)
+  return config
 
 
 def make_model(config) -> CLIP:
@@ -48,6 +177,8 @@ def preprocess(frames: Array) -> Array:
 def init(model: CLIP, config, rng: Array):
   d = config.data
   tokens = jnp.zeros((1, d.max_tokens), jnp.int32)
+  if not model.config.has_vision:  # a text encoder alone: its text tower's params only
+    return model.init(rng, tokens, method=CLIP.encode_text)["params"]
   images = jnp.zeros((1, d.resolution, d.resolution, 3))
   return model.init(rng, tokens, images)["params"]
 

@@ -11,6 +11,7 @@ prior's diffusion target and the UNet's conditioning input are then on the scale
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -86,6 +87,11 @@ class FrozenClip:
   def embed_dim(self) -> int:
     return int(self.config.model.embed_dim)
 
+  @property
+  def has_vision(self) -> bool:
+    """False for a text encoder converted alone (`model.vision_width = 0`): no image embeddings."""
+    return "model" not in self.config or bool(self.config.model.vision_width)
+
   def init_fn(self):
     """rng -> boxed CLIP parameters (random: for shapes, shardings and benchmarks)."""
     from mav_jax.stages import clip as clip_stage
@@ -118,7 +124,12 @@ class FrozenClip:
     """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d].
 
     Images of another size are brought to CLIP's input size as OpenAI's CLIP does
-    (`clip_resize_and_crop`: shorter side bicubic, centre crop)."""
+    (`clip_resize_and_crop`: shorter side bicubic, centre crop). A CLIP with no vision tower
+    raises a UserError saying how to convert one with it."""
+    if not self.has_vision:
+      from mav_jax.models import clip
+
+      raise errors.UserError(f"the CLIP at {self.path!r}: {clip.NO_VISION}")
     size = int(self.config.data.resolution)
     images = clip_resize_and_crop((images.astype(jnp.float32) + 1.0) / 2.0, size)
     images = (images - IMAGE_MEAN) / IMAGE_STD
@@ -127,11 +138,16 @@ class FrozenClip:
 
   @functools.cached_property
   def tokenizer(self):
-    """The tokenizer of the captions this CLIP was trained on."""
+    """The tokenizer of the captions this CLIP was trained on. A relative `data.tokenizer_path`
+    that exists inside the CLIP's folder is read there (a converted model folder carries its
+    merges file, `stages.clip.write_clip_folder`); otherwise as `paths.resolve` finds it."""
     from mav_jax.data import tokenizers
 
     d = self.config.data
-    return tokenizers.make_tokenizer(d.tokenizer, paths.resolve(d.tokenizer_path) or None)
+    path = d.tokenizer_path
+    inside = os.path.join(self.path, path) if path and not os.path.isabs(path) else ""
+    path = inside if inside and os.path.isfile(inside) else paths.resolve(path)
+    return tokenizers.make_tokenizer(d.tokenizer, path or None)
 
   def text(self, params: Any, tokens: Array) -> tuple[Array, Array]:
     """Token ids [b, l] -> (scaled-unit text embeddings [b, d], token features [b, l, width])."""
