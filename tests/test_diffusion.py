@@ -183,6 +183,31 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_model(
   np.testing.assert_allclose(scaled, uncond + 3.0 * (full - uncond), atol=1e-5)
 
 
+def test_guided_channels_guide_the_prediction_and_keep_the_conditional_variance():
+  # A learned-variance output [eps (3), v (3)]: eps is guided, v is the conditional pass's.
+  def model_fn(z, t, cond):
+    return jnp.concatenate([z, z], -1) * cond[:, None, None, :] + t[:, None, None, None]
+
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  t = jnp.array([3.0, 999.0])
+  cond = jax.random.normal(jax.random.key(1), (2, 6))
+  uncond = jax.random.normal(jax.random.key(2), (2, 6))
+  full, null = model_fn(z, t, cond), model_fn(z, t, uncond)
+  out = diffusion.guided_model(model_fn, cond, uncond, 4.0, guided_channels=3)(z, t)
+  np.testing.assert_allclose(out[..., :3], null[..., :3] + 4.0 * (full - null)[..., :3], atol=1e-5)
+  np.testing.assert_array_equal(out[..., 3:], full[..., 3:])
+  # The default guides every channel, as before.
+  every = diffusion.guided_model(model_fn, cond, uncond, 4.0)(z, t)
+  np.testing.assert_allclose(every, null + 4.0 * (full - null), atol=1e-5)
+  np.testing.assert_allclose(
+    diffusion.guided_model(model_fn, cond, uncond, 4.0, guided_channels=6)(z, t), every
+  )
+  with pytest.raises(ValueError, match="exceeds"):
+    diffusion.guided_model(model_fn, cond, uncond, 4.0, guided_channels=7)(z, t)
+  with pytest.raises(ValueError, match="positive integer"):
+    diffusion.guided_model(model_fn, cond, uncond, 4.0, guided_channels=0)
+
+
 def test_conditioning_dropout_drops_whole_examples_at_the_given_rate():
   cond = {
     "emb": jnp.ones((4000, 3)),
