@@ -8,6 +8,9 @@ Variants (the part after the colon):
         conditioned on the shipped tiny CLIP (checkpoints/tiny/clip).
   base: 16 frames of 64x64 (the paper's D^t resolution), a mid-sized UNet for one accelerator.
   paper: 16 frames of 64x64 with a UNet sized like DALL-E 2's 64px decoder (~1.2B parameters).
+  karlo: 16 frames of 64x64 on Kakao Brain's Karlo decoder (885M + 8M unCLIP projection), from its
+        converted image weights (python -m mav_jax.convert karlo), training only the temporal
+        layers and the fps embedding (docs/karlo.md).
   tiny_text: the tiny D^t made text-aware (beyond the paper, docs/text_motion.md): the caption
         steers motion (model.text_motion), trained on with a time per frame
         (diffusion.frame_noise) from the shipped paper-faithful tiny D^t (train.init_from); the
@@ -25,7 +28,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "tiny_text", "base", "paper")
+VARIANTS = ("tiny", "tiny_text", "base", "paper", "karlo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,5 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.channels = 320
     config.model.num_res_blocks = 3
     config.model.remat = True
+    config.batch_size = 256
+  elif config.variant == "karlo":
+    config_defaults.make_karlo_unet(config)
     config.batch_size = 256
   return config

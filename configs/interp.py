@@ -11,6 +11,8 @@ first frames of the next).
 Variants:
   tiny: 10 frames of 16x16 (4 -> 10 with skip 3), the tiny D^t's UNet.
   paper: 76 frames of 64x64 (16 -> 76 with skip 5), the paper D^t's UNet.
+  karlo: 76 frames of 64x64 on the Karlo D^t (configs/decoder.py:karlo), from its trained
+        workdir; the spatial (Karlo) weights stay frozen.
 
 Train from a D^t checkpoint (its parameters; the extra conv and frame-skip embedding start at zero):
   python -m mav_jax.train --config configs/interp.py:tiny --workdir workdirs/interp \
@@ -21,7 +23,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "paper")
+VARIANTS = ("tiny", "paper", "karlo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,9 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.mask_max_skip = 9
     config.data.mask_max_context = 4
     config.sampling.fps = 12.0
-  else:
+  elif config.variant == "paper":
     config.model.channels = 320
     config.model.num_res_blocks = 3
     config.model.remat = True
+    config.batch_size = 64
+  else:
+    config_defaults.make_karlo_unet(config)
     config.batch_size = 64
   return config

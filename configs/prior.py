@@ -4,6 +4,9 @@ CLIP image embedding, trained on image-text pairs only (never on video), as in D
 Variants:
   tiny: a 4-layer, width-128 prior over the shipped tiny CLIP (embedding 32).
   paper: DALL-E 2's prior shape (width 2048, 24 layers) over CLIP ViT-B/32 (configs/clip.py:base).
+  karlo: Kakao Brain's Karlo prior (1.02B; width 2048, 20 layers, causal, over ViT-L/14's raw
+        embeddings), as `python -m mav_jax.convert karlo` writes it: the form its converted
+        weights load into (docs/karlo.md).
 
 Train (the CLIP checkpoint is read frozen):
   python -m mav_jax.train --config configs/prior.py:tiny --workdir workdirs/prior \
@@ -14,7 +17,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "paper")
+VARIANTS = ("tiny", "paper", "karlo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,8 +39,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.layers = 24
   # Attention heads.
   config.model.heads = 32
-  # MLP activation.
+  # MLP activation ("gelu" tanh-approximate, "gelu_exact", "quick_gelu").
   config.model.activation = "gelu"
+  # Causal attention mask over the whole sequence (Karlo's prior).
+  config.model.causal = False
+  # Multiplier of the diffusion time before its sinusoidal features (1: integer timesteps).
+  config.model.time_scale = 1000.0
+  # Learned CLIP image-embedding mean and std the network's space is normalised by (Karlo's).
+  config.model.clip_stats = False
   # Compute dtype.
   config.model.dtype = "bfloat16"
   # Parameter dtype.
@@ -96,4 +105,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.checkpoint_every = 100
     config.sampling.num_steps = 16
+  elif config.variant == "karlo":
+    config.data.tokenizer_path = f"{config_defaults.KARLO}/clip/tokenizer/merges.txt"
+    config.conditioning.clip = f"{config_defaults.KARLO}/clip"
+    config.conditioning.embedding_dim = 768
+    config.conditioning.text_width = 768
+    config.model.layers = 20
+    config.model.activation = "gelu_exact"
+    config.model.causal = True
+    config.model.time_scale = 1.0
+    config.model.clip_stats = True
   return config

@@ -9,13 +9,16 @@ convolutions and relative-position attention).
 Variants:
   tiny: 16x16 -> 32x32, clips of 4 frames.
   paper: 64x64 -> 256x256, clips of 8 frames (the paper's output: 76 frames).
+  karlo: 64x64 -> 256x256, clips of 8 frames, on Kakao Brain's Karlo SR (692M; its input is the
+        bicubic-upsampled clip, no noise augmentation), from its converted image weights, training
+        only the temporal layers (docs/karlo.md).
 """
 
 import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "paper")
+VARIANTS = ("tiny", "paper", "karlo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,7 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_levels = ()
     config.model.mid_attention = True
     config.sampling.fps = 12.0
-  else:
+  elif config.variant == "paper":
     config.model.remat = True
+    config.batch_size = 64
+  else:
+    config_defaults.make_karlo_unet(config)
     config.batch_size = 64
   return config

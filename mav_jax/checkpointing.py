@@ -617,24 +617,33 @@ def load_model(path: str) -> tuple[ml_collections.ConfigDict, Any]:
   return load_config(path), restore_params(path, "ema_params")
 
 
-def export_model(source: str, output: str, overwrite: bool = False, item: str = "ema_params"):
-  """Writes `source`'s (a training workdir or step folder) parameters and config as a model
-  checkpoint in `output`: `params/` (Orbax) and `config.json`, no optimizer state or data state.
-
-  The write goes to a staging folder first and is swapped in, so a failed export leaves `output`
-  as it was; an existing `output` is replaced only with `overwrite`.
-  """
-  out = _path(output)
-  if out.exists() and not overwrite:
+def check_new_output(output: str, overwrite: bool) -> None:
+  """A UserFileExistsError if `output` exists and `overwrite` is not set (before any work)."""
+  if _path(output).exists() and not overwrite:
     raise errors.UserFileExistsError(
       f"{output} already exists; choose another output or pass --overwrite"
     )
-  config = load_config(source)
-  params = restore_params(source, item)
+
+
+def write_model(
+  output: str,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  overwrite: bool = False,
+  files: dict[str, bytes] | None = None,
+) -> None:
+  """Writes a model checkpoint folder: `params/` (Orbax), `config.json` and `files` (relative path
+  -> contents, e.g. a tokenizer). The folder is written beside `output` first and swapped in, so a
+  failed write leaves `output` as it was; an existing `output` is replaced only with `overwrite`."""
+  check_new_output(output, overwrite)
+  out = _path(output)
   staging = out.parent / f"{out.name}.staging"  # beside the output, never inside it
   if staging.exists():
     staging.rmtree()
   staging.mkdir(parents=True)
+  for name, data in (files or {}).items():
+    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+    (staging / name).write_bytes(data)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(staging / MODEL_PARAMS, params)
   checkpointer.wait_until_finished()
@@ -643,4 +652,15 @@ def export_model(source: str, output: str, overwrite: bool = False, item: str = 
   if out.exists():
     out.rmtree()
   staging.rename(out)
+
+
+def export_model(source: str, output: str, overwrite: bool = False, item: str = "ema_params"):
+  """Writes `source`'s (a training workdir or step folder) parameters and config as a model
+  checkpoint in `output`: `params/` (Orbax) and `config.json`, no optimizer state or data state
+  (`write_model`: staged, an existing `output` replaced only with `overwrite`).
+  """
+  check_new_output(output, overwrite)
+  config = load_config(source)
+  params = restore_params(source, item)
+  write_model(output, config, params, overwrite)
   return config, params

@@ -191,6 +191,16 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.conditioning_scalar_scales = (1.0,)
   # Condition on a global embedding vector (the CLIP image embedding).
   config.model.use_global_embedding = True
+  # How: "mlp" (an MLP of it added to the time embedding) or "unclip" (Karlo's decoder: raw CLIP
+  # image and text embeddings and the caption's token features, projected into the time
+  # embedding and into context tokens for "added_kv" attention; models/embeddings.UnclipProjection).
+  config.model.global_conditioning = "mlp"
+  # Width of the "unclip" context tokens (Karlo: 1536).
+  config.model.unclip_context_dim = 1536
+  # Per-frame part of every attention block: "transformer" (self-attention, optional
+  # cross-attention, feed-forward) or "added_kv" (unCLIP's: keys and values of the context tokens
+  # and the frame's).
+  config.model.spatial_attention = "transformer"
   # Cross-attention to context tokens (off: D^t sees text only through the embedding).
   config.model.use_cross_attention = False
   # Beyond the paper: text-aware motion (docs/text_motion.md; configs/decoder.py:tiny_text). The
@@ -210,6 +220,16 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
   config.model.text_motion.conv_size = 0
   # Extra input channels (0 for D^t; 4 for frame interpolation; 3 for super-resolution).
   config.model.extra_input_channels = 0
+  # How they enter: "zero_init" (a zero-initialised conv beside conv_in) or "concat" (concatenated
+  # to the input; Karlo's super-resolution UNets).
+  config.model.extra_input_mode = "zero_init"
+  # Multiplier of the diffusion time before its sinusoidal features (1000 for t in [0, 1]; 1 for
+  # the integer timesteps of a discrete schedule).
+  config.model.time_scale = 1000.0
+  # How residual blocks take the conditioning: "scale_shift" or "additive" (Karlo's SR).
+  config.model.time_embedding = "scale_shift"
+  # Resampling between levels: "conv" or "resblock" (inside a residual block, Karlo's).
+  config.model.resample = "conv"
   # Taps of every temporal conv.
   config.model.temporal_kernel_size = 3
   # Dropout inside residual blocks.
@@ -295,6 +315,57 @@ def make_tiny(config: ml_collections.ConfigDict) -> None:
   config.sampling.num_steps = 10
   config.sampling.fps = 4.0
   config.sampling.frame_skip = 3
+
+
+# Where `python -m mav_jax.convert karlo --output ...` puts the converted Karlo by default, and
+# where the karlo variants look for it (override --config.train.init_from / conditioning.clip).
+KARLO = "workdirs/karlo"
+
+
+def make_karlo_unet(config: ml_collections.ConfigDict) -> None:
+  """A UNet stage (decoder, interp or sr_low) on Kakao Brain's Karlo architecture (docs/karlo.md),
+  starting from its converted image weights with only what video adds trained: the decoder's
+  (and ↑F's) 885M-parameter UNet with unCLIP conditioning and learned variance, or the 692M
+  64 -> 256 super-resolution UNet; Karlo's discrete cosine schedule, integer timesteps, raw
+  ViT-L/14 embeddings."""
+  sr = config.stage == "sr_low"
+  m = config.model
+  m.channels = 320
+  m.channel_mults = (1, 2, 3, 4)
+  m.num_res_blocks = 3
+  m.head_dim = 64
+  m.time_scale = 1.0
+  m.resample = "resblock"
+  m.remat = True
+  if sr:
+    m.out_channels = 3
+    m.attention_levels = ()
+    m.mid_attention = False
+    m.use_global_embedding = False
+    m.conditioning_scalars = ()  # Karlo's SR reads no noise level
+    m.conditioning_scalar_scales = ()
+    m.extra_input_mode = "concat"
+    m.time_embedding = "additive"
+  else:
+    m.out_channels = 6  # eps and the learned-range variance
+    m.attention_levels = (1, 2, 3)
+    m.mid_attention = True
+    m.global_conditioning = "unclip"
+    m.unclip_context_dim = 1536
+    m.spatial_attention = "added_kv"
+    config.conditioning.clip = f"{KARLO}/clip"
+    config.conditioning.embedding_dim = 768
+    config.conditioning.text_width = 768
+    config.data.tokenizer = "clip_bpe"
+    config.data.tokenizer_path = f"{KARLO}/clip/tokenizer/merges.txt"
+    config.data.max_tokens = 77
+  # D^t and SR_l^t start from the converted image model, ↑F from the trained D^t (recipe's workdir).
+  config.train.init_from = {
+    "decoder": f"{KARLO}/decoder_image",
+    "sr_low": f"{KARLO}/sr_low_image",
+    "interp": "workdirs/karlo_decoder",
+  }[config.stage]
+  config.train.trainable = "temporal"
 
 
 def new_eval_config(protocol: str) -> ml_collections.ConfigDict:

@@ -16,12 +16,19 @@ from mav_jax.stages import common
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from karlo_fixtures import (  # noqa: E402
+  LENGTH,
+  VOCAB,
+  hf_vocab,
+  scramble,
+  text_config,
+  tiny_text_encoder,
+  write_tokenizer,
+)
 
 TOLERANCE = 1e-4  # float32 on both sides
-MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "t h", "th e</w>"]
-MERGES += ["b l", "bl u", "blu e</w>", "o n", "on e</w>", "i n", "in g</w>"]
-VOCAB = 2 * 256 + len(MERGES) + 2  # 530; end of text is the last id
-LENGTH = 12
 TEXTS = [
   "",
   "a red circle",
@@ -30,75 +37,16 @@ TEXTS = [
 ]
 
 
-def _hf_vocab() -> dict[str, int]:
-  """vocab.json as Hugging Face's CLIPTokenizer defines it (byte symbols in GPT-2's table order,
-  the same with </w>, the merges, the specials), built here independently of mav_jax."""
-  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  symbols = [chr(c) for c in cs]
-  vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in MERGES]
-  return {t: i for i, t in enumerate([*vocab, "<|startoftext|>", "<|endoftext|>"])}
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  """A Karlo-style `tokenizer/` folder (vocab.json, merges.txt, tokenizer_config.json and
-  special_tokens_map.json; pad "!" = id 0), as the diffusers layout ships it."""
   path = tmp_path_factory.mktemp("karlo") / "tokenizer"
-  path.mkdir()
-  (path / "vocab.json").write_text(json.dumps(_hf_vocab()))
-  (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
-  specials = {
-    "bos_token": "<|startoftext|>",
-    "eos_token": "<|endoftext|>",
-    "pad_token": "!",
-    "unk_token": "<|endoftext|>",
-  }
-  (path / "special_tokens_map.json").write_text(json.dumps(specials))
-  config = {**specials, "do_lower_case": True, "model_max_length": LENGTH}
-  (path / "tokenizer_config.json").write_text(
-    json.dumps({**config, "tokenizer_class": "CLIPTokenizer"})
-  )
+  write_tokenizer(path)
   return path
 
 
-def _text_config(act: str, eos: int):
-  return transformers.CLIPTextConfig(
-    vocab_size=VOCAB,
-    hidden_size=16,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=LENGTH,
-    projection_dim=16,
-    hidden_act=act,
-    pad_token_id=0,
-    bos_token_id=VOCAB - 2,
-    eos_token_id=eos,
-  )
-
-
-def _scramble(module, seed: int):
-  """Weights far from the 0.02-std initialisation, so the MLP's pre-activations span the range
-  where the exact and tanh GELUs differ (by up to 1e-3), well above the tolerance."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(0.3 * torch.randn(p.shape, generator=gen))
-  return module.eval()
-
-
 def _text_encoder(path, act: str, eos: int = 2):
-  """A tiny CLIPTextModelWithProjection saved at `path` (eos 2: Hugging Face's legacy configs,
-  pooled at the highest id as Karlo's; else pooled at the first `eos`)."""
-  torch.manual_seed(0)
-  model = _scramble(transformers.CLIPTextModelWithProjection(_text_config(act, eos)), 1)
+  """A tiny CLIPTextModelWithProjection saved at `path`."""
+  model = tiny_text_encoder(act, eos)
   model.save_pretrained(path, safe_serialization=True)
   return model
 
@@ -124,12 +72,12 @@ def test_clip_bpe_from_karlo_tokenizer_files_matches_clip_tokenizer(tokenizer_di
 
 def test_vocab_check_names_the_first_difference(tokenizer_dir, tmp_path):
   ours = tokenizers.ClipBpeTokenizer(str(tokenizer_dir / "merges.txt"))
-  vocab = _hf_vocab()
+  vocab = hf_vocab()
   vocab["red</w>"], vocab["circle</w>"] = vocab["circle</w>"], vocab["red</w>"]
   (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-  with pytest.raises(errors.UserError, match=rf"id {_hf_vocab()['red</w>']} is 'circle</w>'"):
+  with pytest.raises(errors.UserError, match=rf"id {hf_vocab()['red</w>']} is 'circle</w>'"):
     tokenizers.check_clip_vocab(ours, str(tmp_path / "vocab.json"))
-  (tmp_path / "vocab.json").write_text(json.dumps({**_hf_vocab(), "extra": VOCAB}))
+  (tmp_path / "vocab.json").write_text(json.dumps({**hf_vocab(), "extra": VOCAB}))
   with pytest.raises(errors.UserError, match=rf"id {VOCAB} is 'extra' there and None"):
     tokenizers.check_clip_vocab(ours, str(tmp_path / "vocab.json"))
 
@@ -192,10 +140,10 @@ def _full_clip(path, text_encoder, act: str, eos: int):
     hidden_act=act,
   )
   config = transformers.CLIPConfig(
-    text_config=_text_config(act, eos).to_dict(), vision_config=vision, projection_dim=16
+    text_config=text_config(act, eos).to_dict(), vision_config=vision, projection_dim=16
   )
   torch.manual_seed(1)
-  model = _scramble(transformers.CLIPModel(config), 2)
+  model = scramble(transformers.CLIPModel(config), 2)
   model.text_model.load_state_dict(text_encoder.text_model.state_dict())
   model.text_projection.load_state_dict(text_encoder.text_projection.state_dict())
   model.save_pretrained(path, safe_serialization=True)

@@ -20,6 +20,8 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 from diffusers import PriorTransformer  # noqa: E402
+from karlo_fixtures import LENGTH as L  # noqa: E402
+from karlo_fixtures import tiny_prior  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from mav_jax import errors  # noqa: E402
@@ -27,7 +29,7 @@ from mav_jax.convert.karlo_prior import convert_prior  # noqa: E402
 from mav_jax.models.prior import DiffusionPrior  # noqa: E402
 
 TOL = 1e-4
-B, L = 2, 12
+B = 2
 # The tiny prior of docs/karlo.md §4 (width 16 = embedding_dim), and one whose CLIP width (24)
 # differs from the transformer's (16), so a swapped in/out size cannot pass.
 SIZES = {"square": 16, "narrow": 24}
@@ -44,28 +46,10 @@ NEWER_KEYS = (
 )
 
 
-def _torch_prior(embedding_dim: int) -> PriorTransformer:
-  torch.manual_seed(embedding_dim)
-  prior = PriorTransformer(
-    num_attention_heads=2,
-    attention_head_dim=8,
-    num_layers=2,
-    embedding_dim=embedding_dim,
-    num_embeddings=L,
-  ).eval()
-  with torch.no_grad():
-    for name, p in prior.named_parameters():
-      if name == "clip_std":
-        p.copy_(torch.rand_like(p) + 0.5)
-      else:
-        p.copy_(torch.randn_like(p) * 0.5)
-  return prior
-
-
 @pytest.fixture(scope="module", params=list(SIZES), ids=list(SIZES))
 def converted(request, tmp_path_factory):
   """(diffusers prior, our kwargs, our params) converted from a save_pretrained folder."""
-  prior = _torch_prior(SIZES[request.param])
+  prior = tiny_prior(SIZES[request.param])
   folder = tmp_path_factory.mktemp("prior")
   prior.save_pretrained(folder)
   config = json.loads((folder / "config.json").read_text())
@@ -164,7 +148,7 @@ def test_clip_stats_parameters():
 @pytest.fixture(scope="module")
 def source():
   """A tiny prior's state dict (numpy) and config (as config.json holds it)."""
-  prior = _torch_prior(16)
+  prior = tiny_prior(16)
   state = {k: v.numpy() for k, v in prior.state_dict().items()}
   config = {"_class_name": "PriorTransformer", "_diffusers_version": "0.42.1", **prior.config}
   config.pop("_use_default_values", None)

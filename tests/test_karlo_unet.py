@@ -20,8 +20,7 @@ import pytest
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
-from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # noqa: E402
+from karlo_fixtures import CLIP_DIM, CROSS, SIZE, tiny_decoder, tiny_super_res  # noqa: E402
 
 from mav_jax import errors  # noqa: E402
 from mav_jax.convert import karlo_unet  # noqa: E402
@@ -29,54 +28,7 @@ from mav_jax.models import SpaceTimeUNet, inflate_image_params, is_temporal  # n
 from mav_jax.models.embeddings import UnclipProjection  # noqa: E402
 
 TOL = 1e-4
-B, SIZE, TOKENS, CLIP_DIM, CROSS = 2, 16, 12, 16, 24
-
-
-def _randomise(module, seed: int):
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn_like(p) * (0.15 if p.ndim > 1 else 0.3))
-  return module.eval()
-
-
-def tiny_decoder() -> tuple[UNet2DConditionModel, UnCLIPTextProjModel]:
-  """Karlo's decoder pattern at toy size (docs/karlo.md §4 fixtures)."""
-  unet = UNet2DConditionModel(
-    sample_size=SIZE,
-    in_channels=3,
-    out_channels=6,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    cross_attention_dim=CROSS,
-    attention_head_dim=8,
-    resnet_time_scale_shift="scale_shift",
-    class_embed_type="identity",
-  )
-  proj = UnCLIPTextProjModel(
-    clip_extra_context_tokens=4,
-    clip_embeddings_dim=CLIP_DIM,
-    time_embed_dim=128,
-    cross_attention_dim=CROSS,
-  )
-  return _randomise(unet, 0), _randomise(proj, 1)
-
-
-def tiny_super_res() -> UNet2DModel:
-  unet = UNet2DModel(
-    sample_size=2 * SIZE,
-    in_channels=6,
-    out_channels=3,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D",) * 2,
-    up_block_types=("ResnetUpsampleBlock2D",) * 2,
-    add_attention=False,
-  )
-  return _randomise(unet, 2)
+B, TOKENS = 2, 12
 
 
 def _inputs(frames: int, size: int = SIZE, seed: int = 0):

@@ -106,3 +106,73 @@ class StateReader:
         f"{self.what} has {len(left)} tensors the conversion does not use: {left[:8]}{more}; is "
         "it the model its config.json describes?"
       )
+
+
+# Weight files a `save_pretrained` folder may hold, by library, in the order they are preferred:
+# safetensors before PyTorch pickles, full precision before the fp16 variant, one file before
+# shards (`<file>.index.json` names them).
+WEIGHT_FILES = {
+  "diffusers": (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+  ),
+  "transformers": (
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.fp16.bin",
+  ),
+}
+
+
+def _read_file(path: str) -> dict[str, Any]:
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+
+    try:
+      with safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except TypeError:  # bfloat16 has no numpy dtype: read through torch
+      pass
+    import torch  # noqa: F401 (the "pt" framework needs it)
+
+    with safe_open(path, framework="pt") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+  try:
+    import torch
+  except ImportError as e:
+    raise errors.UserError(
+      f"reading {path} needs PyTorch (pip install torch); or save the model as safetensors"
+    ) from e
+  return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_weights(folder: str, library: str) -> tuple[dict[str, Any], str]:
+  """(state dict, the file or index read) of a `save_pretrained` folder of `library`
+  ("diffusers" or "transformers"): safetensors (read without PyTorch) or .bin (PyTorch), the
+  fp16 variant if it is the only one, sharded through `<file>.index.json`. Arrays keep their
+  dtype; `StateReader.take` converts each to float32 when it is used."""
+  import json
+  import os
+
+  for name in WEIGHT_FILES[library]:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return _read_file(path), path
+    index = f"{path}.index.json"
+    if os.path.isfile(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      state: dict[str, Any] = {}
+      for shard in shards:
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+          raise errors.UserFileNotFoundError(f"{index} names {shard}, which is not in {folder}")
+        state.update(_read_file(shard_path))
+      return state, index
+  raise errors.UserFileNotFoundError(
+    f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES[library])} (or a sharded "
+    "*.index.json)"
+  )

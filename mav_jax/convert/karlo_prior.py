@@ -28,8 +28,6 @@ mask); it is skipped if a state dict has it.
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from mav_jax import errors
 from mav_jax.convert.common import StateReader
 
@@ -124,8 +122,8 @@ def convert_prior(
   state: Mapping[str, Any], hf_config: Mapping[str, Any], what: str = WHAT
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """A PriorTransformer's state dict (name -> torch tensor or array) and config.json (dict) ->
-  (DiffusionPrior constructor kwargs, its params: nested dicts of float32 numpy arrays, the
-  module's unboxed parameter tree). Every tensor is used once; a missing, misshapen or left-over
+  (DiffusionPrior constructor kwargs, its params: nested dicts of float32 numpy arrays (possibly
+  transposed views), the module's unboxed parameter tree). Every tensor is used once; a missing, misshapen or left-over
   tensor, or an unsupported config value, is a UserError naming it."""
   kwargs = read_config(hf_config)
   d, w, heads = kwargs["embed_dim"], kwargs["width"], kwargs["heads"]
@@ -165,12 +163,4 @@ def convert_prior(
   params["clip_mean"] = r.take("clip_mean", (1, d)).reshape(d)
   params["clip_std"] = r.take("clip_std", (1, d)).reshape(d)
   r.finish()
-  params = _contiguous(params)
   return kwargs, params
-
-
-def _contiguous(tree: Any) -> Any:
-  """Transposed views -> their own float32 arrays (so a saved tree holds no strided views)."""
-  if isinstance(tree, dict):
-    return {k: _contiguous(v) for k, v in tree.items()}
-  return np.ascontiguousarray(tree, np.float32)

@@ -182,25 +182,11 @@ def _read_config(folder: str) -> dict:
 
 
 def read_state(folder: str) -> tuple[dict[str, np.ndarray], str]:
-  """(float32 numpy state dict, its file) of a folder's model.safetensors or pytorch_model.bin."""
-  safetensors_path = os.path.join(folder, "model.safetensors")
-  bin_path = os.path.join(folder, "pytorch_model.bin")
-  if os.path.isfile(safetensors_path):
-    from safetensors.numpy import load_file
+  """(state dict, its file) of a transformers folder's weights (`convert.common.read_weights`:
+  model.safetensors, pytorch_model.bin, their fp16 variants or shards)."""
+  from mav_jax.convert.common import read_weights
 
-    return {k: v.astype(np.float32) for k, v in load_file(safetensors_path).items()}, (
-      safetensors_path
-    )
-  if os.path.isfile(bin_path):
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"reading {bin_path} needs PyTorch; or convert it to safetensors") from e
-    state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}, bin_path
-  raise errors.UserFileNotFoundError(
-    f"{folder} has neither model.safetensors nor pytorch_model.bin"
-  )
+  return read_weights(folder, "transformers")
 
 
 def load_hf_checkpoint(folder: str) -> tuple[ClipConfig, dict]:

@@ -107,17 +107,12 @@ def write_clip_folder(
   beside `output` first and swapped in; an existing `output` is replaced only with `overwrite`.
   Returns the stage config.
   """
-  import orbax.checkpoint as ocp
   from etils import epath
 
   from mav_jax import checkpointing
   from mav_jax.data import tokenizers
 
-  out = epath.Path(output)
-  if out.exists() and not overwrite:
-    raise errors.UserFileExistsError(
-      f"{output} already exists; choose another output or pass --overwrite"
-    )
+  checkpointing.check_new_output(output, overwrite)
   tokenizer = tokenizers.ClipBpeTokenizer(merges_file)
   if vocab_file:
     tokenizers.check_clip_vocab(tokenizer, vocab_file)
@@ -140,23 +135,10 @@ def write_clip_folder(
   if shapes != given:
     raise ValueError(f"the params do not have the tree of CLIP({clip}): {given} != {shapes}")
 
-  staging = out.parent / f"{out.name}.staging"  # beside the output, never inside it
-  if staging.exists():
-    staging.rmtree()
-  (staging / TOKENIZER_DIR).mkdir(parents=True)
-  (staging / TOKENIZER_DIR / merges_name).write_bytes(epath.Path(merges_file).read_bytes())
+  files = {f"{TOKENIZER_DIR}/{merges_name}": epath.Path(merges_file).read_bytes()}
   if vocab_file:
-    (staging / TOKENIZER_DIR / "vocab.json").write_bytes(epath.Path(vocab_file).read_bytes())
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(staging / checkpointing.MODEL_PARAMS, params)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  (staging / checkpointing.MODEL_CONFIG).write_text(
-    config.to_json_best_effort(indent=2, sort_keys=True)
-  )
-  if out.exists():
-    out.rmtree()
-  staging.rename(out)
+    files[f"{TOKENIZER_DIR}/vocab.json"] = epath.Path(vocab_file).read_bytes()
+  checkpointing.write_model(output, config, params, overwrite, files)
   return config
 
 

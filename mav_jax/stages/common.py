@@ -149,10 +149,12 @@ class FrozenClip:
     path = inside if inside and os.path.isfile(inside) else paths.resolve(path)
     return tokenizers.make_tokenizer(d.tokenizer, path or None)
 
-  def text(self, params: Any, tokens: Array) -> tuple[Array, Array]:
-    """Token ids [b, l] -> (scaled-unit text embeddings [b, d], token features [b, l, width])."""
+  def text(self, params: Any, tokens: Array, raw: bool = False) -> tuple[Array, Array]:
+    """Token ids [b, l] -> (scaled-unit text embeddings [b, d], or with `raw` the projection as
+    it is (Karlo's models read raw embeddings), token features [b, l, width])."""
     embedding, features = self.module.apply({"params": params}, tokens, method=_text_tower)
-    return scaled_unit(embedding), features.astype(jnp.float32)
+    embedding = embedding.astype(jnp.float32) if raw else scaled_unit(embedding)
+    return embedding, features.astype(jnp.float32)
 
 
 def use_clip(model: Any, clip: FrozenClip) -> None:

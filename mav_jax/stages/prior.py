@@ -32,6 +32,9 @@ class PriorModel:
       heads=m.heads,
       max_tokens=config.data.max_tokens,
       activation=m.activation,
+      causal=bool(m.get("causal", False)),
+      time_scale=float(m.get("time_scale", 1000.0)),
+      clip_stats=bool(m.get("clip_stats", False)),
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
     )

@@ -53,6 +53,13 @@ class StageModel:
     """Whether the temporal layers read caption tokens (`model.text_motion.enabled`)."""
     return bool(self.config.model.text_motion.enabled)
 
+  @property
+  def unclip(self) -> bool:
+    """Whether the UNet is conditioned as Karlo's decoder (`model.global_conditioning ==
+    "unclip"`): raw CLIP image and text embeddings and the caption's token features."""
+    m = self.config.model
+    return bool(m.use_global_embedding) and m.get("global_conditioning", "mlp") == "unclip"
+
   @functools.cached_property
   def clip(self):
     # Caption tokens go through CLIP's text tower, so its tokenizer must match the stage's data.
@@ -127,7 +134,7 @@ class VideoStage:
     d, m = config.data, config.model
     frames = 1 if self.image_mode(config) else d.num_frames
     b = 1
-    z = jnp.zeros((b, frames, d.resolution, d.resolution, m.out_channels))
+    z = jnp.zeros((b, frames, d.resolution, d.resolution, 3))  # RGB (out_channels may be 6)
     cond = {
       "scalars": {name: jnp.ones((b,)) for name in m.conditioning_scalars},
       "embedding": (
@@ -137,10 +144,13 @@ class VideoStage:
         jnp.zeros(z.shape[:4] + (m.extra_input_channels,)) if m.extra_input_channels else None
       ),
     }
-    if model.uses_text:
+    if model.uses_text or model.unclip:
       cond["context"] = jnp.zeros((b, d.max_tokens, config.conditioning.text_width))
       cond["context_mask"] = jnp.ones((b, d.max_tokens), bool)
+    if model.uses_text:
       cond["context_ids"] = jnp.zeros((b, d.max_tokens), jnp.int32)
+    if model.unclip:
+      cond["text_embedding"] = jnp.zeros((b, config.conditioning.embedding_dim))
     return model.net.init(
       rng, z, jnp.zeros((b,)), **self._net_kwargs(cond, self.image_mode(config))
     )["params"]
@@ -150,6 +160,8 @@ class VideoStage:
     return dict(
       scalars=cond["scalars"],
       global_embedding=cond["embedding"],
+      text_embedding=cond.get("text_embedding"),
+      drop_image=cond.get("drop_image"),
       extra_inputs=cond["extra"],
       context=cond.get("context"),
       context_mask=cond.get("context_mask"),
