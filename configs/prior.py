@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sampling.eta = 0.0
   # Classifier-free guidance scale.
   config.sampling.guidance_scale = 2.0
+  # Discrete schedule ("squaredcos_cap_v2"): the x0 prediction is clipped to +-clip_x0.
+  config.sampling.clip_x0 = 1.0
 
   config_defaults.add_optimizer(config)
   config.optimizer.weight_decay = 0.05
@@ -115,4 +117,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.causal = True
     config.model.time_scale = 1.0
     config.model.clip_stats = True
+    config.conditioning.embedding_norm = "raw"
+    config.diffusion.schedule = "squaredcos_cap_v2"
+    config.sampling.sampler = "ddpm"
+    config.sampling.num_steps = 25
+    config.sampling.guidance_scale = 4.0
+    config.sampling.clip_x0 = 5.0
   return config

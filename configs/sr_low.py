@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion.cond_dropout = 0.0
   config.sampling.guidance_scale = 1.0
   config.sampling.fps = 40.0
+  # A model folder of the same architecture used for the last sampling step only (Karlo's
+  # super_res_last: `mav_jax.convert karlo` names it in the image SR it writes); "": none.
+  config.sampling.last_step_model = ""
   config_defaults.add_optimizer(config)
   config_defaults.add_runtime(config)
 

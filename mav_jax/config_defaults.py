@@ -164,6 +164,12 @@ def add_conditioning(config: ml_collections.ConfigDict, clip: str) -> None:
   config.conditioning.low_resolution = 64
   # Super-resolution: largest noise-augmentation level (diffusion time) in training.
   config.conditioning.max_aug_level = 0.5
+  # Super-resolution: how the low-resolution input is brought to the output size ("linear", or
+  # "bicubic" as diffusers' unCLIP pipeline feeds Karlo's SR).
+  config.conditioning.upsample = "linear"
+  # CLIP embeddings as the stage reads them: "scaled_unit" (L2-normalised x sqrt(width)) or "raw"
+  # (the projection as it is: Karlo's models).
+  config.conditioning.embedding_norm = "scaled_unit"
 
 
 def add_unet_stage(config: ml_collections.ConfigDict) -> None:
@@ -245,7 +251,8 @@ def add_unet_stage(config: ml_collections.ConfigDict) -> None:
 
   # Diffusion process and loss.
   config.diffusion = ml_collections.ConfigDict()
-  # Noise schedule kind: "cosine" or "linear".
+  # Noise schedule: "cosine" or "linear" (continuous time), or "squaredcos_cap_v2" (Karlo's 1000
+  # discrete steps, integer timesteps: diffusion/discrete.py; sampler "ddpm", target "eps").
   config.diffusion.schedule = "cosine"
   # Resolution shift: resolution / base resolution (1.0: none).
   config.diffusion.shift = 1.0
@@ -337,6 +344,9 @@ def make_karlo_unet(config: ml_collections.ConfigDict) -> None:
   m.time_scale = 1.0
   m.resample = "resblock"
   m.remat = True
+  config.diffusion.schedule = "squaredcos_cap_v2"
+  config.diffusion.target = "eps"
+  config.sampling.sampler = "ddpm"
   if sr:
     m.out_channels = 3
     m.attention_levels = ()
@@ -346,6 +356,9 @@ def make_karlo_unet(config: ml_collections.ConfigDict) -> None:
     m.conditioning_scalar_scales = ()
     m.extra_input_mode = "concat"
     m.time_embedding = "additive"
+    config.conditioning.upsample = "bicubic"
+    config.conditioning.max_aug_level = 0.0
+    config.sampling.num_steps = 7  # Karlo's SR is only guaranteed at 7 steps
   else:
     m.out_channels = 6  # eps and the learned-range variance
     m.attention_levels = (1, 2, 3)
@@ -353,6 +366,9 @@ def make_karlo_unet(config: ml_collections.ConfigDict) -> None:
     m.global_conditioning = "unclip"
     m.unclip_context_dim = 1536
     m.spatial_attention = "added_kv"
+    config.conditioning.embedding_norm = "raw"
+    config.sampling.num_steps = 25
+    config.sampling.guidance_scale = 8.0
     config.conditioning.clip = f"{KARLO}/clip"
     config.conditioning.embedding_dim = 768
     config.conditioning.text_width = 768

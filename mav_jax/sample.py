@@ -8,6 +8,9 @@ With no checkpoint flags it uses the shipped tiny cascade (checkpoints/tiny/<sta
   --mode=variation    --video clip.mp4 [--strength 0.7]  variations of a video
   --mode=interpolate  --image first.png,last.png        a clip between two images
   --mode=extend       --video clip.mp4 --extend_times 2 continue a video forwards
+  --mode=image_only   --prompt "..." --output img.png    text to image with the image stages
+                      (prior, decoder, sr_low; e.g. Karlo's, converted by mav_jax.convert karlo:
+                      --prior=K/prior --decoder=K/decoder_image --sr_low=K/sr_low_image)
 Any part of the cascade: --until=decoder|interp|sr_low|sr_high; stage checkpoints with --prior,
 --decoder, --interp, --sr_low, --sr_high (model folders from mav_jax.export or training workdirs).
 Per-stage sampling: --steps=20 or --steps=decoder=30,sr_high=8 (likewise --sampler, --guidance).
@@ -27,7 +30,7 @@ from absl import flags
 from mav_jax import errors
 from mav_jax.utils import cli, distributed
 
-MODES = ("text", "image", "variation", "interpolate", "extend")
+MODES = ("text", "image", "variation", "interpolate", "extend", "image_only")
 STAGES = ("prior", "decoder", "interp", "sr_low", "sr_high")
 
 _MODE = flags.DEFINE_enum("mode", "text", MODES, "What to generate from.")
@@ -120,6 +123,15 @@ def _outputs(n: int) -> list[str]:
 
   stem, ext = os.path.splitext(_OUTPUT.value)
   paths = [_OUTPUT.value] if n == 1 else [f"{stem}_{i:03d}{ext}" for i in range(n)]
+  if _MODE.value == "image_only":
+    if ext.lower() != ".png":
+      raise errors.UserError(f"--mode=image_only writes PNG images: --output=NAME.png, not {ext!r}")
+    for p in paths:
+      if os.path.exists(p) and not _OVERWRITE.value:
+        raise errors.UserFileExistsError(
+          f"{p} already exists; choose another --output or pass --overwrite"
+        )
+    return paths
   for p in paths:
     video_io.check_output_path(p, _OVERWRITE.value)
     sheet = os.path.splitext(p)[0] + ".png"
@@ -142,7 +154,7 @@ def run() -> list[str]:
   from mav_jax.utils import video_io
 
   mode = _MODE.value
-  prompts = _prompts() if mode == "text" else None
+  prompts = _prompts() if mode in ("text", "image_only") else None
   images = _IMAGE.value or []
   if mode == "image" and len(images) != 1:
     raise errors.UserError("image mode needs one --image")
@@ -170,11 +182,16 @@ def run() -> list[str]:
     video, video_times = sample_lib.read_video(_VIDEO.value)
 
   last = STAGES.index(_UNTIL.value)
-  if mode not in ("text", "variation") and last < STAGES.index("interp"):
+  if mode == "image_only":  # the image stages: prior, decoder, sr_low (Karlo has no SR_h)
+    if flags.FLAGS["until"].present and _UNTIL.value not in ("decoder", "sr_low"):
+      raise errors.UserError("--mode=image_only runs up to the decoder or sr_low: --until=sr_low")
+    last = min(last, STAGES.index("sr_low"))
+  elif mode not in ("text", "variation") and last < STAGES.index("interp"):
     raise errors.UserError(f"{mode} mode runs ↑F: --until must be interp or later")
   first = {"text": ["prior", "decoder"], "variation": ["decoder"], "image": ["decoder"]}
+  first["image_only"] = first["text"]
   needed = first.get(mode, []) + [s for s in STAGES[2:] if STAGES.index(s) <= last]
-  if _SKIP.value == 1 and mode in ("text", "variation"):
+  if (_SKIP.value == 1 and mode in ("text", "variation")) or mode == "image_only":
     needed.remove("interp")  # no interpolation: ↑F is not needed
   checkpoints = {s: _STAGE_PATHS[s].value or f"{_CHECKPOINTS.value}/{s}" for s in needed}
   steps = sample_lib._per_stage(_STEPS.value, "steps", int)
@@ -201,6 +218,7 @@ def run() -> list[str]:
     guidance=guidance,
     truncate_prompts=_TRUNCATE.value,
     tensor=_TENSOR.value,
+    images=mode == "image_only",
   )
   log(
     f"[sample] {mode}: stages {', '.join(cascade.stages)} on {len(jax.devices())} device(s) "
@@ -209,10 +227,20 @@ def run() -> list[str]:
   )
   rng = jax.random.key(_SEED.value)
   base = cascade.base_resolution
-  until = _UNTIL.value
+  until = STAGES[last]
 
   def write(index: int, video, fps: float) -> None:
     path = outputs[index]
+    if mode == "image_only":
+      from PIL import Image
+
+      image = video_io.to_uint8(np.asarray(video))[0]
+      Image.fromarray(image).save(path)
+      print(
+        f"[sample] wrote {path} ({image.shape[0]}x{image.shape[1]}) in {time.time() - start:.1f}s",
+        file=sys.stderr,
+      )
+      return
     frames = video_io.to_uint8(np.asarray(video))
     scale = sample_lib.scale_for(frames.shape[1])
     video_io.write_video(path, frames, fps=fps, scale=scale)
@@ -224,6 +252,19 @@ def run() -> list[str]:
       file=sys.stderr,
     )
 
+  if mode == "image_only":
+    sample_lib.text_batches(
+      cascade,
+      prompts,
+      _BATCH.value,
+      rng,
+      write,
+      log,
+      images=True,
+      negative_prompt=_NEGATIVE.value,
+      until=until,
+    )
+    return outputs
   if mode == "text":
     sample_lib.text_batches(
       cascade,

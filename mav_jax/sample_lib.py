@@ -54,6 +54,7 @@ class LoadedStage:
   config: Any
   model: Any
   params: Any
+  params_last: Any = None  # sampling.last_step_model's (Karlo's super_res_last), if any
 
   @property
   def stage(self):
@@ -87,9 +88,9 @@ def _place(stage, model, config, path: str, mesh, strategy: str, given: str):
   return checkpointing.restore_params(path, _item(path), shardings=shardings)
 
 
-def read_stage(name: str, path: str) -> tuple[str, Any, Any]:
+def read_stage(name: str, path: str, images: bool = False) -> tuple[str, Any, Any]:
   """(resolved path, config, model) of stage `name`'s checkpoint, with clear errors; none of its
-  parameters is read."""
+  parameters is read. `images`: image-stage checkpoints are welcome (image_only sampling)."""
   given = path
   path = paths.resolve(path)
   try:
@@ -104,10 +105,11 @@ def read_stage(name: str, path: str) -> tuple[str, Any, Any]:
     raise CheckpointError(
       f"--{name}={given!r} holds a {config.get('stage')!r} checkpoint, not {name}"
     )
-  if name not in ("prior", "sr_high") and config.data.kind == "image":
+  if name not in ("prior", "sr_high") and config.data.kind == "image" and not images:
     raise CheckpointError(
       f"--{name}={given!r} is an image-stage checkpoint (trained with data.kind=image); sampling "
-      f"needs the video stage trained from it (train.init_from)"
+      f"videos needs the video stage trained from it (train.init_from); --mode=image_only "
+      f"samples images with it"
     )
   return path, config, stages.get_stage(name).make_model(config)
 
@@ -288,10 +290,11 @@ class Cascade:
     truncate_prompts: bool = False,
     tensor: int | None = None,
     progress: Progress | None = None,
+    images: bool = False,
   ):
     self.truncate_prompts, self._warned_truncation = truncate_prompts, False
     self.strategy = strategy
-    read = {n: read_stage(n, p) for n, p in checkpoints.items() if p}
+    read = {n: read_stage(n, p, images) for n, p in checkpoints.items() if p}
     # The FSDP axes are split to divide the largest stage's parameters most evenly.
     boxed = None
     if read and "fsdp" in strategy:
@@ -310,6 +313,9 @@ class Cascade:
       loaded.params = _place(
         loaded.stage, loaded.model, loaded.config, loaded.path, self.mesh, strategy, checkpoints[n]
       )
+      last = loaded.config.sampling.get("last_step_model", "")
+      if last:
+        loaded.params_last = self._last_step_params(loaded, last)
     self.steps, self.samplers, self.guidance = steps or {}, samplers or {}, guidance or {}
     self.progress = progress or Progress()
     # (stage, kind, static arguments, sampling settings) -> its jitted function.
@@ -344,6 +350,26 @@ class Cascade:
           )
       self.clip_params = self.clip.load(self.mesh, strategy)
       self.tokenizer = self.clip.tokenizer
+
+  def _last_step_params(self, loaded: LoadedStage, given: str):
+    """The parameters of `sampling.last_step_model`, a model of the same architecture used for
+    the last sampling step (Karlo's super_res_last), placed like the stage's."""
+    path = paths.resolve(given)
+    try:
+      config = checkpointing.load_config(path)
+    except FileNotFoundError as e:
+      raise CheckpointError(
+        f"the {loaded.name} at {loaded.path!r} names sampling.last_step_model={given!r}, which "
+        f"is not there ({e})"
+      ) from None
+    if (
+      config.get("stage") != loaded.name or config.model.to_dict() != loaded.config.model.to_dict()
+    ):
+      raise CheckpointError(
+        f"sampling.last_step_model={given!r} of the {loaded.name} at {loaded.path!r} is not a "
+        f"{loaded.name} of the same architecture"
+      )
+    return _place(loaded.stage, loaded.model, loaded.config, path, self.mesh, self.strategy, given)
 
   # -- consistency ---------------------------------------------------------------------------------
 
@@ -492,7 +518,10 @@ class Cascade:
   def caption_tokens(self, name: str, prompts: list[str] | None, batch: int):
     """(tokens, mask) for a stage with `model.text_motion` (None for other stages):
     the prompts' tokens, or an all-False mask (no caption) when there are none."""
-    if not self.stages[name].model.uses_text:
+    model = self.stages[name].model
+    if model.unclip:  # Karlo reads the caption; with none, the empty caption
+      return self.tokenize(prompts) if prompts is not None else self.clip.null_tokens(batch)
+    if not model.uses_text:
       return None
     if prompts is None:
       n = int(self.clip.config.data.max_tokens)
@@ -503,9 +532,15 @@ class Cascade:
     """`cond` plus the caption context (inside a jitted function) when the stage reads text."""
     if caption is None:
       return cond
-    return dict(
-      cond, **video.VideoStage.caption_context(self.stages[name].model, clip_params, *caption)
-    )
+    model = self.stages[name].model
+    if model.unclip:
+      b = caption[0].shape[0]
+      return dict(
+        cond,
+        **video.VideoStage.unclip_text(model, clip_params, *caption),
+        null=video.VideoStage.unclip_null(model, clip_params, b),
+      )
+    return dict(cond, **video.VideoStage.caption_context(model, clip_params, *caption))
 
   def decoder(
     self,
@@ -518,12 +553,17 @@ class Cascade:
     init=None,
     strength=1.0,
     prompts=None,
+    image_mode=False,
   ):
     """D^t: clips [b, f, r, r, 3] from image embeddings [b, d]; `prompts` feed a decoder with
-    text-aware temporal layers (ignored by a paper-faithful one)."""
+    text-aware temporal layers or a Karlo decoder (ignored by a paper-faithful one).
+    `image_mode`: independent images [b, 1, r, r, 3] (an image-stage decoder, no fps)."""
     self.require("decoder")
     d = self.stages["decoder"]
-    check_frames(d.config, num_frames)
+    if image_mode:
+      num_frames = 1
+    else:
+      check_frames(d.config, num_frames)
     r = int(d.config.data.resolution)
     b = embedding.shape[0]
     batch = {
@@ -537,7 +577,8 @@ class Cascade:
 
     def fn(s, shared, batch, rng):
       params, clip_params = shared
-      cond = {"embedding": batch["embedding"], "scalars": {"fps": batch["fps"]}}
+      scalars = {} if image_mode else {"fps": batch["fps"]}
+      cond = {"embedding": batch["embedding"], "scalars": scalars}
       cond = self._with_caption("decoder", cond, clip_params, batch["caption"])
       return video.DECODER.generate(
         d.model,
@@ -550,9 +591,10 @@ class Cascade:
         negative_embedding=batch["negative"],
         init=batch["init"],
         strength=strength,
+        image_mode=image_mode,
       )
 
-    statics = (num_frames, strength)
+    statics = (num_frames, strength, image_mode)
     return self._run("decoder", "decoder", statics, fn, (d.params, self.clip_params), batch, rng)
 
   def interp(self, given, mask, skip: float, fps: float, embedding, rng, prompts=None):
@@ -592,8 +634,9 @@ class Cascade:
     mask = video_lib.frame_mask("interpolate", n, skip)
     return self.interp(given, mask, skip, fps * skip, embedding, rng, prompts)
 
-  def super_resolve(self, name: str, clip, rng):
-    """SR_l^t (whole clips) or SR_h (frame by frame, shared noise) of `clip` [b, f, h, w, 3]."""
+  def super_resolve(self, name: str, clip, rng, image_mode: bool = False):
+    """SR_l^t (whole clips) or SR_h (frame by frame, shared noise) of `clip` [b, f, h, w, 3];
+    `image_mode`: the frames as independent images (an image-stage SR_l)."""
     self.require(name)
     sr = self.stages[name]
     c = sr.config
@@ -604,21 +647,38 @@ class Cascade:
     r = int(c.data.resolution)
     stage = stages.get_stage(name)
 
-    def fn(s, params, batch, rng):
+    up = c.conditioning.get("upsample", "linear")
+
+    def fn(s, shared, batch, rng):
+      params, params_last = shared
       clip = batch["clip"]
       b, f = clip.shape[:2]
       aug_rng, rng = jax.random.split(rng)
-      aug, level = diffusion.noise_augment(
-        aug_rng,
-        clip,
-        schedule_from_config(c.diffusion),
-        s.aug_level,
-        share_across_frames=name == "sr_high",
+      if sr.model.augments:
+        aug, level = diffusion.noise_augment(
+          aug_rng,
+          clip,
+          schedule_from_config(c.diffusion),
+          s.aug_level,
+          share_across_frames=name == "sr_high",
+        )
+        cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r, up)}
+      else:  # Karlo's SR reads the clip as it is
+        cond = {"scalars": {}, "extra": video.resize_frames(clip, r, up)}
+      return stage.generate(
+        sr.model,
+        c,
+        params,
+        cond,
+        (b, f, r, r, 3),
+        rng,
+        sampling=s,
+        image_mode=image_mode,
+        params_last=params_last,
       )
-      cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r)}
-      return stage.generate(sr.model, c, params, cond, (b, f, r, r, 3), rng, sampling=s)
 
-    return self._run(name, name, (), fn, sr.params, {"clip": clip}, rng)
+    shared = (sr.params, sr.params_last)
+    return self._run(name, name, (image_mode,), fn, shared, {"clip": clip}, rng)
 
   def finish(self, clip, rng, until: str = "sr_high"):
     """SR_l^t then SR_h, each only if `until` is that stage or later."""
@@ -651,6 +711,23 @@ class Cascade:
     negative = self.prior([negative_prompt] * len(prompts), r[1]) if negative_prompt else None
     clip = self.decoder(embedding, fps, num_frames, r[2], negative=negative, prompts=prompts)
     return self._after_decoder(clip, fps, embedding, r[3], frame_skip, until, prompts)
+
+  def text_to_image(self, prompts, rng, *, negative_prompt=None, until="sr_low"):
+    """Captions -> images [b, 1, h, w, 3] through the image stages: prior, decoder in image mode,
+    then (until "sr_low") SR_l in image mode: Karlo's text-to-image pipeline on its converted
+    folders. Returns (images, 0.0)."""
+    if until not in ("decoder", "sr_low"):
+      raise errors.UserError(f"image_only mode runs the prior, decoder and sr_low, not {until}")
+    self.require("prior", "decoder")
+    r = jax.random.split(rng, 4)
+    embedding = self.prior(prompts, r[0])
+    negative = self.prior([negative_prompt] * len(prompts), r[1]) if negative_prompt else None
+    images = self.decoder(
+      embedding, 0.0, 1, r[2], negative=negative, prompts=prompts, image_mode=True
+    )
+    if until == "sr_low":
+      images = self.super_resolve("sr_low", images, r[3], image_mode=True)
+    return images, 0.0
 
   def _after_decoder(self, clip, fps, embedding, rng, frame_skip, until, prompts=None):
     if until == "decoder":
@@ -752,6 +829,7 @@ def text_batches(
   rng,
   write,
   log=None,
+  images: bool = False,
   **kwargs,
 ) -> float:
   """Samples videos for `prompts`, a fixed batch at a time (the last padded with its last prompt;
@@ -760,7 +838,8 @@ def text_batches(
   `rng` for k = 0 and fold_in(rng, first prompt's index) after: a video depends on the seed, the
   batch size and its place in the file. Returns the fps.
   The batches are the same whatever the device or process count (each is padded to a multiple of
-  the devices inside the cascade), so the videos are too. `kwargs` go to `text_to_video`."""
+  the devices inside the cascade), so the videos are too. `kwargs` go to `text_to_video` (or, with
+  `images`, to `text_to_image`: one-frame "videos")."""
   if batch_size < 1:
     raise errors.UserError(f"--batch_size must be >= 1, got {batch_size}")
   size = min(batch_size, len(prompts))
@@ -769,7 +848,8 @@ def text_batches(
     chunk = prompts[first : first + size]
     padded = chunk + [chunk[-1]] * (size - len(chunk))
     key = rng if first == 0 else jax.random.fold_in(rng, first)
-    clip, fps = cascade.text_to_video(padded, key, **kwargs)
+    run = cascade.text_to_image if images else cascade.text_to_video
+    clip, fps = run(padded, key, **kwargs)
     for row, video_frames in sorted(local_rows(clip).items()):
       if row < len(chunk):
         write(first + row, video_frames, fps)

@@ -22,8 +22,7 @@ from karlo_fixtures import (  # noqa: E402
   LENGTH,
   VOCAB,
   hf_vocab,
-  scramble,
-  text_config,
+  tiny_clip_model,
   tiny_text_encoder,
   write_tokenizer,
 )
@@ -128,34 +127,12 @@ def _text(module, tokens):
   return module.text(tokens)
 
 
-def _full_clip(path, text_encoder, act: str, eos: int):
-  """A tiny CLIPModel whose text tower is `text_encoder`'s, saved at `path`."""
-  vision = dict(
-    hidden_size=16,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=16,
-    patch_size=8,
-    hidden_act=act,
-  )
-  config = transformers.CLIPConfig(
-    text_config=text_config(act, eos).to_dict(), vision_config=vision, projection_dim=16
-  )
-  torch.manual_seed(1)
-  model = scramble(transformers.CLIPModel(config), 2)
-  model.text_model.load_state_dict(text_encoder.text_model.state_dict())
-  model.text_projection.load_state_dict(text_encoder.text_projection.state_dict())
-  model.save_pretrained(path, safe_serialization=True)
-  return model
-
-
 def test_vision_tower_from_a_clip_model_folder(tokenizer_dir, tmp_path):
   """The exact GELU of both towers (hidden_act "gelu"), the image embeddings of the combined CLIP
   through the written folder, and a CLIPModel whose text tower differs by one tensor."""
   act, eos = "gelu", 2
   text_encoder = _text_encoder(tmp_path / "text_encoder", act, eos)
-  full = _full_clip(tmp_path / "clip_model", text_encoder, act, eos)
+  full = tiny_clip_model(tmp_path / "clip_model", text_encoder, act, eos)
   config, params = clip_convert.load_hf_text_encoder(
     str(tmp_path / "text_encoder"), vision_from=str(tmp_path / "clip_model")
   )

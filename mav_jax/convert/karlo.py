@@ -135,7 +135,7 @@ def _check_tree(config, params, init_fn: Callable[[], Any], what: str) -> None:
 
 
 def _contiguous(tree: Any) -> Any:
-  return jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), tree)
+  return jax.tree.map(lambda a: np.array(a, np.float32, order="C"), tree)  # keeps 0-d arrays
 
 
 def _count(tree: Any) -> int:
@@ -157,14 +157,13 @@ def convert_karlo(
   if vision is not None and not os.path.isdir(vision):
     raise errors.UserFileNotFoundError(f"--vision {vision} is not a folder")
   out = epath.Path(output)
-  final = os.path.abspath(output)  # the configs name the converted CLIP where it will be
-  clip_dir = os.path.join(final, "clip")
+  final = os.path.abspath(output)  # the configs name the converted folders where they will be
   staging = out.parent / f"{out.name}.staging"
   if staging.exists():
     staging.rmtree()
   staging.mkdir(parents=True)
   try:
-    written = _convert_all(source, configs, staging, clip_dir, vision, log)
+    written = _convert_all(source, configs, staging, final, vision, log)
   except BaseException:
     staging.rmtree()  # a failed conversion leaves nothing behind (and OUT as it was)
     raise
@@ -175,7 +174,7 @@ def convert_karlo(
   return written
 
 
-def _convert_all(source, configs, staging, clip_dir, vision, log):
+def _convert_all(source, configs, staging, final, vision, log):
   """Writes every output folder into `staging`; returns {name: config}."""
   from mav_jax.models import clip_convert
   from mav_jax.stages import clip as clip_stage
@@ -183,6 +182,7 @@ def _convert_all(source, configs, staging, clip_dir, vision, log):
   from mav_jax.stages import video
 
   written: dict[str, ml_collections.ConfigDict] = {}
+  clip_dir = os.path.join(final, "clip")
 
   def done(name: str, config, n: int, start: float) -> None:
     written[name] = config
@@ -242,9 +242,17 @@ def _convert_all(source, configs, staging, clip_dir, vision, log):
     else:
       kwargs = karlo_unet.unet_kwargs_super_res(configs[component])
     config = _image_unet_config(stage, kwargs, clip_dir)
+    base = int(configs["decoder"].get("sample_size") or config.conditioning.low_resolution)
     if stage == "decoder":
       config.conditioning.embedding_dim = int(configs["text_proj"]["clip_embeddings_dim"])
       config.conditioning.text_width = clip.text.width
+      config.data.max_tokens = clip.context_length
+      config.data.resolution = base
+    else:
+      config.data.resolution = int(configs[component].get("sample_size") or 4 * base)
+      config.conditioning.low_resolution = base
+      if name == "sr_low_image":  # Karlo's last step runs super_res_last
+        config.sampling.last_step_model = os.path.join(final, "sr_low_image_last")
     stage_obj = video.VideoStage(stage)
     model = stage_obj.make_model(config)
     target = jax.eval_shape(lambda: stage_obj.init(model, config, jax.random.key(0)))  # noqa: B023

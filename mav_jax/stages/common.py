@@ -120,8 +120,9 @@ class FrozenClip:
     # Each host reads only the slices its devices hold.
     return checkpointing.restore_params(self.path, shardings=shardings)
 
-  def image_embedding(self, params: Any, images: Array) -> Array:
-    """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d].
+  def image_embedding(self, params: Any, images: Array, raw: bool = False) -> Array:
+    """Model-space images [b, h, w, 3] in [-1, 1] -> scaled-unit CLIP image embeddings [b, d]
+    (with `raw`, the projection as it is: Karlo's models read raw embeddings).
 
     Images of another size are brought to CLIP's input size as OpenAI's CLIP does
     (`clip_resize_and_crop`: shorter side bicubic, centre crop). A CLIP with no vision tower
@@ -134,7 +135,18 @@ class FrozenClip:
     images = clip_resize_and_crop((images.astype(jnp.float32) + 1.0) / 2.0, size)
     images = (images - IMAGE_MEAN) / IMAGE_STD
     embedding = self.module.apply({"params": params}, images, method=type(self.module).encode_image)
-    return scaled_unit(embedding)
+    return embedding.astype(jnp.float32) if raw else scaled_unit(embedding)
+
+  def null_tokens(self, batch: int) -> tuple[Array, Array]:
+    """(ids, mask) [batch, max_tokens] of the empty caption "": Karlo's null condition (its
+    encoding, not zeros, is what the unconditional branch of guidance reads)."""
+    from mav_jax.data import tokenizers
+
+    ids, mask = tokenizers.tokenize_batch(self.tokenizer, [""], int(self.config.data.max_tokens))
+    return (
+      jnp.broadcast_to(jnp.asarray(ids), (batch, ids.shape[1])),
+      jnp.broadcast_to(jnp.asarray(mask, bool), (batch, mask.shape[1])),
+    )
 
   @functools.cached_property
   def tokenizer(self):
@@ -227,3 +239,48 @@ def frozen_clip(config, check_tokens: bool = False) -> FrozenClip:
       f"--config.model.text_motion.vocab_size={clip.config.model.vocab_size}"
     )
   return clip
+
+
+def raw_embeddings(config) -> bool:
+  """Whether the stage reads CLIP embeddings raw (`conditioning.embedding_norm == "raw"`)."""
+  norm = config.conditioning.get("embedding_norm", "scaled_unit")
+  if norm not in ("scaled_unit", "raw"):
+    raise errors.UserError(
+      f"unknown conditioning.embedding_norm {norm!r}: use 'scaled_unit' or 'raw'"
+    )
+  return norm == "raw"
+
+
+DISCRETE_SCHEDULES = ("squaredcos_cap_v2",)
+
+
+def discrete_schedule(config, sampling=None):
+  """The stage's `diffusion.discrete.DiscreteSchedule` when `diffusion.schedule` is a discrete
+  one (Karlo's "squaredcos_cap_v2"), else None (continuous time). Variance: learned range for a
+  model with twice the data channels (6), else fixed small; prediction from `diffusion.target`
+  (eps or x0); x0 clipped to +-`sampling.clip_x0` (default 1). With `sampling` (the section a
+  sampler runs with), its sampler must be the ancestral "ddpm"."""
+  if config.diffusion.schedule not in DISCRETE_SCHEDULES:
+    return None
+  from mav_jax.diffusion.discrete import DiscreteSchedule
+
+  target = config.diffusion.target
+  if target not in ("eps", "x0"):
+    raise errors.UserError(
+      f"diffusion.schedule={config.diffusion.schedule!r} trains and samples eps or x0 "
+      f"predictions, not diffusion.target={target!r}"
+    )
+  if sampling is not None and sampling.sampler != "ddpm":
+    raise errors.UserError(
+      f"the {config.stage} (diffusion.schedule={config.diffusion.schedule!r}) samples with its "
+      f"ancestral step: --sampler=ddpm (sampling.sampler), not {sampling.sampler!r}"
+    )
+  model = config.get("model", {})
+  learned = int(model.get("out_channels", 3)) == 6
+  return DiscreteSchedule(
+    beta_schedule=config.diffusion.schedule,
+    variance_type="learned_range" if learned else "fixed_small_log",
+    prediction_type="epsilon" if target == "eps" else "sample",
+    clip_sample=True,
+    clip_sample_range=float((sampling or config.sampling).get("clip_x0", 1.0)),
+  )

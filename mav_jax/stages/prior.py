@@ -13,10 +13,17 @@ import jax
 import jax.numpy as jnp
 
 from mav_jax import diffusion, errors
+from mav_jax.diffusion import discrete
 from mav_jax.diffusion.schedules import schedule_from_config
 from mav_jax.models.common import Array
 from mav_jax.models.prior import DiffusionPrior
-from mav_jax.stages.common import frozen_clip, scaled_unit, to_model_space
+from mav_jax.stages.common import (
+  discrete_schedule,
+  frozen_clip,
+  raw_embeddings,
+  scaled_unit,
+  to_model_space,
+)
 
 
 class PriorModel:
@@ -72,10 +79,29 @@ def init(model: PriorModel, config, rng: Array) -> Any:
   )["params"]
 
 
-def text_condition(model: PriorModel, clip_params, tokens: Array, token_mask: Array) -> dict:
-  """The prior's condition for token ids [b, l]: text embedding, token features, mask."""
-  text, features = model.clip.text(clip_params, tokens)
+def text_condition(
+  model: PriorModel, clip_params, tokens: Array, token_mask: Array, raw: bool = False
+) -> dict:
+  """The prior's condition for token ids [b, l]: text embedding (raw with `raw`), token features,
+  mask."""
+  text, features = model.clip.text(clip_params, tokens, raw=raw)
   return {"text": text, "features": features, "mask": token_mask.astype(bool)}
+
+
+def null_condition(model: PriorModel, config, clip_params, batch: int) -> dict | None:
+  """The condition guidance and condition dropout fall back to: the encoding of the empty caption
+  for a Karlo prior (raw embeddings, as it was trained), None (zeros) otherwise."""
+  if not raw_embeddings(config):
+    return None
+  return text_condition(model, clip_params, *model.clip.null_tokens(batch), raw=True)
+
+
+def _normalised(model: PriorModel, params, e: Array) -> Array:
+  return model.net.apply({"params": params}, e, method=DiffusionPrior.normalise_embedding)
+
+
+def _raw(model: PriorModel, params, x: Array) -> Array:
+  return model.net.apply({"params": params}, x, method=DiffusionPrior.raw_embedding)
 
 
 def _predict(model: PriorModel, params, z, t, cond, deterministic=True):
@@ -87,9 +113,20 @@ def loss_fn(model: PriorModel, config, params, batch, rng: Array, frozen=None):
   """Denoising loss on the CLIP image embedding of each image, given its caption."""
   drop_rng, loss_rng = jax.random.split(rng)
   clip_params = frozen["clip"]
-  cond = text_condition(model, clip_params, batch["tokens"], batch["token_mask"])
-  cond = diffusion.drop_conditioning(drop_rng, cond, config.diffusion.cond_dropout)
-  target = model.clip.image_embedding(clip_params, to_model_space(batch["frames"])[:, 0])
+  raw = raw_embeddings(config)
+  cond = text_condition(model, clip_params, batch["tokens"], batch["token_mask"], raw=raw)
+  null = null_condition(model, config, clip_params, batch["tokens"].shape[0])
+  cond = diffusion.drop_conditioning(drop_rng, cond, config.diffusion.cond_dropout, null)
+  frames = to_model_space(batch["frames"])[:, 0]
+  target = model.clip.image_embedding(clip_params, frames, raw=raw)
+  schedule = discrete_schedule(config)
+  if schedule is not None:  # Karlo: x0 of the normalised embedding, integer timesteps
+    if model.net.clip_stats:
+      target = _normalised(model, params, target)
+    loss, _ = discrete.loss_discrete(
+      lambda z, t: _predict(model, params, z, t, cond), target, loss_rng, schedule
+    )
+    return loss, {"loss": loss}
   loss, _ = diffusion.loss_from_config(
     lambda z, t: _predict(model, params, z, t, cond), target, loss_rng, config.diffusion
   )
@@ -107,18 +144,25 @@ def generate(
   *,
   negative: tuple[Array, Array] | None = None,
   sampling=None,
+  noise: Array | None = None,
+  step_noise: Array | None = None,
 ) -> Array:
-  """Scaled-unit image embeddings [b, d] for captions `tokens` [b, l] (mask [b, l]).
+  """Scaled-unit image embeddings [b, d] for captions `tokens` [b, l] (mask [b, l]); raw ones
+  for a prior with `conditioning.embedding_norm="raw"` (Karlo's).
 
   `negative`: (tokens, mask) of a negative prompt that guidance steers away from (default: the
-  null condition). `sampling` overrides the config's sampling section.
+  null condition: zeros, or the empty caption's encoding for a Karlo prior). `sampling`
+  overrides the config's sampling section. `noise` [b, d] and `step_noise` [steps, b, d]: the
+  initial and per-step noises (tests inject another implementation's; default: drawn from rng).
   """
   s, d = sampling or config.sampling, config.diffusion
-  cond = text_condition(model, clip_params, tokens, token_mask)
-  if negative is None:
-    uncond = diffusion.guidance.null_like(cond)
+  raw = raw_embeddings(config)
+  cond = text_condition(model, clip_params, tokens, token_mask, raw=raw)
+  if negative is not None:
+    uncond = text_condition(model, clip_params, *negative, raw=raw)
   else:
-    uncond = text_condition(model, clip_params, *negative)
+    uncond = null_condition(model, config, clip_params, tokens.shape[0])
+    uncond = diffusion.guidance.null_like(cond) if uncond is None else uncond
 
   def model_fn(z, t, c):
     return _predict(model, params, z, t, c)
@@ -129,6 +173,13 @@ def generate(
     denoise = functools.partial(model_fn, c=cond)
   noise_rng, step_rng = jax.random.split(rng)
   shape = (tokens.shape[0], config.conditioning.embedding_dim)
+  schedule = discrete_schedule(config, s)
+  if schedule is not None:
+    noise = diffusion.gaussian_noise(noise_rng, shape) if noise is None else noise
+    out = discrete.sample_discrete(
+      denoise, schedule, noise, step_rng, num_steps=s.num_steps, step_noise=step_noise
+    )
+    return _raw(model, params, out) if model.net.clip_stats else out
   out = diffusion.sample(
     denoise,
     schedule_from_config(d),

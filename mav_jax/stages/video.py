@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from mav_jax import diffusion, errors
+from mav_jax.diffusion import discrete
 from mav_jax.diffusion.schedules import add_noise, schedule_from_config
 from mav_jax.models import unet_from_config
 from mav_jax.models.common import Array
-from mav_jax.stages.common import frozen_clip, to_model_space
+from mav_jax.stages.common import discrete_schedule, frozen_clip, raw_embeddings, to_model_space
 
 Batch = dict[str, Array]
 NAMES = ("decoder", "interp", "sr_low", "sr_high")
@@ -63,11 +64,20 @@ class StageModel:
   @functools.cached_property
   def clip(self):
     # Caption tokens go through CLIP's text tower, so its tokenizer must match the stage's data.
-    return frozen_clip(self.config, check_tokens=self.uses_text) if self.uses_clip else None
+    if not self.uses_clip:
+      return None
+    return frozen_clip(self.config, check_tokens=self.uses_text or self.unclip)
+
+  @property
+  def augments(self) -> bool:
+    """Whether the low-resolution input of a super-resolution stage is noise-augmented (the
+    "noise_level" scalar condition; Karlo's SR has none)."""
+    return "noise_level" in tuple(self.config.model.conditioning_scalars)
 
 
 def resize_frames(video: Array, size: int, method: str = "linear") -> Array:
-  """[..., h, w, c] -> [..., size, size, c] (antialiased when shrinking)."""
+  """[..., h, w, c] -> [..., size, size, c] (antialiased when shrinking; "bicubic" is Keys'
+  a = -0.5 kernel, torch's bicubic)."""
   if video.shape[-3:-1] == (size, size):
     return video
   return jax.image.resize(video, video.shape[:-3] + (size, size, video.shape[-1]), method)
@@ -186,23 +196,64 @@ class VideoStage:
       mask = mask & has_caption.astype(bool)[:, None]
     return {"context": features, "context_mask": mask, "context_ids": tokens.astype(jnp.int32)}
 
+  @staticmethod
+  def unclip_text(model: StageModel, clip_params, tokens: Array, token_mask: Array) -> dict:
+    """{text_embedding, context, context_mask} a Karlo (unclip) UNet reads from the caption:
+    CLIP's raw text embedding, token features and mask."""
+    text, features = model.clip.text(clip_params, tokens, raw=True)
+    return {"text_embedding": text, "context": features, "context_mask": token_mask.astype(bool)}
+
+  @classmethod
+  def unclip_null(cls, model: StageModel, clip_params, batch: int) -> dict:
+    """The unconditional branch's text for a Karlo UNet: the empty caption's encoding."""
+    return cls.unclip_text(model, clip_params, *model.clip.null_tokens(batch))
+
+  @staticmethod
+  def drop_unclip(rng: Array, cond: dict, null: dict, rate: float) -> dict:
+    """Condition dropout of a Karlo UNet: with probability `rate` an example's image embedding
+    becomes the learned null one (`drop_image`) and its caption the empty caption."""
+    b = cond["embedding"].shape[0]
+    drop = jax.random.bernoulli(rng, rate, (b,))
+    out = dict(cond, drop_image=drop)
+    for key, value in null.items():
+      keep = drop.reshape((b,) + (1,) * (value.ndim - 1))
+      out[key] = jnp.where(keep, value, cond[key])
+    return out
+
+  def low_resolution_input(self, model: StageModel, config, x0: Array, rng) -> dict:
+    """{extra, scalars} of a super-resolution stage for clean clips x0: the clip at
+    `conditioning.low_resolution`, noise-augmented at a random level (the "noise_level" scalar)
+    unless the model has none (Karlo's), brought back up with `conditioning.upsample`."""
+    low = resize_frames(x0, config.conditioning.low_resolution)
+    up = config.conditioning.get("upsample", "linear")
+    if not model.augments:
+      return {"extra": resize_frames(low, x0.shape[2], up), "scalars": {}}
+    aug, level = diffusion.noise_augment(
+      rng,
+      low,
+      schedule_from_config(config.diffusion),
+      max_level=config.conditioning.max_aug_level,
+    )
+    return {"extra": resize_frames(aug, x0.shape[2], up), "scalars": {"noise_level": level}}
+
   # -- training ----------------------------------------------------------------------------------
 
   def condition(self, model: StageModel, config, x0: Array, batch: Batch, frozen, rng) -> dict:
     """The training condition of clean clips `x0` [b, f, h, w, 3]: {embedding, scalars, extra}."""
     b, f = x0.shape[:2]
     cond = {"embedding": None, "scalars": {}, "extra": None}
+    raw = raw_embeddings(config)
     if self.name == "decoder":
       pick = jax.random.randint(rng, (b,), 0, f)
       frame = jnp.take_along_axis(x0, pick[:, None, None, None, None], axis=1)[:, 0]
-      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame, raw=raw)
       if not self.image_mode(config):
         cond["scalars"] = {"fps": batch["fps"]}
     elif self.name == "interp":
       mask = batch["frame_mask"]
       first = jnp.argmax(mask, axis=1)
       frame = jnp.take_along_axis(x0, first[:, None, None, None, None], axis=1)[:, 0]
-      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame)
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], frame, raw=raw)
       cond["scalars"] = {"fps": batch["fps"], "frame_skip": batch["mask_skip"]}
       cond["extra"] = masked_video_inputs(x0, mask)
     if model.uses_text:
@@ -211,16 +262,11 @@ class VideoStage:
           model, frozen["clip"], batch["tokens"], batch["token_mask"], batch.get("has_caption")
         )
       )
+    if model.unclip:
+      cond.update(self.unclip_text(model, frozen["clip"], batch["tokens"], batch["token_mask"]))
+      cond["drop_image"] = jnp.zeros((b,), bool)
     if self.is_super_resolution:
-      low = resize_frames(x0, config.conditioning.low_resolution)
-      aug, level = diffusion.noise_augment(
-        rng,
-        low,
-        schedule_from_config(config.diffusion),
-        max_level=config.conditioning.max_aug_level,
-      )
-      cond["extra"] = resize_frames(aug, x0.shape[2])
-      cond["scalars"] = {"noise_level": level}
+      cond.update(self.low_resolution_input(model, config, x0, rng))
     return cond
 
   def loss_fn(self, model: StageModel, config, params, batch: Batch, rng: Array, frozen=None):
@@ -228,7 +274,10 @@ class VideoStage:
     cond_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 4)
     x0 = to_model_space(batch["frames"])
     cond = self.condition(model, config, x0, batch, frozen, cond_rng)
-    if cond["embedding"] is not None:
+    if model.unclip:
+      null = self.unclip_null(model, frozen["clip"], x0.shape[0])
+      cond = self.drop_unclip(drop_rng, cond, null, config.diffusion.cond_dropout)
+    elif cond["embedding"] is not None:
       # Embedding and caption are dropped together: the guidance's null condition lacks both.
       keys = [k for k in ("embedding", "context_mask") if k in cond]
       dropped = diffusion.drop_conditioning(
@@ -247,6 +296,10 @@ class VideoStage:
         rngs={"dropout": dropout_rng},
       )
 
+    schedule = discrete_schedule(config)
+    if schedule is not None:  # Karlo: integer timesteps, + the VLB term for learned variance
+      loss, _ = discrete.loss_discrete(predict, x0, loss_rng, schedule)
+      return loss, {"loss": loss}
     loss, _ = diffusion.loss_from_config(predict, x0, loss_rng, config.diffusion)
     return loss, {"loss": loss}
 
@@ -266,8 +319,13 @@ class VideoStage:
     init: Array | None = None,
     strength: float = 1.0,
     image_mode: bool = False,
+    params_last=None,
+    noise: Array | None = None,
+    step_noise: Array | None = None,
   ) -> Array:
-    """Samples clips of `shape` [b, f, h, w, 3] in [-1, 1] given `cond` {embedding, scalars, extra}.
+    """Samples clips of `shape` [b, f, h, w, 3] in [-1, 1] given `cond` {embedding, scalars, extra}
+    (a Karlo UNet also reads {text_embedding, context, context_mask} and, for guidance, "null":
+    the empty caption's {text_embedding, context, context_mask}).
 
     Args:
       sampling: the `sampling` config section to use (default: the stage config's).
@@ -275,16 +333,28 @@ class VideoStage:
       init: a clip to vary: it is noised to time `strength` and denoised from there.
       strength: how much of `init` is replaced (1: none of it is kept).
       image_mode: frames are independent images (image-stage samples); SR_h always is.
+      params_last: parameters used for the last step only (a discrete schedule; Karlo's
+        super_res_last).
+      noise: the initial noise [b, f, h, w, 3] and `step_noise` [steps, b, f, h, w, 3] the
+        per-step noises of a discrete schedule (tests inject another implementation's; default:
+        drawn from rng).
     """
     s, d = sampling or config.sampling, config.diffusion
     per_frame = self.name == "sr_high"
     b = shape[0]
+    raw_cond = cond
     cond = {
       "embedding": cond.get("embedding"),
       "scalars": cond.get("scalars", {}),
       "extra": cond.get("extra"),
-      **{k: cond[k] for k in ("context", "context_mask", "context_ids") if cond.get(k) is not None},
+      **{
+        k: cond[k]
+        for k in ("context", "context_mask", "context_ids", "text_embedding")
+        if cond.get(k) is not None
+      },
     }
+    if model.unclip:
+      cond["drop_image"] = jnp.zeros((b,), bool)
     if model.uses_text and "context" not in cond:
       raise errors.UserError(
         f"this {self.name} model reads caption tokens (model.text_motion): pass "
@@ -292,7 +362,7 @@ class VideoStage:
         f"for no caption)"
       )
 
-    def model_fn(z, t, c):
+    def model_fn(z, t, c, params=params):
       if per_frame:  # each frame an image [n, 1, h, w, c], one frame at a time (bounded memory)
 
         def one_frame(inputs):
@@ -307,7 +377,23 @@ class VideoStage:
       return model.net.apply({"params": params}, z, t, **self._net_kwargs(c, image_mode))
 
     guided = cond["embedding"] is not None and s.guidance_scale != 1.0
-    if guided:
+    schedule = discrete_schedule(config, s)
+    learned = schedule is not None and schedule.variance_type == "learned_range"
+    if guided and model.unclip:
+      if "null" not in raw_cond:
+        raise errors.UserError(
+          f"this {self.name} (a Karlo UNet) guides against the empty caption: pass cond['null'] "
+          "(VideoStage.unclip_null)"
+        )
+      uncond = dict(cond, **raw_cond["null"])
+      if negative_embedding is None:
+        uncond["drop_image"] = jnp.ones((b,), bool)  # the learned null image embedding
+      else:
+        uncond["embedding"] = negative_embedding
+      denoise = diffusion.guided_model(
+        model_fn, cond, uncond, s.guidance_scale, guided_channels=3 if learned else None
+      )
+    elif guided:
       uncond = dict(cond)
       uncond["embedding"] = (
         jnp.zeros_like(cond["embedding"]) if negative_embedding is None else negative_embedding
@@ -317,9 +403,31 @@ class VideoStage:
       denoise = diffusion.guided_model(model_fn, cond, uncond, s.guidance_scale)
     else:
       denoise = functools.partial(model_fn, c=cond)
-    schedule = schedule_from_config(d)
     noise_rng, step_rng = jax.random.split(rng)
-    noise = diffusion.gaussian_noise(noise_rng, shape, share_across_frames=per_frame)
+    if noise is None:
+      noise = diffusion.gaussian_noise(noise_rng, shape, share_across_frames=per_frame)
+    if schedule is not None:
+      if init is not None:
+        raise errors.UserError(
+          f"variations (init, strength) are not supported by this {self.name}'s discrete schedule"
+        )
+      last = None
+      if params_last is not None:
+        last = functools.partial(model_fn, c=cond, params=params_last)
+        if guided:
+          raise errors.UserError("a last-step model is not supported with guidance")
+      out = discrete.sample_discrete(
+        denoise,
+        schedule,
+        noise,
+        step_rng,
+        num_steps=s.num_steps,
+        denoise_fn_last=last,
+        step_noise=step_noise,
+        share_noise_across_frames=per_frame,
+      )
+      return jnp.clip(out, -1.0, 1.0)
+    schedule = schedule_from_config(d)
     if init is not None:
       noise = add_noise(schedule, init.astype(jnp.float32), noise, jnp.full((b,), strength))
     out = diffusion.sample(
@@ -343,8 +451,11 @@ class VideoStage:
     x0 = to_model_space(batch["frames"])
     cond = self.condition(model, config, x0, batch, frozen, jax.random.key(0))
     if self.name == "decoder":  # condition on the first frame, as at sampling time
-      cond["embedding"] = model.clip.image_embedding(frozen["clip"], x0[:, 0])
-    if self.is_super_resolution:  # a fixed, small augmentation level
+      raw = raw_embeddings(config)
+      cond["embedding"] = model.clip.image_embedding(frozen["clip"], x0[:, 0], raw=raw)
+    if model.unclip:
+      cond["null"] = self.unclip_null(model, frozen["clip"], x0.shape[0])
+    if self.is_super_resolution and model.augments:  # a fixed, small augmentation level
       low = resize_frames(x0, config.conditioning.low_resolution)
       level = config.sampling.aug_level
       aug, lv = diffusion.noise_augment(
