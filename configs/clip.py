@@ -3,6 +3,9 @@ r"""CLIP (C_x and the image encoder): contrastive training on image-text pairs.
 Variants (the part after the colon):
   tiny: a small CLIP on 16x16 synthetic images and byte-level captions, for this CPU.
   base: ViT-B/32 shapes (OpenAI's CLIP ViT-B/32: 224px images, 77 tokens, 49,408-token BPE).
+  vit_l14: ViT-L/14 shapes (OpenAI's CLIP ViT-L/14, the one Karlo reads: 768-wide embeddings and
+        text tower, a 24-layer 1024-wide vision tower on 14px patches); the shape the Karlo
+        stages' benchmarks read (--clip_config), weights from `mav_jax.convert karlo --vision`.
 
 Train on the synthetic image-text pairs:
   python -m mav_jax.train --config configs/clip.py:tiny --workdir workdirs/clip_tiny
@@ -13,7 +16,7 @@ import ml_collections
 
 from mav_jax import config_defaults
 
-VARIANTS = ("tiny", "base")
+VARIANTS = ("tiny", "base", "vit_l14")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -88,4 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.ema_decay = 0.99
     config.train.log_every = 25
     config.train.checkpoint_every = 100
+  elif config.variant == "vit_l14":
+    config.model.embed_dim = 768
+    config.model.text_width = 768
+    config.model.text_heads = 12
+    config.model.patch_size = 14
+    config.model.vision_width = 1024
+    config.model.vision_layers = 24
+    config.model.vision_heads = 16
   return config

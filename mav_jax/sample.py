@@ -102,7 +102,7 @@ def _prompts() -> list[str]:
       raise errors.UserError(f"--prompts_file {_PROMPTS_FILE.value!r} holds no captions")
     return prompts
   if _PROMPT.value is None:
-    raise errors.UserError("text mode needs --prompt 'a caption' or --prompts_file")
+    raise errors.UserError(f"{_MODE.value} mode needs --prompt 'a caption' or --prompts_file")
   if not _PROMPT.value.strip():
     raise errors.UserError(
       "empty --prompt: pass a caption, e.g. --prompt 'a red circle moving left'"

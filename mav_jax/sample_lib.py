@@ -511,8 +511,14 @@ class Cascade:
     return self._run("prior", "prior", (), fn, (p.params, self.clip_params), batch, rng)
 
   def image_embedding(self, frames):
-    """Scaled-unit CLIP image embeddings of model-space images [b, h, w, 3]."""
-    fn = lambda params, batch, rng: self.clip.image_embedding(params, batch)  # noqa: E731
+    """CLIP image embeddings of model-space images [b, h, w, 3]: scaled-unit, or raw for stages
+    that read them raw (`conditioning.embedding_norm`, Karlo's)."""
+    users = [self.stages[n].config for n in ("decoder", "interp") if n in self.stages]
+    raw = bool(users) and common.raw_embeddings(users[0])
+
+    def fn(params, batch, rng):
+      return self.clip.image_embedding(params, batch, raw=raw)
+
     return self._call(("clip", "image_embedding"), fn, self.clip_params, frames)
 
   def caption_tokens(self, name: str, prompts: list[str] | None, batch: int):

@@ -1,10 +1,10 @@
 """Tiny random Karlo (unCLIP) components in the diffusers layout, shared by the Karlo tests
-(docs/karlo.md §4): every builder fixes its torch seed, so each call gives the same weights.
+(docs/karlo_design.md §4): every builder fixes its torch seed, so each call gives the same weights.
 
 `write_karlo_folder(path)` saves them as `UnCLIPPipeline.save_pretrained` lays them out (prior/,
 decoder/, text_proj/, super_res_first/, super_res_last/, text_encoder/, tokenizer/), with sizes
 that fit together: CLIP width 16, 12 tokens, decoder context 24 (4 + 12 = 16 context tokens, never
-equal to an attention block's h * w: docs/karlo.md T7).
+equal to an attention block's h * w: docs/karlo_design.md T7).
 """
 
 import json
@@ -202,7 +202,7 @@ def write_karlo_folder(path, vision=None) -> dict:
 
 
 def karlo_schedulers() -> dict:
-  """The three UnCLIPSchedulers as Karlo configures them (docs/karlo.md §3, point 4)."""
+  """The three UnCLIPSchedulers as Karlo configures them (docs/karlo_design.md §3, point 4)."""
   from diffusers import UnCLIPScheduler
 
   common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
@@ -244,7 +244,7 @@ def run_unclip_pipeline(
   seed: int = 0,
 ) -> dict:
   """diffusers' UnCLIPPipeline, built from the objects in `parts` (as `write_karlo_folder` returns
-  them; docs/karlo.md T3) with Karlo's schedulers, run with every random value drawn here from
+  them; docs/karlo_design.md T3) with Karlo's schedulers, run with every random value drawn here from
   `np.random.default_rng(seed)` and injected, so a JAX sampler fed the same values must agree.
 
   Every array is NumPy float32 (masks bool, ids and timesteps int64); images are channels-LAST
@@ -270,7 +270,7 @@ def run_unclip_pipeline(
   - "super_res": [b, S, S, 3] SR's result before the (x + 1) / 2 conversion and [0, 1] clamp.
   - "text": {"cond", "null"}, each {"input_ids" [b, L], "attention_mask" [b, L] bool,
     "text_embeds" [b, d], "last_hidden_state" [b, L, d]}; "null" is the "" prompt repeated b times
-    (docs/karlo.md T13). The text encoder itself sees no padding mask; the mask goes to the prior
+    (docs/karlo_design.md T13). The text encoder itself sees no padding mask; the mask goes to the prior
     and (padded with True for the extra tokens) the decoder.
   - "decoder_context": {"cond", "null"} (null only with guidance), each the decoder's inputs from
     text_proj: "encoder_hidden_states" [b, 4 + L, cross], "class_labels" [b, time_embed_dim] (the

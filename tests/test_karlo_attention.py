@@ -1,4 +1,4 @@
-"""Pseudo3DAttention(spatial="added_kv") against diffusers' unCLIP attention (docs/karlo.md, step 3).
+"""Pseudo3DAttention(spatial="added_kv") against diffusers' unCLIP attention (docs/karlo_design.md, step 3).
 
 diffusers' `Attention(added_kv_proj_dim=..., norm_num_groups=...)` built as
 UNetMidBlock2DSimpleCrossAttn / SimpleCrossAttnDownBlock2D build it, with `AttnAddedKVProcessor` and

@@ -1,4 +1,4 @@
-"""mav_jax layers against the diffusers blocks Karlo (unCLIP) is built from (docs/karlo.md, step 2).
+"""mav_jax layers against the diffusers blocks Karlo (unCLIP) is built from (docs/karlo_design.md, step 2).
 
 `ResBlock` against `diffusers.models.resnet.ResnetBlock2D` in each mode (time_embedding_norm
 "scale_shift" / "default" x no resampling / down / up), with random torch weights copied into our

@@ -1,4 +1,4 @@
-"""Karlo's text-to-image pipeline through mav_jax against diffusers' UnCLIPPipeline (docs/karlo.md,
+"""Karlo's text-to-image pipeline through mav_jax against diffusers' UnCLIPPipeline (docs/karlo_design.md,
 step 8): a tiny random Karlo folder converted by `mav_jax.convert karlo`, loaded by the sampler's
 own `Cascade` (image checkpoints, the empty-caption null conditions, the last-step SR model), run
 with diffusers' initial latents and per-step noises injected (tests/karlo_fixtures.py's

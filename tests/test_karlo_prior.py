@@ -1,5 +1,5 @@
 """DiffusionPrior as Karlo's prior: `mav_jax.convert.karlo_prior` against diffusers' PriorTransformer
-(docs/karlo.md, step 5).
+(docs/karlo_design.md, step 5).
 
 A tiny `PriorTransformer` with every parameter randomised (clip_mean and clip_std included) is saved
 with `save_pretrained` and converted from its folder (config.json and safetensors); its forward pass
@@ -30,10 +30,10 @@ from mav_jax.models.prior import DiffusionPrior  # noqa: E402
 
 TOL = 1e-4
 B = 2
-# The tiny prior of docs/karlo.md §4 (width 16 = embedding_dim), and one whose CLIP width (24)
+# The tiny prior of docs/karlo_design.md §4 (width 16 = embedding_dim), and one whose CLIP width (24)
 # differs from the transformer's (16), so a swapped in/out size cannot pass.
 SIZES = {"square": 16, "narrow": 24}
-# PriorTransformer config keys added after Karlo's config.json was written (docs/karlo.md, T5).
+# PriorTransformer config keys added after Karlo's config.json was written (docs/karlo_design.md, T5).
 NEWER_KEYS = (
   "time_embed_act_fn",
   "norm_in_type",

@@ -1,4 +1,4 @@
-"""The paper's recipe on Karlo (docs/karlo.md, step 9), at toy size: a tiny random Karlo folder
+"""The paper's recipe on Karlo (docs/karlo_design.md, step 9), at toy size: a tiny random Karlo folder
 converted with a vision tower (`mav_jax.convert karlo --vision`), then D^t, ↑F and SR_l^t
 trained a few steps by the trainer from the karlo configs (configs/*.py:karlo, cut to the tiny
 model's sizes): each starts from the converted image model (↑F from the D^t just trained) with
@@ -7,6 +7,8 @@ model's sizes): each starts from the converted image model (↑F from the D^t ju
 its converted folder too (all its weights: it is an image-text model). Karlo's discrete schedule,
 learned-variance hybrid loss, unCLIP condition dropout and raw embeddings are what these run.
 """
+
+import os
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ pytest.importorskip("transformers")
 import karlo_fixtures  # noqa: E402
 
 from configs import decoder, interp, prior, sr_low  # noqa: E402
-from mav_jax import checkpointing, train_lib, train_state  # noqa: E402
+from mav_jax import checkpointing, sample_lib, train_lib, train_state  # noqa: E402
 from mav_jax.convert import karlo  # noqa: E402
 
 
@@ -82,6 +84,7 @@ def _train_temporal(config, workdir, init_from):
   return new, moved, end
 
 
+@pytest.mark.long
 def test_karlo_video_stages_train_only_what_video_adds(converted, tmp_path):
   out = converted / "out"
   config = _tiny(decoder, converted, "decoder_image", str(out / "decoder_image"), num_frames=4)
@@ -105,6 +108,23 @@ def test_karlo_video_stages_train_only_what_video_adds(converted, tmp_path):
   config = _tiny(sr_low, converted, "sr_low_image", str(out / "sr_low_image"), num_frames=4)
   new, _, _ = _train_temporal(config, tmp_path / "sr_low", str(out / "sr_low_image"))
   assert new and all("temporal" in "/".join(p) for p in new)  # Karlo's SR: no scalar conditions
+
+  # The cascade samples videos with them: the converted Karlo prior, the trained D^t, ↑F, SR_l^t.
+  cascade = sample_lib.Cascade(
+    {
+      "prior": str(out / "prior"),
+      "decoder": str(tmp_path / "decoder"),
+      "interp": str(tmp_path / "interp"),
+      "sr_low": str(tmp_path / "sr_low"),
+    },
+    devices=jax.devices()[:1],
+    steps={"prior": 2, "decoder": 2, "interp": 2, "sr_low": 2},
+    progress=sample_lib.Progress(open(os.devnull, "w")),
+  )
+  clip, fps = cascade.text_to_video(
+    ["a red circle", "the blue one"], jax.random.key(0), frame_skip=2, until="sr_low"
+  )
+  assert clip.shape == (2, 7, 32, 32, 3) and np.isfinite(np.asarray(clip)).all()
 
 
 def test_karlo_prior_trains_from_its_converted_folder(converted, tmp_path):

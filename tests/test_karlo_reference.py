@@ -1,4 +1,4 @@
-"""The diffusers reference for the Karlo end-to-end parity test (docs/karlo.md §3, T25):
+"""The diffusers reference for the Karlo end-to-end parity test (docs/karlo_design.md §3, T25):
 `karlo_fixtures.run_unclip_pipeline` on the tiny random Karlo folder, checked on its own (shapes,
 determinism under injected noise, the captured stages agreeing with each other and with the final
 image); and the upsampling numerics the JAX side relies on (T17): `jax.image.resize` bicubic

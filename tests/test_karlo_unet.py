@@ -1,4 +1,4 @@
-"""Karlo's decoder and super-resolution UNets as SpaceTimeUNet image and video models (docs/karlo.md,
+"""Karlo's decoder and super-resolution UNets as SpaceTimeUNet image and video models (docs/karlo_design.md,
 step 4): tiny diffusers models with every parameter randomised, converted by
 `mav_jax.convert.karlo_unet`, against diffusers in float32.
 

@@ -5,7 +5,7 @@ variance, `class_embed_type="identity"`) plus the pipeline's `UnCLIPTextProjMode
 the UNet's `unclip_proj`; the super-resolution models are `UNet2DModel`s reading
 `concat([x_t, upsampled image])`. `unet_kwargs_*` read a diffusers config.json and give the
 SpaceTimeUNet fields (refusing, by key and value, what the port does not cover); `convert_unet`
-maps a state dict onto the image model's parameter tree, every tensor used once (docs/karlo.md §2a,
+maps a state dict onto the image model's parameter tree, every tensor used once (docs/karlo_design.md §2a,
 §2b: names, layouts, numerics).
 """
 

@@ -197,6 +197,7 @@ def evaluate(model: PriorModel, config, params, clip_params, batch, rng: Array) 
   """Mean cosine similarity of sampled and true image embeddings, and the same for the text
   embedding itself as a baseline (a prior must beat it to be worth having)."""
   sampled = generate(model, config, params, clip_params, batch["tokens"], batch["token_mask"], rng)
+  sampled = scaled_unit(sampled)  # a Karlo prior samples raw embeddings
   true = model.clip.image_embedding(clip_params, to_model_space(batch["frames"])[:, 0])
   text, _ = model.clip.text(clip_params, batch["tokens"])
   d = true.shape[-1]
