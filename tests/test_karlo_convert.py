@@ -225,3 +225,28 @@ def test_count_params_of_the_karlo_configs(config, spatial):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"({spatial:,} spatial" in proc.stdout, proc.stdout
+
+
+def test_pytorch_bin_and_fp16_files_convert_like_safetensors(karlo, tmp_path):
+  """The same folder saved as PyTorch .bin (text encoder, decoder) and as fp16 safetensors (SR):
+  the converted parameters equal the safetensors conversion's (the fp16 ones to fp16 rounding)."""
+  from mav_jax.convert import karlo as karlo_convert
+
+  src, parts, out, _ = karlo
+  other = tmp_path / "src"
+  shutil.copytree(src, other)
+  for name in ("text_encoder", "decoder"):
+    shutil.rmtree(other / name)
+    parts[name].save_pretrained(other / name, safe_serialization=False)
+  assert (other / "decoder" / "diffusion_pytorch_model.bin").exists()
+  shutil.rmtree(other / "super_res_last")
+  parts["super_res_last"].half().save_pretrained(other / "super_res_last", variant="fp16")
+  parts["super_res_last"].float()
+  assert (other / "super_res_last" / "diffusion_pytorch_model.fp16.safetensors").exists()
+  karlo_convert.convert_karlo(str(other), str(tmp_path / "out"), log=lambda m: None)
+  for name, tol in (("clip", 0), ("decoder_image", 0), ("sr_low_image_last", 1e-3)):
+    ours = traverse_util.flatten_dict(checkpointing.restore_params(str(tmp_path / "out" / name)))
+    ref = traverse_util.flatten_dict(checkpointing.restore_params(str(out / name)))
+    assert ours.keys() == ref.keys()
+    for k in ref:
+      np.testing.assert_allclose(ours[k], ref[k], atol=tol, rtol=tol, err_msg="/".join(k))
