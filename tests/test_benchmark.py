@@ -270,6 +270,50 @@ def test_ahead_of_time_compile_for_a_tpu_topology():
   assert row["collectives"]["all-gather"]["count"] > 0
 
 
+def test_per_op_shares_of_tpu_hlo():
+  """The per-op table (scripts/per_op.py) reads each scheduled op's `estimated_cycles` and
+  classifies it by what it fuses and the JAX op it came from."""
+  cfg = '{"flag_configs":[],"estimated_cycles":"%d","cost_model_type":"CLASSIC"}'
+  text = f"""HloModule m
+
+%fused_conv (p: bf16[2,8,8,32], k: bf16[3,3,32,32]) -> bf16[2,8,8,32] {{
+  %p = bf16[2,8,8,32]{{3,2,1,0}} parameter(0)
+  %k = bf16[3,3,32,32]{{3,2,1,0}} parameter(1)
+  ROOT %c = bf16[2,8,8,32]{{3,2,1,0}} convolution(%p, %k), window={{size=3x3}}, dim_labels=b01f_01io->b01f
+}}
+
+%fused_norm (p: f32[2,8,8,32]) -> f32[2,32] {{
+  %p = f32[2,8,8,32]{{3,2,1,0}} parameter(0)
+  ROOT %r = f32[2,32]{{1,0}} reduce(%p), dimensions={{1,2}}, to_apply=%add
+}}
+
+ENTRY %main (x: bf16[2,8,8,32], k: bf16[3,3,32,32]) -> f32[2,32] {{
+  %x = bf16[2,8,8,32]{{3,2,1,0}} parameter(0)
+  %k = bf16[3,3,32,32]{{3,2,1,0}} parameter(1)
+  %f1 = bf16[2,8,8,32]{{3,2,1,0}} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={{op_name="jit(step)/jvp(SpaceTimeUNet)/conv_general_dilated"}}, backend_config={cfg % 600}
+  %f2 = bf16[2,8,8,32]{{3,2,1,0}} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={{op_name="jit(step)/dot_general"}}, backend_config={cfg % 200}
+  %t = bf16[2,8,8,32]{{0,3,2,1}} copy(%f1), backend_config={cfg % 100}
+  %ar = bf16[2,8,8,32]{{3,2,1,0}} all-reduce-start(%t), channel_id=3, backend_config={cfg % 50}
+  ROOT %n = f32[2,32]{{1,0}} fusion(%f2), kind=kInput, calls=%fused_norm, backend_config={cfg % 50}
+}}
+"""
+  rows = compiled_stats.per_op(text)
+  kinds = {r["name"]: r["kind"] for r in rows}
+  assert kinds == {
+    "f1": "convolution",
+    "f2": "matmul",
+    "t": "copy / transpose",
+    "ar": "collective",
+    "n": "group norm / reduction",
+  }
+  conv = next(r for r in rows if r["name"] == "f1")
+  assert conv["bytes"] == 2 * (2 * 8 * 8 * 32) * 2 + 3 * 3 * 32 * 32 * 2  # out + x + kernel
+  table = {r["kind"]: r for r in compiled_stats.per_op_table(rows)}
+  assert table["convolution"]["share"] == 0.6 and table["matmul"]["share"] == 0.2
+  assert abs(sum(r["share"] for r in table.values()) - 1) < 1e-12
+  assert compiled_stats.per_op(text.replace('"estimated_cycles"', '"other"')) == []
+
+
 def test_attention_comparison_counts_full_3d_attention_as_dearer():
   """Factorised against full 3D attention, compiled for this machine's CPU (docs/benchmarks.md's figures
   come from the same code compiled for a TPU topology)."""

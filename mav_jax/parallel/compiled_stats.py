@@ -196,3 +196,125 @@ def analyse(compiled, hlo_path: str | None = None) -> CompiledStats:
     collectives=collectives(text),
     while_loops=while_loops(text),
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per op: where the TPU compiler expects the time to go.
+# ---------------------------------------------------------------------------------------------
+
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Kinds of scheduled ops, in the order they are tested against an op's text.
+OP_KINDS = (
+  "collective",
+  "convolution",
+  "matmul",
+  "group norm / reduction",
+  "copy / transpose",
+  "optimizer / EMA update",
+  "elementwise",
+  "other",
+)
+
+
+def _fused_ops(computations: dict[str, list[tuple[str, str, str]]], name: str) -> set[str]:
+  """The opcodes of fused computation `name` and of those it calls (nested fusions)."""
+  out: set[str] = set()
+  stack, seen = [name], set()
+  while stack:
+    current = stack.pop()
+    if current in seen:
+      continue
+    seen.add(current)
+    for op, _, line in computations.get(current, ()):
+      out.add(op)
+      called = _CALLS.search(line)
+      if called:
+        stack.append(called.group(1))
+  return out
+
+
+def op_kind(op: str, line: str, fused: set[str]) -> str:
+  """The OP_KINDS entry of one scheduled instruction: its opcode, the opcodes it fuses and the
+  JAX operation it came from (`op_name` metadata)."""
+  kind = op.removesuffix("-start").removesuffix("-done")
+  name = (_OP_NAME.search(line) or [None, ""])[1]
+  ops = fused | {op}
+  if kind in COLLECTIVES or any(c in o for o in ops for c in COLLECTIVES):
+    return "collective"
+  if "convolution" in ops or "dot" in ops:
+    # The TPU compiler lowers matmuls to convolutions too: the JAX op names which it was.
+    if "conv_general_dilated" in name:
+      return "convolution"
+    return "matmul"
+  if "optax" in name or "ema" in name.split("/") or "apply_updates" in name:
+    return "optimizer / EMA update"
+  if "reduce" in ops or "reduce-window" in ops:
+    return "group norm / reduction"
+  if ops <= {"copy", "transpose", "bitcast", "copy-start", "copy-done", "fusion", "parameter"}:
+    return "copy / transpose"
+  if ops & {"add", "multiply", "subtract", "divide", "exponential", "logistic", "convert",
+            "maximum", "minimum", "select", "compare", "rsqrt", "tanh", "negate", "broadcast"}:  # fmt: skip
+    return "elementwise"
+  return "other"
+
+
+def per_op(hlo_text: str) -> list[dict[str, Any]]:
+  """Every op the TPU compiler scheduled with a cost estimate (`"estimated_cycles"` in its
+  backend config), as {name, op, kind, cycles, bytes, op_name}: `bytes` the output's plus its
+  operands' (as their shapes read), `kind` from `op_kind`. A loop body's ops appear once (as in
+  `cost_analysis`). Empty for programs of other backends (no estimates)."""
+  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  shapes: dict[str, str] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      head = line.removeprefix("ENTRY ").lstrip("%")
+      current = head.split()[0] if line.rstrip().endswith("{") and head else None
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction and current is not None:
+      computations[current].append((instruction["op"], instruction["shape"], line))
+      shapes[instruction["name"]] = instruction["shape"]
+  rows = []
+  for body in computations.values():
+    for op, shape, line in body:
+      cycles = _CYCLES.search(line)
+      if not cycles:
+        continue
+      called = _CALLS.search(line)
+      fused = _fused_ops(computations, called.group(1)) if called else set()
+      args = line[line.index(f"{op}(") + len(op) + 1 :].split(")", 1)[0]
+      operands = re.findall(r"%([\w.\-]+)", args)
+      name = _INSTRUCTION.match(line)["name"]
+      rows.append(
+        {
+          "name": name,
+          "op": op,
+          "kind": op_kind(op, line, fused),
+          "cycles": int(cycles.group(1)),
+          "bytes": shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands),
+          "op_name": (_OP_NAME.search(line) or [None, ""])[1],
+        }
+      )
+  return rows
+
+
+def per_op_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """`per_op` rows summed per kind: {kind, ops, cycles, share, bytes}, largest share first."""
+  total = sum(r["cycles"] for r in rows) or 1
+  out = []
+  for kind in OP_KINDS:
+    mine = [r for r in rows if r["kind"] == kind]
+    if mine:
+      cycles = sum(r["cycles"] for r in mine)
+      out.append(
+        {
+          "kind": kind,
+          "ops": len(mine),
+          "cycles": cycles,
+          "share": cycles / total,
+          "bytes": sum(r["bytes"] for r in mine),
+        }
+      )
+  return sorted(out, key=lambda r: -r["cycles"])
