@@ -292,6 +292,8 @@ ENTRY %main (x: bf16[2,8,8,32], k: bf16[3,3,32,32]) -> f32[2,32] {{
   %k = bf16[3,3,32,32]{{3,2,1,0}} parameter(1)
   %f1 = bf16[2,8,8,32]{{3,2,1,0}} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={{op_name="jit(step)/jvp(SpaceTimeUNet)/conv_general_dilated"}}, backend_config={cfg % 600}
   %f2 = bf16[2,8,8,32]{{3,2,1,0}} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={{op_name="jit(step)/dot_general"}}, backend_config={cfg % 200}
+  %f3 = bf16[2,8,8,32]{{3,2,1,0}} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={{op_name="jit(step)/jvp(UNet)/attn/vmap(BNTS,BSNH->BTNH)/dot_general"}}, backend_config={cfg % 0}
+  %u = bf16[2,8,8,32]{{3,2,1,0}} add(%x, %x), metadata={{op_name="jit(step)/add"}}, backend_config={cfg % 0}
   %t = bf16[2,8,8,32]{{0,3,2,1}} copy(%f1), backend_config={cfg % 100}
   %ar = bf16[2,8,8,32]{{3,2,1,0}} all-reduce-start(%t), channel_id=3, backend_config={cfg % 50}
   ROOT %n = f32[2,32]{{1,0}} fusion(%f2), kind=kInput, calls=%fused_norm, backend_config={cfg % 50}
@@ -302,6 +304,8 @@ ENTRY %main (x: bf16[2,8,8,32], k: bf16[3,3,32,32]) -> f32[2,32] {{
   assert kinds == {
     "f1": "convolution",
     "f2": "matmul",
+    "f3": "attention (QK, AV)",
+    "u": "optimizer / EMA update",
     "t": "copy / transpose",
     "ar": "collective",
     "n": "group norm / reduction",

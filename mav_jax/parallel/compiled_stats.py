@@ -208,6 +208,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 OP_KINDS = (
   "collective",
   "convolution",
+  "attention (QK, AV)",
   "matmul",
   "group norm / reduction",
   "copy / transpose",
@@ -234,9 +235,18 @@ def _fused_ops(computations: dict[str, list[tuple[str, str, str]]], name: str) -
   return out
 
 
+def _outside_the_model(name: str) -> bool:
+  """An op of the train step itself (optimizer, EMA, gradient norm, finite guard), not of a
+  model's forward or backward pass: its JAX op name has no jvp / transpose / remat scope."""
+  parts = name.split("/")
+  return len(parts) > 1 and not parts[1].startswith(
+    ("jvp(", "transpose(", "checkpoint", "rematted", "vmap(jvp", "remat")
+  )
+
+
 def op_kind(op: str, line: str, fused: set[str]) -> str:
   """The OP_KINDS entry of one scheduled instruction: its opcode, the opcodes it fuses and the
-  JAX operation it came from (`op_name` metadata)."""
+  JAX operation it came from (`op_name` metadata: `jit(fn)/jvp(Module)/<module path>/<op>`)."""
   kind = op.removesuffix("-start").removesuffix("-done")
   name = (_OP_NAME.search(line) or [None, ""])[1]
   ops = fused | {op}
@@ -246,8 +256,10 @@ def op_kind(op: str, line: str, fused: set[str]) -> str:
     # The TPU compiler lowers matmuls to convolutions too: the JAX op names which it was.
     if "conv_general_dilated" in name:
       return "convolution"
+    if "attn" in name and "->" in name:  # an attention block's einsums (not its projections)
+      return "attention (QK, AV)"
     return "matmul"
-  if "optax" in name or "ema" in name.split("/") or "apply_updates" in name:
+  if _outside_the_model(name):
     return "optimizer / EMA update"
   if "reduce" in ops or "reduce-window" in ops:
     return "group norm / reduction"
