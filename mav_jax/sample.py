@@ -252,7 +252,9 @@ def run() -> list[str]:
       file=sys.stderr,
     )
 
-  if mode == "image_only":
+  if mode in ("text", "image_only"):
+    images = mode == "image_only"  # one-frame images: no fps, frame count or interpolation
+    video = {} if images else dict(fps=_FPS.value, num_frames=_FRAMES.value, frame_skip=_SKIP.value)
     sample_lib.text_batches(
       cascade,
       prompts,
@@ -260,24 +262,10 @@ def run() -> list[str]:
       rng,
       write,
       log,
-      images=True,
+      images=images,
       negative_prompt=_NEGATIVE.value,
       until=until,
-    )
-    return outputs
-  if mode == "text":
-    sample_lib.text_batches(
-      cascade,
-      prompts,
-      _BATCH.value,
-      rng,
-      write,
-      log,
-      fps=_FPS.value,
-      num_frames=_FRAMES.value,
-      frame_skip=_SKIP.value,
-      negative_prompt=_NEGATIVE.value,
-      until=until,
+      **video,
     )
     return outputs
   elif mode == "image":

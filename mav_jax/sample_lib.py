@@ -27,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mav_jax import checkpointing, diffusion, errors, paths, stages
+from mav_jax import checkpointing, errors, paths, stages
 from mav_jax.data import tokenizers
 from mav_jax.data import video as video_lib
 from mav_jax.diffusion import samplers as samplers_lib
-from mav_jax.diffusion.schedules import schedule_from_config
 from mav_jax.parallel import sharding
 from mav_jax.stages import common, video
 
@@ -653,24 +652,14 @@ class Cascade:
     r = int(c.data.resolution)
     stage = stages.get_stage(name)
 
-    up = c.conditioning.get("upsample", "linear")
-
     def fn(s, shared, batch, rng):
       params, params_last = shared
       clip = batch["clip"]
       b, f = clip.shape[:2]
       aug_rng, rng = jax.random.split(rng)
-      if sr.model.augments:
-        aug, level = diffusion.noise_augment(
-          aug_rng,
-          clip,
-          schedule_from_config(c.diffusion),
-          s.aug_level,
-          share_across_frames=name == "sr_high",
-        )
-        cond = {"scalars": {"noise_level": level}, "extra": video.resize_frames(aug, r, up)}
-      else:  # Karlo's SR reads the clip as it is
-        cond = {"scalars": {}, "extra": video.resize_frames(clip, r, up)}
+      cond = stage.low_resolution_input(
+        sr.model, c, clip, r, aug_rng, level=s.aug_level, share_across_frames=name == "sr_high"
+      )
       return stage.generate(
         sr.model,
         c,

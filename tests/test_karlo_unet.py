@@ -93,12 +93,11 @@ def _decoder_call(inp) -> dict:
   )
 
 
-def _convert_decoder(unet, proj):
-  kwargs = karlo_unet.unet_kwargs_decoder(dict(unet.config), dict(proj.config))
-  model = SpaceTimeUNet(**kwargs)
+def _decoder_target(kwargs):
+  """The decoder image model's parameter shapes (what convert_unet fills)."""
   inp = _inputs(1)
-  target = jax.eval_shape(
-    lambda: model.init(
+  return jax.eval_shape(
+    lambda: SpaceTimeUNet(**kwargs).init(
       jax.random.key(0),
       inp["x"],
       inp["t"].astype(np.float32),
@@ -106,6 +105,11 @@ def _convert_decoder(unet, proj):
       **_decoder_call(inp),
     )["params"]
   )
+
+
+def _convert_decoder(unet, proj):
+  kwargs = karlo_unet.unet_kwargs_decoder(dict(unet.config), dict(proj.config))
+  target = _decoder_target(kwargs)
   params = karlo_unet.convert_unet(
     unet.state_dict(), kwargs, target, "decoder", text_proj=proj.state_dict()
   )
@@ -229,17 +233,7 @@ def test_converter_names_what_does_not_fit(decoder):
   old = {k: v for k, v in config.items() if k not in ("attention_type", "time_cond_proj_dim")}
   assert karlo_unet.unet_kwargs_decoder(old, proj_config) == kwargs  # an older config.json
 
-  inp = _inputs(1)
-  model = SpaceTimeUNet(**kwargs)
-  target = jax.eval_shape(
-    lambda: model.init(
-      jax.random.key(0),
-      inp["x"],
-      inp["t"].astype(np.float32),
-      image_mode=True,
-      **_decoder_call(inp),
-    )["params"]
-  )
+  target = _decoder_target(kwargs)
   state = dict(unet.state_dict())
   proj_state = proj.state_dict()
   convert = lambda s, p=proj_state: karlo_unet.convert_unet(  # noqa: E731

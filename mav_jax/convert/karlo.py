@@ -102,6 +102,12 @@ def _stage_config(module: str, arg: str) -> ml_collections.ConfigDict:
   return mod.get_config(arg)
 
 
+def _use_clip(config: ml_collections.ConfigDict, clip_dir: str) -> None:
+  """Points a stage config at the converted CLIP and the tokenizer it carries."""
+  config.conditioning.clip = clip_dir
+  config.data.tokenizer_path = os.path.join(clip_dir, "tokenizer", "merges.txt")
+
+
 def _image_unet_config(stage: str, kwargs: dict, clip_dir: str) -> ml_collections.ConfigDict:
   """The karlo variant of `stage` as an image model with the source's sizes."""
   config = _stage_config(stage, "karlo")
@@ -111,8 +117,7 @@ def _image_unet_config(stage: str, kwargs: dict, clip_dir: str) -> ml_collection
   for key, value in kwargs.items():
     config.model[key] = value
   if config.model.use_global_embedding:
-    config.conditioning.clip = clip_dir
-    config.data.tokenizer_path = os.path.join(clip_dir, "tokenizer", "merges.txt")
+    _use_clip(config, clip_dir)
   config.train.init_from = ""
   config.train.trainable = "all"
   return config
@@ -216,11 +221,10 @@ def _convert_all(source, configs, staging, final, vision, log):
   config = _stage_config("prior", "karlo")
   for key in ("width", "layers", "heads", "activation", "causal", "time_scale", "clip_stats"):
     config.model[key] = kwargs[key]
-  config.conditioning.clip = clip_dir
+  _use_clip(config, clip_dir)
   config.conditioning.embedding_dim = kwargs["embed_dim"]
   config.conditioning.text_width = clip.text.width
   config.data.max_tokens = kwargs["max_tokens"]
-  config.data.tokenizer_path = os.path.join(clip_dir, "tokenizer", "merges.txt")
   model = prior_stage.make_model(config)
   _check_tree(config, params, lambda: prior_stage.init(model, config, jax.random.key(0)), "prior")
   checkpointing.write_model(str(staging / "prior"), config, _contiguous(params))

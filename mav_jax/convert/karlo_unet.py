@@ -142,6 +142,28 @@ def _levels(config: Mapping[str, Any], what: str) -> tuple[int, tuple[int, ...]]
   return base, tuple(w // base for w in widths)
 
 
+def _channels(config: Mapping[str, Any], inputs: int, outputs: int, what: str, why: str) -> None:
+  """A UserError unless config.json's in_channels / out_channels are Karlo's (`why` says them)."""
+  given = (config.get("in_channels"), config.get("out_channels"))
+  if given != (inputs, outputs):
+    raise errors.UserError(f"{what}: in_channels {given[0]} / out_channels {given[1]}: {why}")
+
+
+def _resnet_unet(config: Mapping[str, Any], what: str) -> tuple[dict, int]:
+  """The SpaceTimeUNet fields every Karlo UNet shares (widths, depth, integer timesteps, resampling
+  inside residual blocks) and its number of levels."""
+  base, mults = _levels(config, what)
+  levels = len(mults)
+  kwargs = dict(
+    channels=base,
+    channel_mults=mults,
+    num_res_blocks=_same_per_block(config, "layers_per_block", levels, what),
+    time_scale=1.0,
+    resample="resblock",
+  )
+  return kwargs, levels
+
+
 def unet_kwargs_decoder(config: Mapping[str, Any], text_proj: Mapping[str, Any]) -> dict:
   """SpaceTimeUNet fields of Karlo's decoder from `decoder/config.json` (UNet2DConditionModel) and
   `text_proj/config.json` (UnCLIPTextProjModel)."""
@@ -149,8 +171,8 @@ def unet_kwargs_decoder(config: Mapping[str, Any], text_proj: Mapping[str, Any])
   config = dict(config)
   config.setdefault("mid_block_type", "UNetMidBlock2DCrossAttn")
   _check_keys(config, _FIXED_CONDITION, _SIZES_CONDITION, what)
-  base, mults = _levels(config, what)
-  levels = len(mults)
+  common, levels = _resnet_unet(config, what)
+  base = common["channels"]
   down, up = list(config["down_block_types"]), list(config["up_block_types"])
   attention = [t == _DOWN_ATTN for t in down]
   if (
@@ -164,11 +186,7 @@ def unet_kwargs_decoder(config: Mapping[str, Any], text_proj: Mapping[str, Any])
       f"{what}: blocks {down} / {config['mid_block_type']} / {up} are not Karlo's pattern "
       f"({_DOWN_PLAIN} or {_DOWN_ATTN} down, mirrored up, {_MID_ATTN} in the middle)"
     )
-  if int(config.get("in_channels", 4)) != 3 or int(config.get("out_channels", 4)) != 6:
-    raise errors.UserError(
-      f"{what}: in_channels {config.get('in_channels')} / out_channels "
-      f"{config.get('out_channels')}: Karlo's decoder reads 3 and predicts 6 (eps and variance)"
-    )
+  _channels(config, 3, 6, what, "Karlo's decoder reads 3 and predicts 6 (eps and variance)")
   _check_keys(text_proj, _TEXT_PROJ, {"clip_embeddings_dim", "time_embed_dim", "cross_attention_dim"}, "text_proj/config.json")  # fmt: skip
   cross = _same_per_block(config, "cross_attention_dim", levels, what)
   if int(text_proj["cross_attention_dim"]) != cross or int(text_proj["time_embed_dim"]) != 4 * base:
@@ -178,10 +196,8 @@ def unet_kwargs_decoder(config: Mapping[str, Any], text_proj: Mapping[str, Any])
       f"{4 * base}"
     )
   return dict(
+    common,
     out_channels=6,
-    channels=base,
-    channel_mults=mults,
-    num_res_blocks=_same_per_block(config, "layers_per_block", levels, what),
     attention_levels=tuple(i for i, a in enumerate(attention) if a),
     mid_attention=True,
     head_dim=_same_per_block(config, "attention_head_dim", levels, what),
@@ -189,9 +205,7 @@ def unet_kwargs_decoder(config: Mapping[str, Any], text_proj: Mapping[str, Any])
     global_conditioning="unclip",
     unclip_context_dim=cross,
     spatial_attention="added_kv",
-    time_scale=1.0,
     time_embedding="scale_shift",
-    resample="resblock",
   )
 
 
@@ -199,8 +213,7 @@ def unet_kwargs_super_res(config: Mapping[str, Any]) -> dict:
   """SpaceTimeUNet fields of a Karlo super-resolution model from its config.json (UNet2DModel)."""
   what = "super_res config.json"
   _check_keys(config, _FIXED_PLAIN, _SIZES_PLAIN, what)
-  base, mults = _levels(config, what)
-  levels = len(mults)
+  common, levels = _resnet_unet(config, what)
   if (
     list(config["down_block_types"]) != [_DOWN_PLAIN] * levels
     or list(config["up_block_types"]) != [_UP_PLAIN] * levels
@@ -209,24 +222,16 @@ def unet_kwargs_super_res(config: Mapping[str, Any]) -> dict:
       f"{what}: blocks {config['down_block_types']} / {config['up_block_types']} are not Karlo's "
       f"({_DOWN_PLAIN} and {_UP_PLAIN} only)"
     )
-  if int(config.get("in_channels", 3)) != 6 or int(config.get("out_channels", 3)) != 3:
-    raise errors.UserError(
-      f"{what}: in_channels {config.get('in_channels')} / out_channels "
-      f"{config.get('out_channels')}: Karlo's SR reads 6 (x_t and the upsampled image), predicts 3"
-    )
+  _channels(config, 6, 3, what, "Karlo's SR reads 6 (x_t and the upsampled image), predicts 3")
   return dict(
+    common,
     out_channels=3,
-    channels=base,
-    channel_mults=mults,
-    num_res_blocks=_same_per_block(config, "layers_per_block", levels, what),
     attention_levels=(),
     mid_attention=False,
     use_global_embedding=False,
     extra_input_channels=3,
     extra_input_mode="concat",
-    time_scale=1.0,
     time_embedding="additive",
-    resample="resblock",
   )
 
 

@@ -63,6 +63,23 @@ def _largest_array_bytes(shape: str) -> int:
   return max(sizes, default=0)
 
 
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, str]]:
+  """({computation: [(opcode, shape, line)]}, {instruction name: shape}) of optimised HLO text."""
+  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  shapes: dict[str, str] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # a computation's header (or its closing brace)
+      head = line.removeprefix("ENTRY ").lstrip("%")
+      current = head.split()[0] if line.rstrip().endswith("{") and head else None
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction and current is not None:
+      computations[current].append((instruction["op"], instruction["shape"], line))
+      shapes[instruction["name"]] = instruction["shape"]
+  return computations, shapes
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count": n, "bytes": b}} of the collectives in optimised HLO text.
 
@@ -73,16 +90,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   the TPU compiler's reduce-scatter fusions (an all-reduce and a slice fused together) count as one
   reduce-scatter.
   """
-  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
-  current = None
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():  # a computation's header (or its closing brace)
-      head = line.removeprefix("ENTRY ").lstrip("%")
-      current = head.split()[0] if line.rstrip().endswith("{") and head else None
-      continue
-    instruction = _INSTRUCTION.match(line)
-    if instruction and current is not None:
-      computations[current].append((instruction["op"], instruction["shape"], line))
+  computations, _ = _computations(hlo_text)
   # Fused computations that implement a reduce-scatter: their inner all-reduce is the collective.
   scatter_bodies = set()
   for body in computations.values():
@@ -276,18 +284,7 @@ def per_op(hlo_text: str) -> list[dict[str, Any]]:
   backend config), as {name, op, kind, cycles, bytes, op_name}: `bytes` the output's plus its
   operands' (as their shapes read), `kind` from `op_kind`. A loop body's ops appear once (as in
   `cost_analysis`). Empty for programs of other backends (no estimates)."""
-  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
-  shapes: dict[str, str] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():
-      head = line.removeprefix("ENTRY ").lstrip("%")
-      current = head.split()[0] if line.rstrip().endswith("{") and head else None
-      continue
-    instruction = _INSTRUCTION.match(line)
-    if instruction and current is not None:
-      computations[current].append((instruction["op"], instruction["shape"], line))
-      shapes[instruction["name"]] = instruction["shape"]
+  computations, shapes = _computations(hlo_text)
   rows = []
   for body in computations.values():
     for op, shape, line in body:

@@ -220,21 +220,33 @@ class VideoStage:
       out[key] = jnp.where(keep, value, cond[key])
     return out
 
-  def low_resolution_input(self, model: StageModel, config, x0: Array, rng) -> dict:
-    """{extra, scalars} of a super-resolution stage for clean clips x0: the clip at
-    `conditioning.low_resolution`, noise-augmented at a random level (the "noise_level" scalar)
-    unless the model has none (Karlo's), brought back up with `conditioning.upsample`."""
-    low = resize_frames(x0, config.conditioning.low_resolution)
+  @staticmethod
+  def low_resolution_input(
+    model: StageModel,
+    config,
+    low: Array,
+    size: int,
+    rng,
+    level: float | None = None,
+    share_across_frames: bool = False,
+  ) -> dict:
+    """{extra, scalars} of a super-resolution stage for a low-resolution clip `low`: noise-augmented
+    (the "noise_level" scalar) at `level`, or in training at a random level up to
+    `conditioning.max_aug_level`, unless the model has no noise level (Karlo's SR), then brought up
+    to `size` with `conditioning.upsample`. `share_across_frames`: one noise draw per clip (SR_h's
+    frames at sampling time)."""
     up = config.conditioning.get("upsample", "linear")
     if not model.augments:
-      return {"extra": resize_frames(low, x0.shape[2], up), "scalars": {}}
+      return {"extra": resize_frames(low, size, up), "scalars": {}}
     aug, level = diffusion.noise_augment(
       rng,
       low,
       schedule_from_config(config.diffusion),
+      level,
       max_level=config.conditioning.max_aug_level,
+      share_across_frames=share_across_frames,
     )
-    return {"extra": resize_frames(aug, x0.shape[2], up), "scalars": {"noise_level": level}}
+    return {"extra": resize_frames(aug, size, up), "scalars": {"noise_level": level}}
 
   # -- training ----------------------------------------------------------------------------------
 
@@ -266,7 +278,8 @@ class VideoStage:
       cond.update(self.unclip_text(model, frozen["clip"], batch["tokens"], batch["token_mask"]))
       cond["drop_image"] = jnp.zeros((b,), bool)
     if self.is_super_resolution:
-      cond.update(self.low_resolution_input(model, config, x0, rng))
+      low = resize_frames(x0, config.conditioning.low_resolution)
+      cond.update(self.low_resolution_input(model, config, low, x0.shape[2], rng))
     return cond
 
   def loss_fn(self, model: StageModel, config, params, batch: Batch, rng: Array, frozen=None):
@@ -455,20 +468,19 @@ class VideoStage:
       cond["embedding"] = model.clip.image_embedding(frozen["clip"], x0[:, 0], raw=raw)
     if model.unclip:
       cond["null"] = self.unclip_null(model, frozen["clip"], x0.shape[0])
-    if self.is_super_resolution and model.augments:  # a fixed, small augmentation level
+    if self.is_super_resolution:  # a fixed, small augmentation level
       low = resize_frames(x0, config.conditioning.low_resolution)
-      level = config.sampling.aug_level
-      aug, lv = diffusion.noise_augment(
-        rng,
-        low,
-        schedule_from_config(config.diffusion),
-        level,
-        share_across_frames=self.name == "sr_high",
-      )
       cond = {
         "embedding": None,
-        "scalars": {"noise_level": lv},
-        "extra": resize_frames(aug, x0.shape[2]),
+        **self.low_resolution_input(
+          model,
+          config,
+          low,
+          x0.shape[2],
+          rng,
+          level=config.sampling.aug_level,
+          share_across_frames=self.name == "sr_high",
+        ),
       }
     image_mode = self.image_mode(config) and self.name != "sr_high"
     return self.generate(model, config, params, cond, x0.shape, rng, image_mode=image_mode)
