@@ -21,7 +21,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mav_jax import checkpointing, errors, paths
+from mav_jax import checkpointing, errors, paths, train_state
 from mav_jax import lease as lease_lib
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.parallel import sharding
@@ -132,6 +132,38 @@ def _check_lease(held) -> None:
     raise failure or lease_lib.WorkdirInUseError("another run took over this workdir")
 
 
+# (field, lowest allowed value, what it means) for the loop's integer settings.
+_TRAIN_MINIMUMS = (
+  ("num_steps", 1, "steps to train"),
+  ("grad_accum_steps", 1, "micro-batches per step"),
+  ("log_every", 1, "steps between metric logs"),
+  ("checkpoint_every", 1, "steps between checkpoints"),
+  ("checkpoint_keep", 1, "checkpoints kept"),
+  ("sample_every", 0, "steps between sample writes, 0 for never"),
+  ("num_samples", 1, "videos per sample write"),
+)
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a UserError naming the first `config.train` value the loop cannot run with (its
+  field, its value and what is allowed); run before any model is built."""
+  t = config.train
+  for name, lowest, meaning in _TRAIN_MINIMUMS:
+    value = t[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      raise errors.UserError(
+        f"--config.train.{name}={value!r}: must be an integer >= {lowest} ({meaning})"
+      )
+  if not 0.0 <= t.ema_decay <= 1.0:
+    raise errors.UserError(
+      f"--config.train.ema_decay={t.ema_decay!r}: must be in [0, 1] (e.g. 0.9999)"
+    )
+  if t.trainable not in train_state.TRAINABLE:
+    raise errors.UserError(
+      f"--config.train.trainable={t.trainable!r}: choose one of {train_state.TRAINABLE}"
+    )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, devices=None, force_unlock: bool = False
 ) -> dict[str, Any]:
@@ -143,6 +175,7 @@ def train_and_evaluate(
   Returns {"step": last step, "losses": {step: loss}, "grad_norms": {step: norm} of this run,
   "state": the final state}.
   """
+  check_train_config(config)
   workdir = str(workdir)
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise errors.UserError(f"--workdir {workdir} is a file; pass a folder (new or a run's)")

@@ -5,12 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import av
 import numpy as np
 import pytest
 
+from configs import clip as clip_config
 from configs import decoder
+from mav_jax import errors, sample_lib
+from mav_jax.data import tokenizers
 from mav_jax.models.summary import count_params
 from mav_jax.utils import video_io
 
@@ -76,6 +80,42 @@ def test_sample_cli_errors_exit_non_zero_and_touch_nothing(tmp_path):
     assert len(errors) == 1 and message in errors[0], (args, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
     assert not fresh.exists()
+
+
+def _cascade_with_tiny_clip(truncate_prompts: bool):
+  """A Cascade holding only what tokenizing reads: the tiny CLIP's config (32 byte tokens) and
+  tokenizer, and the --truncate_prompts setting (no checkpoint is loaded)."""
+  cascade = object.__new__(sample_lib.Cascade)
+  config = clip_config.get_config("tiny")
+  cascade.clip = types.SimpleNamespace(config=config)
+  cascade.tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
+  cascade.truncate_prompts, cascade._warned_truncation = truncate_prompts, False
+  return cascade
+
+
+def test_truncate_prompts_cuts_long_prompts_with_one_warning(capsys):
+  """--truncate_prompts: prompts over the text encoder's context are cut to it (end token kept)
+  with one warning line for the whole run; without it, an error names the prompt and its length."""
+  long_prompt = "a red circle moving left across a long and winding road"  # 55 bytes: 57 tokens
+  prompts = ["a red circle", long_prompt]
+  cascade = _cascade_with_tiny_clip(truncate_prompts=True)
+  for _ in range(2):  # said once, not per batch
+    ids, mask = cascade.tokenize(prompts)
+  err = capsys.readouterr().err
+  assert err.count("warning") == 1 and "1 of 2 prompts cut to the text encoder's 32 tokens" in err
+  assert ids.shape == (2, 32) and bool(mask[1].all()) and int(mask[0].sum()) == 14
+  tokenizer = cascade.tokenizer
+  assert list(ids[1]) == tokenizer.encode(long_prompt)[:31] + [tokenizer.eos_id]
+
+  cascade = _cascade_with_tiny_clip(truncate_prompts=False)
+  with pytest.raises(errors.UserError) as e:
+    cascade.tokenize(prompts)
+  message = str(e.value)
+  assert "prompt 2 ('a red circle moving left across a long and winding road') is 57 tokens" in (
+    message
+  )
+  assert "context of 32" in message and "pass --truncate_prompts" in message
+  assert "warning" not in capsys.readouterr().err
 
 
 def test_count_params_cli_prints_the_counts():

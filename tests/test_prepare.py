@@ -111,7 +111,7 @@ def test_prepare_never_overwrites_without_asking(video_folder, tmp_path, capsys)
   out = tmp_path / "prepared"
   assert _prepare_videos(video_folder, out) == 0
   before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
-  assert _prepare_videos(video_folder, out) == 2
+  assert _prepare_videos(video_folder, out) == 1
   assert "already exists" in capsys.readouterr().err
   assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
   assert _prepare_videos(video_folder, out, "--overwrite") == 0
@@ -133,7 +133,7 @@ def test_prepare_reports_bad_inputs(video_folder, tmp_path, capsys):
       str(tmp_path / "o"),
     ]
   )
-  assert code == 2 and "missing column" in capsys.readouterr().err
+  assert code == 1 and "missing column" in capsys.readouterr().err
   only_bad = tmp_path / "only_bad.csv"
   only_bad.write_text("videoid,name\n2000,broken\n")
   code = prepare.main(
@@ -147,7 +147,7 @@ def test_prepare_reports_bad_inputs(video_folder, tmp_path, capsys):
       str(tmp_path / "o"),
     ]
   )
-  assert code == 2 and "no readable video" in capsys.readouterr().err
+  assert code == 1 and "no readable video" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "o")
 
 
@@ -178,7 +178,7 @@ def test_repeated_ids_and_foreign_encodings_are_named_not_silently_changed(
     + [str(tmp_path / "l")]
   )
   err = capsys.readouterr().err
-  assert code == 2 and f"{latin}, row 2" in err and "--encoding latin-1" in err
+  assert code == 1 and f"{latin}, row 2" in err and "--encoding latin-1" in err
   assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "l")
   code = prepare.main(
     ["videos", "--videos", str(video_folder / "videos"), "--captions", str(latin), "--output"]
@@ -292,6 +292,31 @@ def test_prepare_help_exits_zero():
     timeout=120,
   )
   assert proc.returncode == 0 and "--captions" in proc.stdout
+
+
+def test_prepare_cli_mistakes_exit_1_with_one_error_line(video_folder, tmp_path):
+  """The real command: a missing input folder, an unknown --encoding (checked after parsing) and
+  argparse's own mistakes (a missing flag, a bad choice) are one `error:` line and exit 1."""
+  csv_file = tmp_path / "c.csv"
+  csv_file.write_text("videoid,name\n1000,a caption\n")
+  base = ["videos", "--captions", str(csv_file), "--output", str(tmp_path / "o")]
+  videos = ["--videos", str(video_folder / "videos")]
+  for args, message in [
+    ([*base, "--videos", str(tmp_path / "none")], str(tmp_path / "none")),
+    ([*base, *videos, "--encoding", "klingon"], "--encoding 'klingon'"),
+    (["videos", *videos, "--output", str(tmp_path / "o")], "--captions"),
+    ([*base, *videos, "--format", "zip"], "--format"),
+  ]:
+    proc = subprocess.run(
+      [sys.executable, "-m", "mav_jax.data.prepare", *args],
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (args, proc.stderr)
+    assert lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+  assert not os.path.exists(tmp_path / "o")
 
 
 def test_prepare_stores_real_durations_of_variable_frame_rate_videos(tmp_path):

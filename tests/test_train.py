@@ -482,19 +482,54 @@ def test_a_real_full_disk_stops_the_run_with_one_line_last(tmp_path):
 def test_train_cli_mistakes_are_one_error_line(tmp_path):
   """Bad flags and inputs: one `error:` line, exit 1, before any model is built."""
   (tmp_path / "file").write_text("not a folder")
-  for extra, message in [
-    ([f"--workdir={tmp_path / 'file'}"], "is a file"),
-    (["--config.model.chanels=3"], "did you mean model.channels?"),
-    (["--config.batch_size=3"], "batch_size 3 must divide"),
-    (["--config.mesh.ici=(1,-1,1)"], "become four: (data, fsdp, fsdp_transpose, tensor)"),
-    # 6 channels on a 4-way FSDP axis: most of the state left whole; the arrays and fix named
-    (["--config.mesh.ici=(1,4,1,1)", "--config.model.channels=6"], "down_0_res_0/conv1"),
-  ]:
-    proc = _train_cli(tmp_path / "w", *extra)
+  for i, (extra, message) in enumerate(
+    [
+      # a loop setting it cannot run with: refused before the workdir is even made
+      (
+        ["--config.train.checkpoint_every=0"],
+        "--config.train.checkpoint_every=0: must be an integer >= 1",
+      ),
+      ([f"--workdir={tmp_path / 'file'}"], "is a file"),
+      (["--config.model.chanels=3"], "did you mean model.channels?"),
+      (["--config.batch_size=3"], "batch_size 3 must divide"),
+      (["--config.mesh.ici=(1,-1,1)"], "become four: (data, fsdp, fsdp_transpose, tensor)"),
+      # 6 channels on a 4-way FSDP axis: most of the state left whole; the arrays and fix named
+      (["--config.mesh.ici=(1,4,1,1)", "--config.model.channels=6"], "down_0_res_0/conv1"),
+    ]
+  ):
+    proc = _train_cli(tmp_path / f"w{i}", *extra)
     out = proc.communicate(timeout=120)[0]
     errors_ = [line for line in out.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors_) == 1 and message in errors_[0], (extra, out)
     assert "Traceback" not in out and "flags:" not in out, out
+  assert not (tmp_path / "w0").exists()  # no model built, no checkpoint written
+
+
+@pytest.mark.parametrize(
+  "field, value, allowed",
+  [
+    ("num_steps", 0, ">= 1"),
+    ("log_every", 0, ">= 1"),
+    ("checkpoint_every", -5, ">= 1"),
+    ("checkpoint_keep", 0, ">= 1"),
+    ("sample_every", -1, ">= 0"),
+    ("num_samples", 0, ">= 1"),
+    ("grad_accum_steps", 0, ">= 1"),
+    ("ema_decay", 1.5, "[0, 1]"),
+    ("trainable", "spatial", "('all', 'temporal')"),
+  ],
+)
+def test_train_loop_settings_are_checked_before_any_model(tmp_path, field, value, allowed):
+  """Each `train.` value the loop cannot run with is one UserError naming the field, the value and
+  what is allowed, before the workdir is made; 0 stays allowed where it means never."""
+  config = decoder.get_config("tiny")
+  config.train[field] = value
+  with pytest.raises(errors.UserError, match=re.escape(f"--config.train.{field}={value!r}")) as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+  assert allowed in str(e.value) and not (tmp_path / "w").exists()
+  config.train[field] = decoder.get_config("tiny").train[field]
+  config.train.sample_every = 0  # never: allowed
+  train_lib.check_train_config(config)
 
 
 @pytest.mark.parametrize("trainable", ["all", "temporal"])

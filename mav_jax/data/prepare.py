@@ -279,8 +279,18 @@ def _prepare_tfds(kind: str, inputs: str, args, log=print) -> None:
   )
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with its mistakes (a missing or unknown flag, a bad value) as one `error:` line and
+  exit status 1, like the other mav_jax CLIs (argparse's own: the usage, then exit 2)."""
+
+  def error(self, message: str):
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  """Runs the CLI; returns the exit status (0, or 1 after one `error:` line on a user error)."""
+  parser = _Parser(
     prog="python -m mav_jax.data.prepare",
     description="Prepare video-text or image-text data as ArrayRecord shards for mav_jax.",
   )
@@ -324,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         encoding=args.encoding,
       )
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   return 0
 
 
