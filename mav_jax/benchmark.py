@@ -94,7 +94,7 @@ _CSV_COLUMNS = (
   "target chip devices slices stage variant step strategy mesh batch num_params params_bytes "
   "ema_bytes opt_bytes frozen_bytes state_total_bytes state_split_ratio argument_bytes "
   "output_bytes alias_bytes temp_bytes code_bytes total_bytes hbm_bytes fits flops "
-  "bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s while_loops "
+  "model_flops bytes_accessed estimated_s estimated_mfu measured_s measured_mfu compile_s while_loops "
   "compiler_options"
 ).split()
 
@@ -123,7 +123,7 @@ def format_table(rows) -> str:
   """The terminal / README table (GiB per device; times in ms)."""
   head = (
     "| step | strategy | mesh (d x f x ft x t) | params+EMA+opt GiB | split vs ideal | temp GiB | "
-    "total GiB | fits | TFLOP | est. ms | est. MFU | measured ms | collectives (count x MiB) |"
+    "total GiB | fits | TFLOP | model TFLOP | est. ms | est. MFU | measured ms | collectives (count x MiB) |"
   )
   lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
   looped = False
@@ -133,13 +133,14 @@ def format_table(rows) -> str:
     looped |= loops > 0
     est = "-" if r["estimated_s"] is None else f"{r['estimated_s'] * 1e3:.1f}"
     flops = "-" if r["flops"] is None else f"{r['flops'] / 1e12:.2f}"
+    model = "-" if r.get("model_flops") is None else f"{r['model_flops'] / 1e12:.2f}"
     mfu = "-" if r["estimated_mfu"] is None else f"{r['estimated_mfu']:.0%}"
     measured = "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.1f}"
     fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO")
     lines.append(
       f"| {r['step']} | {r['strategy']} | {r['mesh']} | {_gib(state)} | "
       f"{r['state_split_ratio']:.3f} | {_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | "
-      f"{fits} | {flops}{f' ({loops} loops)' if loops else ''} | {est} | {mfu} "
+      f"{fits} | {flops}{f' ({loops} loops)' if loops else ''} | {model} | {est} | {mfu} "
       f"| {measured} | {_collective_summary(r['collectives'])} |"
     )
   if looped:

@@ -267,18 +267,85 @@ def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str,
     "flops": stats.flops,
     "bytes_accessed": stats.bytes_accessed,
     "estimated_s": stats.estimated_seconds,
-    "estimated_mfu": (
-      stats.flops / stats.estimated_seconds / chip.peak_flops
-      if stats.estimated_seconds and chip.peak_flops
-      else None
-    ),
+    "model_flops": None,
+    "estimated_mfu": None,
     "measured_s": None,
     "measured_mfu": None,
     "collectives": stats.collectives,
     "while_loops": stats.while_loops,
   }
   row.update(extra)
+  if row["model_flops"] and stats.estimated_seconds and chip.peak_flops:
+    row["estimated_mfu"] = row["model_flops"] / stats.estimated_seconds / chip.peak_flops
   return row
+
+
+def _programs(model, stage, config, tx, mesh, shardings, frozen_shardings, sampler, example, n):
+  """fn(state_in, frozen_in) -> {step: (jitted fn, abstract args)}: the train step as
+  `mav_jax.train` jits it and, when `sampler` is given, one sampling step on `n` clips."""
+  batch_spec = sharding.batch_sharding(mesh)
+  step_fn = train_step.jit_train_step(
+    train_step.make_train_step(model, stage, config, tx, shardings.params),
+    mesh,
+    shardings,
+    frozen_shardings,
+  )
+  batch_in = abstract_batch(example, config.batch_size, batch_spec)
+
+  def make(state_in, frozen_in):
+    key_in = jax.eval_shape(lambda: jax.random.key(0))  # no concrete arrays on a topology
+    out = {"train": (step_fn, (state_in, batch_in, frozen_in))}
+    if sampler is not None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      sample_jit = jax.jit(
+        sampler, in_shardings=(shardings.params, batch_spec, replicated, frozen_shardings)
+      )
+      sample_in = abstract_batch(example, n, batch_spec)
+      out["sample"] = (sample_jit, (state_in.params, sample_in, key_in, frozen_in))
+    return out
+
+  return make
+
+
+_MODEL_FLOPS: dict[str, dict[str, float]] = {}
+
+
+def model_flops(config, example, clip_config, n_sample, log) -> dict[str, float]:
+  """{step: global FLOPs the model needs}: each step lowered (not compiled) for one local device
+  with rematerialisation off, counted by XLA's cost analysis of the program before optimisation.
+  MFU divides these by the time, so recomputation a remat policy adds is not counted as useful
+  work (the compiled program's own FLOPs, `flops`, include it). Cached per config and batch."""
+  key = f"{config.to_json()}|{clip_config.to_json() if clip_config else ''}|{n_sample}"
+  if key in _MODEL_FLOPS:
+    return _MODEL_FLOPS[key]
+  plain = ml_collections.ConfigDict(config.to_dict())
+  if "remat" in plain.get("model", {}):
+    plain.model.remat = False
+  one = configure(plain, Case("data_parallel", (1, 1, 1, 1)), None)
+  try:
+    devices = jax.local_devices(backend="cpu")[:1]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: lower for a local accelerator instead
+    devices = jax.local_devices()[:1]
+  mesh, model, stage, tx, shardings, abstract, _ = train_step.setup(one, devices)
+  frozen_abstract, frozen_shardings, _ = frozen_models(stage, model, one, mesh, clip_config)
+  sampler = _one_step_sampler(stage, model, one) if n_sample else None
+  state_in = checkpointing.abstract_with_shardings(abstract, shardings)
+  programs = _programs(
+    model, stage, one, tx, mesh, shardings, frozen_shardings, sampler, example, n_sample
+  )
+  out = {}
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules("data_parallel")):
+    for step, (fn, args) in programs(state_in, frozen_abstract).items():
+      cost = fn.lower(*args).cost_analysis() or {}
+      out[step] = float(cost.get("flops", 0.0)) or None
+  log(
+    f"[benchmark] {config.stage}:{config.variant}: model FLOPs (no remat, before optimisation) "
+    + ", ".join(f"{k} {v / 1e12:.3f} T" for k, v in out.items() if v)
+    + f" ({time.perf_counter() - start:.1f} s)"
+  )
+  _MODEL_FLOPS[key] = out
+  return out
 
 
 def run_case(
@@ -347,13 +414,16 @@ def run_case(
   if memory_only:
     return [_row(target, config, case, mesh, "train", None, None, common)]
   example = example_batch(config)
-  batch_in = abstract_batch(example, config.batch_size, batch_spec)
+  sampler = _one_step_sampler(stage, model, config) if include_sample else None
+  n_sample = sample_batch or config.batch_size
+  if sampler is not None and n_sample % shards:
+    raise errors.UserError(
+      f"--sample_batch {n_sample} must be a multiple of the {shards} batch shards"
+    )
+  needed = model_flops(config, example, clip_config, n_sample if sampler else None, log)
   rows = []
-  step_fn = train_step.jit_train_step(
-    train_step.make_train_step(model, stage, config, tx, shardings.params),
-    mesh,
-    shardings,
-    frozen_shardings,
+  programs = _programs(
+    model, stage, config, tx, mesh, shardings, frozen_shardings, sampler, example, n_sample
   )
 
   def hlo_path(step: str) -> str | None:
@@ -363,79 +433,50 @@ def run_case(
     name = f"{config.stage}_{config.variant}_{case.strategy}_{mesh_name(mesh)}_{step}.hlo.txt.gz"
     return os.path.join(hlo_dir, name)
 
-  key_in = jax.eval_shape(lambda: jax.random.key(0))  # made here: no concrete arrays on a topology
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules(case.strategy)):
-    log(f"[benchmark] {label}: compiling the train step")
-    start = time.perf_counter()
-    compiled = step_fn.lower(state_in, batch_in, frozen_abstract).compile(compiler_options)
-    compile_s = time.perf_counter() - start
-    stats = compiled_stats.analyse(compiled, hlo_path("train"))
-    rows.append(_row(target, config, case, mesh, "train", stats, compile_s, common))
-    log(f"[benchmark] {label}: train step compiled in {compile_s:.1f} s")
-
-    sampler = _one_step_sampler(stage, model, config) if include_sample else None
-    if sampler is not None:
-      n = sample_batch or config.batch_size
-      if n % shards:
-        raise errors.UserError(
-          f"--sample_batch {n} must be a multiple of the {shards} batch shards"
-        )
-      sample_jit = jax.jit(
-        sampler,
-        in_shardings=(
-          shardings.params,
-          batch_spec,
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-          frozen_shardings,
-        ),
-      )
-      sample_in = abstract_batch(example, n, batch_spec)
+    compiled = {}
+    for step, (fn, args) in programs(state_in, frozen_abstract).items():
+      log(f"[benchmark] {label}: compiling the {step} step")
       start = time.perf_counter()
-      sample_compiled = sample_jit.lower(
-        state_in.params, sample_in, key_in, frozen_abstract
-      ).compile(compiler_options)
-      sample_s = time.perf_counter() - start
-      sample_row = _row(
-        target,
-        config,
-        case,
-        mesh,
-        "sample",
-        compiled_stats.analyse(sample_compiled, hlo_path("sample")),
-        sample_s,
-        common,
-      )
-      sample_row["batch"] = n
-      rows.append(sample_row)
-      log(f"[benchmark] {label}: sampling step compiled in {sample_s:.1f} s")
+      compiled[step] = fn.lower(*args).compile(compiler_options)
+      compile_s = time.perf_counter() - start
+      stats = compiled_stats.analyse(compiled[step], hlo_path(step))
+      flops = needed.get(step)
+      extra = dict(common, model_flops=flops / devices if flops else None)
+      rows.append(_row(target, config, case, mesh, step, stats, compile_s, extra))
+      if step == "sample":
+        rows[-1]["batch"] = n_sample
+      log(f"[benchmark] {label}: {step} step compiled in {compile_s:.1f} s")
 
     if target.runnable:
       create = train_step.create_state_fn(model, stage, config, tx)
       state = [train_step.init_state(create, shardings, config)]
       frozen = make_frozen()
-      batch = data_pipeline.global_batch(
-        host_batch(example, config.batch_size // jax.process_count()), mesh, batch_spec.spec[0]
-      )
+      batch_spec = sharding.batch_sharding(mesh)
+
+      def batch_of(size):
+        return data_pipeline.global_batch(
+          host_batch(example, size // jax.process_count()), mesh, batch_spec.spec[0]
+        )
+
+      batch = batch_of(config.batch_size)
 
       def train_once():
-        state[0], metrics = compiled(state[0], batch, frozen)
+        state[0], metrics = compiled["train"](state[0], batch, frozen)
         jax.block_until_ready(metrics)
 
       rows[0]["measured_s"] = _timed(train_once, repeats)
-      if sampler is not None:
-        sample_data = data_pipeline.global_batch(
-          host_batch(example, rows[1]["batch"] // jax.process_count()), mesh, batch_spec.spec[0]
-        )
-        params = state[0].params
+      if "sample" in compiled:
+        sample_data, params = batch_of(n_sample), state[0].params
         rows[1]["measured_s"] = _timed(
           lambda: jax.block_until_ready(
-            sample_compiled(params, sample_data, jax.random.key(0), frozen)
+            compiled["sample"](params, sample_data, jax.random.key(0), frozen)
           ),
           repeats,
         )
       for row in rows:
-        if target.chip.peak_flops and row["measured_s"]:
-          row["measured_mfu"] = row["flops"] / row["measured_s"] / target.chip.peak_flops
+        if target.chip.peak_flops and row["measured_s"] and row["model_flops"]:
+          row["measured_mfu"] = row["model_flops"] / row["measured_s"] / target.chip.peak_flops
       log(
         f"[benchmark] {label}: "
         + ", ".join(f"{r['step']} {r['measured_s'] * 1e3:.1f} ms" for r in rows)

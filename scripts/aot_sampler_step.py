@@ -29,6 +29,7 @@ _TARGET = flags.DEFINE_string("target", "v5p:2x2x1", "TPU topology (or 'local').
 _BATCH = flags.DEFINE_integer("batch", 8, "Videos per sampling call (split over the data axes).")
 _STRATEGY = flags.DEFINE_string("strategy", "data_parallel", "Parameter sharding strategy.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the row.")
+_HLO = flags.DEFINE_string("save_hlo", None, "Also write the optimised HLO (gzip text) there.")
 
 ICI = {"data_parallel": (-1, 1, 1, 1), "fsdp": (1, -1, -1, 1)}
 
@@ -44,9 +45,10 @@ def main(argv):
   )
   params_in = checkpointing.abstract_with_shardings(abstract, shardings).params
   batch_spec = sharding.batch_sharding(mesh)
-  sample_in = benchmark_lib.abstract_batch(
-    benchmark_lib.example_batch(config), _BATCH.value, batch_spec
-  )
+  example = benchmark_lib.example_batch(config)
+  sample_in = benchmark_lib.abstract_batch(example, _BATCH.value, batch_spec)
+  # The model's FLOPs (lowered for one device, nothing recomputed): est. MFU divides these.
+  model_flops = benchmark_lib.model_flops(config, example, _CLIP.value, _BATCH.value, print)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jitted = jax.jit(
     benchmark_lib._one_step_sampler(stage, model, config),
@@ -58,8 +60,9 @@ def main(argv):
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules(_STRATEGY.value)):
     compiled = jitted.lower(params_in, sample_in, key_in, frozen_abstract).compile()
   seconds = time.perf_counter() - start
-  stats = compiled_stats.analyse(compiled)
-  row = benchmark_lib._row(target, config, case, mesh, "sample", stats, seconds, {})
+  stats = compiled_stats.analyse(compiled, _HLO.value)
+  extra = {"model_flops": model_flops["sample"] / target.num_devices}
+  row = benchmark_lib._row(target, config, case, mesh, "sample", stats, seconds, extra)
   row["batch"] = _BATCH.value
   print(json.dumps(row, indent=2, default=str))
   if _OUTPUT.value:

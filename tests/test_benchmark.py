@@ -80,6 +80,10 @@ def test_strategies_compile_run_on_8_devices_and_are_written_out(rows, tmp_path)
     state = r["params_bytes"] + r["ema_bytes"] + r["opt_bytes"]
     assert r["argument_bytes"] >= state
     assert r["estimated_s"] is None and r["fits"] is None  # a CPU: no estimate, no HBM figure
+    # Model FLOPs (lowered for one device, before optimisation, split evenly): no more than what
+    # each device's program does (data parallel also repeats the optimizer on every device).
+    assert 0.5 * r["flops"] < r["model_flops"] <= 1.02 * r["flops"]
+    assert r["measured_mfu"] is None  # a CPU has no peak figure
   # Replicated state: each device holds all of it; FSDP: close to an even eighth.
   assert train["data_parallel"]["state_split_ratio"] == pytest.approx(8.0)
   assert train["fsdp"]["state_split_ratio"] < 1.15
@@ -257,14 +261,21 @@ def test_ahead_of_time_compile_for_a_tpu_topology():
   """The TPU compiler (libtpu, on this CPU) compiles the train step for 4 v5e chips."""
   target = targets.get_target("v5e:2x2")
   assert target.num_devices == 4 and not target.runnable and target.chip.hbm_bytes == 16 * 2**30
+  config = _small_decoder(attention=False)
+  config.model.remat = True
   [row] = benchmark_lib.run_case(
-    _small_decoder(attention=False),
+    config,
     benchmark_lib.Case("fsdp", (1, -1, -1, 1)),
     target,
     include_sample=False,
   )
   assert row["chip"] == "TPU v5e" and row["mesh"] == "1x4x1x1" and row["fits"] is True
   assert row["estimated_s"] > 0 and 0 < row["estimated_mfu"] < 1  # the compiler's estimate
+  # MFU counts the model's FLOPs: remat's recomputed forward is in the compiled program's FLOPs
+  # but not in model_flops (lowered without remat), and the MFU divides model_flops.
+  assert 0.5 < row["model_flops"] / row["flops"] < 0.95
+  peak = target.chip.peak_flops
+  assert row["estimated_mfu"] == pytest.approx(row["model_flops"] / row["estimated_s"] / peak)
   assert row["measured_s"] is None  # nothing runs on a topology
   assert row["state_split_ratio"] < 1.1
   assert row["collectives"]["all-gather"]["count"] > 0

@@ -1,5 +1,7 @@
 """The pseudo-3D layers on their own: temporal conv, relative positions, attention masking."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,12 @@ import numpy as np
 import pytest
 
 from mav_jax.models import axes
-from mav_jax.models.attention import MultiHeadAttention, Pseudo3DAttention, RelativePositionBias
+from mav_jax.models.attention import (
+  MultiHeadAttention,
+  Pseudo3DAttention,
+  RelativePositionBias,
+  attend,
+)
 from mav_jax.models.common import spatial_conv
 from mav_jax.models.conv import Pseudo3DConv, TemporalConv
 
@@ -78,6 +85,28 @@ def test_relative_position_bias_depends_only_on_clipped_distance():
       np.testing.assert_array_equal(bias[:, i, j], bias[:, 0 if d >= 0 else -d, d if d >= 0 else 0])
   # More frames than at training time reuse the edge buckets: nothing breaks.
   assert rel.apply(params, 40).shape == (1, 2, 40, 40)
+
+
+def test_attend_is_jax_dot_product_attention_in_value_and_gradient():
+  """The model's attention (bfloat16 scores) is jax.nn.dot_product_attention's math: equal in
+  float32 with a bias and a mask (one query row of a clip fully masked), close in bfloat16."""
+  keys = jax.random.split(jax.random.key(0), 5)
+  q, k, v = (jax.random.normal(key, (2, 5, 3, 8)) for key in keys[:3])
+  bias = jax.random.normal(keys[3], (1, 3, 5, 5))
+  mask = jax.random.bernoulli(keys[4], 0.7, (2, 1, 5, 5)).at[1, :, 2].set(False)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v, bias=bias, mask=mask).astype(jnp.float32)))
+
+  ours = jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2))
+  ref = jax.value_and_grad(functools.partial(loss, jax.nn.dot_product_attention), argnums=(0, 1, 2))
+  for a, b in zip(jax.tree.leaves(ours(q, k, v)), jax.tree.leaves(ref(q, k, v)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = attend(*half, bias=bias, mask=mask)
+  assert out.dtype == jnp.bfloat16
+  expected = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.05)
 
 
 def test_masked_context_tokens_do_not_affect_cross_attention():

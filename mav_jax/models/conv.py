@@ -28,8 +28,11 @@ def dirac_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float3
 class TemporalConv(nn.Module):
   """1D convolution over the frame axis of a [batch, frames, height, width, channels] video.
 
-  The kernel is stored as [taps, channels_in, channels_out] and initialised to the identity; it runs
-  as a (taps, 1, 1) 3D conv, no transposes.
+  The kernel is stored as [taps, channels_in, channels_out] and initialised to the identity. It runs
+  as one matmul per tap on the zero-padded frames, summed: the channels stay the minor axis, so no
+  transposes. A (taps, 1, 1) 3D conv computes the same; the TPU compiler lays it out with copies
+  around it and estimates a paper-width ResBlock's forward + backward 6-20% slower at 64x64-16x16
+  (docs/benchmarks.md, "Per op").
 
   Attributes:
     kernel_size: number of temporal taps (odd).
@@ -58,12 +61,11 @@ class TemporalConv(nn.Module):
       "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
     )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-      x,
-      kernel[:, None, None],
-      window_strides=(1, 1, 1),
-      padding="SAME",
-      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+    frames, pad = x.shape[1], self.kernel_size // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad)) + ((0, 0),) * (x.ndim - 2))
+    y = sum(
+      jnp.einsum("bf...c,cd->bf...d", padded[:, tap : tap + frames], kernel[tap])
+      for tap in range(self.kernel_size)
     )
     return y + bias.astype(self.dtype)
 

@@ -1,0 +1,145 @@
+r"""Layer implementations side by side on one TPU chip (issue 24): the TPU compiler's estimate for
+forward + backward of one block at the paper D^t's and SR_l^t's shapes, per variant.
+
+  .venv/bin/python scripts/op_variants.py temporal_conv   # ResBlock: 3D conv vs one matmul per tap
+  .venv/bin/python scripts/op_variants.py attention       # jax.nn.dot_product_attention vs attend
+
+Needs the libtpu wheel (requirements-tpu.txt); compiles ahead of time for one chip of `--target`
+(nothing runs). Prints, per shape and variant: the estimated time (`optimal_seconds`), FLOPs,
+bytes and the per-kind shares of `compiled_stats.per_op`. Compiler estimates, not measurements.
+The 3D-conv temporal conv and jax.nn's attention are kept here only as the references the shipped
+layers (`models/conv.TemporalConv`, `models/attention.attend`) were measured against.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from mav_jax.models import attention, axes, conv, resblock  # noqa: E402
+from mav_jax.parallel import compiled_stats  # noqa: E402
+
+# (batch, frames, height, width, channels) per chip: 2 clips, the UNet levels of decoder:paper
+# (320 x (1, 2, 3, 4) channels at 64..8 pixels) and SR_l^t's top level (128 channels at 256).
+RESBLOCK_SHAPES = (
+  (2, 16, 64, 64, 320),
+  (2, 16, 32, 32, 640),
+  (2, 16, 16, 16, 960),
+  (2, 16, 8, 8, 1280),
+  (2, 8, 256, 256, 128),
+)
+# (sequences, tokens, heads, head_dim): D^t's spatial attention at 32x32 and 16x16 (2 clips x 16
+# frames), the 32x32 level with heads of 128, and the temporal attention (16 frames per position).
+ATTENTION_SHAPES = (
+  (32, 1024, 10, 64),
+  (32, 256, 15, 64),
+  (32, 1024, 5, 128),
+  (2048, 16, 10, 64),
+  (512, 16, 15, 64),
+)
+
+
+class Conv3dTemporal(nn.Module):
+  """The temporal conv as it was before issue 24: a (taps, 1, 1) 3D conv, same parameters."""
+
+  kernel_size: int = 3
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param(
+      "kernel",
+      axes.partitioned(conv.dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
+      (self.kernel_size, c, c),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
+    )
+    y = jax.lax.conv_general_dilated(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype)[:, None, None],
+      (1, 1, 1),
+      "SAME",
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+    )
+    return y + bias.astype(self.dtype)
+
+
+def _report(label, fn, args) -> None:
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.perf_counter() - start
+  cost = compiled_stats._cost(compiled)
+  table = compiled_stats.per_op_table(compiled_stats.per_op(compiled.as_text()))
+  shares = ", ".join(f"{r['kind']} {r['share']:.0%}" for r in table[:4])
+  print(
+    f"| {label} | {cost['optimal_seconds'] * 1e3:.3f} | {cost['flops'] / 1e12:.3f} | "
+    f"{cost['bytes accessed'] / 2**30:.2f} | {shares} | {seconds:.0f} |",
+    flush=True,
+  )
+
+
+def temporal_conv(device) -> None:
+  spec = jax.sharding.SingleDeviceSharding(device)
+  print("| shape, temporal conv | est. ms | TFLOP | GiB | top kinds | compile s |")
+  print("|---|---|---|---|---|---|")
+  for shape in RESBLOCK_SHAPES:
+    for name, layer in (("3D conv", Conv3dTemporal), ("matmul per tap", conv.TemporalConv)):
+      conv.TemporalConv, shipped = layer, conv.TemporalConv  # what Pseudo3DConv builds
+      try:
+        block = resblock.ResBlock(features=shape[-1], dtype=jnp.bfloat16)
+        x = jnp.zeros(shape, jnp.bfloat16)
+        emb = jnp.zeros((shape[0], 1280), jnp.bfloat16)
+        params = jax.eval_shape(
+          lambda b=block, x=x, e=emb: nn.unbox(b.init(jax.random.key(0), x, e))
+        )
+
+        def loss(p, x, e, block=block):
+          return jnp.sum(block.apply(p, x, e).astype(jnp.float32))
+
+        args = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=spec), (params, x, emb)
+        )
+        _report(f"{'x'.join(map(str, shape))}, {name}", jax.grad(loss, argnums=(0, 1)), args)
+      finally:
+        conv.TemporalConv = shipped
+
+
+def attention_variants(device) -> None:
+  spec = jax.sharding.SingleDeviceSharding(device)
+  print(
+    "| [n, tokens, heads, head_dim], attention | est. ms | TFLOP | GiB | top kinds | compile s |"
+  )
+  print("|---|---|---|---|---|---|")
+  for shape in ATTENTION_SHAPES:
+    for name, fn in (("jax.nn", jax.nn.dot_product_attention), ("attend", attention.attend)):
+
+      def loss(q, k, v, fn=fn):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+      a = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=spec)
+      _report(f"{'x'.join(map(str, shape))}, {name}", jax.grad(loss, argnums=(0, 1, 2)), (a, a, a))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("study", choices=("temporal_conv", "attention"))
+  parser.add_argument("--target", default="v5p:2x2x1", help="TPU topology; one chip of it is used")
+  args = parser.parse_args()
+  device = topologies.get_topology_desc(topology_name=args.target, platform="tpu").devices[0]
+  {"temporal_conv": temporal_conv, "attention": attention_variants}[args.study](device)
+
+
+if __name__ == "__main__":
+  main()
