@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif config.variant == "paper":
     config.model.channels = 320
     config.model.num_res_blocks = 3
-    config.model.remat = True
+    config.model.head_dim = 128  # D^t paper's (it starts from D^t's weights)
+    config.model.remat = True  # 76 frames per clip
     config.batch_size = 64
   else:
     config_defaults.make_karlo_unet(config)

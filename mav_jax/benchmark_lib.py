@@ -29,6 +29,7 @@ import numpy as np
 from mav_jax import checkpointing, errors, stages, train_step
 from mav_jax.data import pipeline as data_pipeline
 from mav_jax.models import attention as attention_lib
+from mav_jax.models import unet
 from mav_jax.parallel import compiled_stats, sharding
 from mav_jax.parallel import targets as targets_lib
 from mav_jax.stages import common as stage_common
@@ -499,6 +500,7 @@ def attention_sizes(config) -> list[dict[str, int]]:
   for level in levels:
     side = d.resolution // 2**level
     channels = m.channels * m.channel_mults[level]
+    heads, head_dim = unet.attention_heads(channels, m.head_dim)
     out.append(
       dict(
         level=level,
@@ -506,8 +508,8 @@ def attention_sizes(config) -> list[dict[str, int]]:
         height=side,
         width=side,
         channels=channels,
-        heads=max(1, channels // m.head_dim),
-        head_dim=m.head_dim,
+        heads=heads,
+        head_dim=head_dim,
       )
     )
   return out

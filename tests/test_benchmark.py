@@ -238,11 +238,12 @@ def test_merge_results_of_separate_runs(tmp_path):
 
 def test_attention_sizes_of_the_paper_decoder():
   sizes = benchmark_lib.attention_sizes(decoder_config.get_config("paper"))
-  # Levels 1-3 (32, 16, 8 px of 64) at 640, 960, 1280 channels; the middle block shares level 3.
-  assert [(s["height"], s["channels"], s["heads"]) for s in sizes] == [
-    (32, 640, 10),
-    (16, 960, 15),
-    (8, 1280, 20),
+  # Levels 1-3 (32, 16, 8 px of 64) at 640, 960, 1280 channels in heads of 128 (120 at 960: the
+  # UNet's own rule, unet.attention_heads); the middle block shares level 3.
+  assert [(s["height"], s["channels"], s["heads"], s["head_dim"]) for s in sizes] == [
+    (32, 640, 5, 128),
+    (16, 960, 8, 120),
+    (8, 1280, 10, 128),
   ]
 
 

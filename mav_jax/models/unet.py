@@ -31,6 +31,13 @@ GLOBAL_CONDITIONINGS = ("mlp", "unclip")
 EXTRA_INPUT_MODES = ("zero_init", "concat")
 
 
+def attention_heads(width: int, head_dim: int) -> tuple[int, int]:
+  """(heads, features per head) of an attention block on `width` channels: ceil(width / head_dim)
+  heads of width // heads features (960 channels at head_dim 128: 8 heads of 120)."""
+  heads = -(-width // head_dim)
+  return heads, width // heads
+
+
 class SpaceTimeUNet(nn.Module):
   """Pseudo-3D UNet over [batch, frames, height, width, channels] videos.
 
@@ -41,7 +48,8 @@ class SpaceTimeUNet(nn.Module):
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
     attention_levels: indices of the levels that get pseudo-3D attention after each block.
     mid_attention: put a pseudo-3D attention block in the middle.
-    head_dim: features per attention head (heads = level width // head_dim).
+    head_dim: features per attention head: a level of width w has ceil(w / head_dim) heads of
+      w // heads features (the same when head_dim divides w).
     embed_dim: width of the conditioning embedding; default 4 * channels.
     conditioning_scalars: names of scalar conditions, e.g. ("fps",) or ("frame_skip",) or
       ("noise_aug",), each embedded sinusoidally and added (zero-initialised) to the time embedding.
@@ -356,10 +364,10 @@ class SpaceTimeUNet(nn.Module):
       return h
 
     def attention(h, name):
-      heads = max(1, h.shape[-1] // self.head_dim)
+      heads, per_head = attention_heads(h.shape[-1], self.head_dim)
       return attn_cls(
         heads,
-        h.shape[-1] // heads,
+        per_head,
         use_cross_attention=self.use_cross_attention,
         temporal_cross_attention=self.temporal_text_attention and not image_mode,
         max_temporal_distance=self.max_temporal_distance,
