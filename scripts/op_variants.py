@@ -3,12 +3,14 @@ forward + backward of one block at the paper D^t's and SR_l^t's shapes, per vari
 
   .venv/bin/python scripts/op_variants.py temporal_conv   # ResBlock: 3D conv vs one matmul per tap
   .venv/bin/python scripts/op_variants.py attention       # jax.nn.dot_product_attention vs attend
+  .venv/bin/python scripts/op_variants.py group_norm      # flax GroupNorm vs per-channel sums
 
 Needs the libtpu wheel (requirements-tpu.txt); compiles ahead of time for one chip of `--target`
 (nothing runs). Prints, per shape and variant: the estimated time (`optimal_seconds`), FLOPs,
 bytes and the per-kind shares of `compiled_stats.per_op`. Compiler estimates, not measurements.
 The 3D-conv temporal conv and jax.nn's attention are kept here only as the references the shipped
-layers (`models/conv.TemporalConv`, `models/attention.attend`) were measured against.
+layers (`models/conv.TemporalConv`, `models/attention.attend`) were measured against; the
+per-channel-sums GroupNorm is the variant that did not pay (the shipped FrameGroupNorm is flax's).
 """
 
 import argparse
@@ -132,13 +134,68 @@ def attention_variants(device) -> None:
       _report(f"{'x'.join(map(str, shape))}, {name}", jax.grad(loss, argnums=(0, 1, 2)), (a, a, a))
 
 
+def _group_norm_sums(x, scale, bias, groups=32, eps=1e-5):
+  """GroupNorm from per-channel sums over (h, w) in float32, grouped on the small [.., c] sums:
+  no [..., groups, c / groups] reshape of the activation."""
+  c = x.shape[-1]
+  xf = x.astype(jnp.float32)
+  count = x.shape[-3] * x.shape[-2] * (c // groups)
+  s1 = jnp.sum(xf, axis=(-3, -2)).reshape(x.shape[:-3] + (groups, -1)).sum(-1)
+  s2 = jnp.sum(jnp.square(xf), axis=(-3, -2)).reshape(x.shape[:-3] + (groups, -1)).sum(-1)
+  mean = s1 / count
+  inv = jax.lax.rsqrt(jnp.maximum(s2 / count - jnp.square(mean), 0.0) + eps)
+  scale_c = jnp.repeat(inv, c // groups, axis=-1) * scale
+  shift_c = bias - jnp.repeat(mean, c // groups, axis=-1) * scale_c
+  return (xf * scale_c[..., None, None, :] + shift_c[..., None, None, :]).astype(x.dtype)
+
+
+def _group_norm_flax(x, scale, bias):
+  lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+  norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=x.dtype)
+  y = norm.apply({"params": {"scale": scale, "bias": bias}}, x.reshape((-1, h, w, c)))
+  return y.reshape(lead + (h, w, c))
+
+
+def group_norm(device) -> None:
+  spec = jax.sharding.SingleDeviceSharding(device)
+  print("| shape, GroupNorm + scale/shift + SiLU | est. ms | TFLOP | GiB | top kinds | compile s |")
+  print("|---|---|---|---|---|---|")
+  for shape in RESBLOCK_SHAPES:
+    b, c = shape[0], shape[-1]
+    for name, norm in (
+      ("flax GroupNorm", _group_norm_flax),
+      ("per-channel sums", _group_norm_sums),
+    ):
+
+      def loss(x, scale, bias, mod_scale, mod_shift, norm=norm):
+        y = (
+          norm(x, scale, bias) * (1 + mod_scale[:, None, None, None])
+          + mod_shift[:, None, None, None]
+        )
+        return jnp.sum(nn.silu(y).astype(jnp.float32))
+
+      args = (
+        jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=spec),
+        jax.ShapeDtypeStruct((c,), jnp.float32, sharding=spec),
+        jax.ShapeDtypeStruct((c,), jnp.float32, sharding=spec),
+        jax.ShapeDtypeStruct((b, c), jnp.bfloat16, sharding=spec),
+        jax.ShapeDtypeStruct((b, c), jnp.bfloat16, sharding=spec),
+      )
+      _report(f"{'x'.join(map(str, shape))}, {name}", jax.grad(loss, argnums=(0, 1, 2, 3, 4)), args)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("study", choices=("temporal_conv", "attention"))
+  parser.add_argument("study", choices=("temporal_conv", "attention", "group_norm"))
   parser.add_argument("--target", default="v5p:2x2x1", help="TPU topology; one chip of it is used")
   args = parser.parse_args()
   device = topologies.get_topology_desc(topology_name=args.target, platform="tpu").devices[0]
-  {"temporal_conv": temporal_conv, "attention": attention_variants}[args.study](device)
+  studies = {
+    "temporal_conv": temporal_conv,
+    "attention": attention_variants,
+    "group_norm": group_norm,
+  }
+  studies[args.study](device)
 
 
 if __name__ == "__main__":
