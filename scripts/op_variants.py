@@ -118,6 +118,30 @@ def temporal_conv(device) -> None:
         conv.TemporalConv = shipped
 
 
+def _splash(q, k, v):
+  """Pallas splash attention (TPU only) on [n, t, heads, d], blocks of up to 512: the candidate
+  whose time the TPU compiler cannot estimate (a Mosaic custom call: no FLOPs, no cycles)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  n, t, heads, d = q.shape
+  block = min(512, t)
+  mask = sm.MultiHeadMask([sm.FullMask((t, t)) for _ in range(heads)])
+  sizes = sk.BlockSizes(
+    block_q=block,
+    block_kv_compute=block,
+    block_kv=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  kernel = jax.vmap(sk.make_splash_mha_single_device(mask, block_sizes=sizes))
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * d**-0.5, k, v))
+  return jnp.swapaxes(kernel(q, k, v), 1, 2)
+
+
 def attention_variants(device) -> None:
   spec = jax.sharding.SingleDeviceSharding(device)
   print(
@@ -125,7 +149,10 @@ def attention_variants(device) -> None:
   )
   print("|---|---|---|---|---|---|")
   for shape in ATTENTION_SHAPES:
-    for name, fn in (("jax.nn", jax.nn.dot_product_attention), ("attend", attention.attend)):
+    variants = [("jax.nn", jax.nn.dot_product_attention), ("attend", attention.attend)]
+    if shape[1] >= 256:  # splash's blocks need sequences of 128+
+      variants.append(("splash (no estimate)", _splash))
+    for name, fn in variants:
 
       def loss(q, k, v, fn=fn):
         return jnp.sum(fn(q, k, v).astype(jnp.float32))
