@@ -59,7 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mid_attention = True
     config.sampling.fps = 12.0
   elif config.variant == "paper":
-    config.model.remat = True
+    # No remat: 2 clips per v5p chip take ~32 GiB without it and the step is ~20% faster
+    # (docs/benchmarks.md, "Per op"); on 16-32 GiB chips (v4, v5e, v6e) add
+    # --config.model.remat=True.
+    config.model.remat = False
     config.batch_size = 64
   else:
     config_defaults.make_karlo_unet(config)

@@ -31,8 +31,8 @@ class TemporalConv(nn.Module):
   The kernel is stored as [taps, channels_in, channels_out] and initialised to the identity. It runs
   as one matmul per tap on the zero-padded frames, summed: the channels stay the minor axis, so no
   transposes. A (taps, 1, 1) 3D conv computes the same; the TPU compiler lays it out with copies
-  around it and estimates a paper-width ResBlock's forward + backward 6-20% slower at 64x64-16x16
-  (docs/benchmarks.md, "Per op").
+  around it and estimates a paper-width ResBlock's forward + backward 2-20% slower at 64x64-16x16
+  and at SR_l^t's 256x256 (16% faster at 8x8, the smallest level; scripts/op_variants.py).
 
   Attributes:
     kernel_size: number of temporal taps (odd).
