@@ -328,6 +328,10 @@ ENTRY %main (x: bf16[2,8,8,32], k: bf16[3,3,32,32]) -> f32[2,32] {{
   assert table["convolution"]["share"] == 0.6 and table["matmul"]["share"] == 0.2
   assert abs(sum(r["share"] for r in table.values()) - 1) < 1e-12
   assert compiled_stats.per_op(text.replace('"estimated_cycles"', '"other"')) == []
+  # A forward-only program (a sampling step: no jvp anywhere) has no optimizer: its elementwise
+  # ops outside a module scope (the sampler's update, a loop body) are elementwise.
+  forward = text.replace("jvp(SpaceTimeUNet)", "SpaceTimeUNet").replace("jvp(UNet)", "UNet")
+  assert {r["name"]: r["kind"] for r in compiled_stats.per_op(forward)}["u"] == "elementwise"
 
 
 def test_attention_comparison_counts_full_3d_attention_as_dearer():

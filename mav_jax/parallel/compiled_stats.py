@@ -252,9 +252,11 @@ def _outside_the_model(name: str) -> bool:
   )
 
 
-def op_kind(op: str, line: str, fused: set[str]) -> str:
+def op_kind(op: str, line: str, fused: set[str], train: bool = True) -> str:
   """The OP_KINDS entry of one scheduled instruction: its opcode, the opcodes it fuses and the
-  JAX operation it came from (`op_name` metadata: `jit(fn)/jvp(Module)/<module path>/<op>`)."""
+  JAX operation it came from (`op_name` metadata: `jit(fn)/jvp(Module)/<module path>/<op>`).
+  `train`: the program has a backward pass, so ops outside it are the optimizer's; a forward-only
+  program (a sampling step) has none."""
   kind = op.removesuffix("-start").removesuffix("-done")
   name = (_OP_NAME.search(line) or [None, ""])[1]
   ops = fused | {op}
@@ -267,7 +269,7 @@ def op_kind(op: str, line: str, fused: set[str]) -> str:
     if "attn" in name and "->" in name:  # an attention block's einsums (not its projections)
       return "attention (QK, AV)"
     return "matmul"
-  if _outside_the_model(name):
+  if train and _outside_the_model(name):
     return "optimizer / EMA update"
   if "reduce" in ops or "reduce-window" in ops:
     return "group norm / reduction"
@@ -285,6 +287,7 @@ def per_op(hlo_text: str) -> list[dict[str, Any]]:
   operands' (as their shapes read), `kind` from `op_kind`. A loop body's ops appear once (as in
   `cost_analysis`). Empty for programs of other backends (no estimates)."""
   computations, shapes = _computations(hlo_text)
+  train = "jvp(" in hlo_text  # a backward pass: ops outside the model are the optimizer's
   rows = []
   for body in computations.values():
     for op, shape, line in body:
@@ -300,7 +303,7 @@ def per_op(hlo_text: str) -> list[dict[str, Any]]:
         {
           "name": name,
           "op": op,
-          "kind": op_kind(op, line, fused),
+          "kind": op_kind(op, line, fused, train),
           "cycles": int(cycles.group(1)),
           "bytes": shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands),
           "op_name": (_OP_NAME.search(line) or [None, ""])[1],
