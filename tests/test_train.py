@@ -915,11 +915,15 @@ def test_restoring_params_into_shardings_reads_only_their_slices(tmp_path):
     "Norm_0": saved_as["Norm_0"],
   }
   item_bytes = 64 * 1024 * 4
-  for where, item, shardings in (("run", "params", saved_as), ("model", "ema_params", other)):
+  # The saved layout: each chunk once. Another layout: each 64x128 target slice spans two saved
+  # 32x256 chunks and uses half of each, so a chunk may be read once per slice that needs it (2x;
+  # 1.86x seen in one CI run under load, 1x when TensorStore's reads coincide).
+  cases = (("run", "params", saved_as, 1.5), ("model", "ema_params", other, 2.1))
+  for where, item, shardings, bound in cases:
     before = _bytes_read()
     restored = checkpointing.restore_params(str(tmp_path / where), item, shardings=shardings)
     read = _bytes_read() - before
-    assert read < 1.5 * item_bytes, f"{where}: {read} bytes read for {item_bytes} bytes"
+    assert read < bound * item_bytes, f"{where}: {read} bytes read for {item_bytes} bytes"
     assert jax.tree.structure(restored) == jax.tree.structure(state[item])
     for got, want, target in zip(
       jax.tree.leaves(restored),
