@@ -281,9 +281,22 @@ def _row(target, config, case, mesh, step, stats, compile_s, extra) -> dict[str,
   return row
 
 
-def _programs(model, stage, config, tx, mesh, shardings, frozen_shardings, sampler, example, n):
-  """fn(state_in, frozen_in) -> {step: (jitted fn, abstract args)}: the train step as
-  `mav_jax.train` jits it and, when `sampler` is given, one sampling step on `n` clips."""
+def _programs(
+  model,
+  stage,
+  config,
+  tx,
+  mesh,
+  shardings,
+  frozen_shardings,
+  sampler,
+  example,
+  n,
+  state_in,
+  frozen_in,
+):
+  """{step: (jitted fn, abstract args)}: the train step as `mav_jax.train` jits it and, when
+  `sampler` is given, one sampling step on `n` clips."""
   batch_spec = sharding.batch_sharding(mesh)
   step_fn = train_step.jit_train_step(
     train_step.make_train_step(model, stage, config, tx, shardings.params),
@@ -292,20 +305,16 @@ def _programs(model, stage, config, tx, mesh, shardings, frozen_shardings, sampl
     frozen_shardings,
   )
   batch_in = abstract_batch(example, config.batch_size, batch_spec)
-
-  def make(state_in, frozen_in):
+  out = {"train": (step_fn, (state_in, batch_in, frozen_in))}
+  if sampler is not None:
     key_in = jax.eval_shape(lambda: jax.random.key(0))  # no concrete arrays on a topology
-    out = {"train": (step_fn, (state_in, batch_in, frozen_in))}
-    if sampler is not None:
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      sample_jit = jax.jit(
-        sampler, in_shardings=(shardings.params, batch_spec, replicated, frozen_shardings)
-      )
-      sample_in = abstract_batch(example, n, batch_spec)
-      out["sample"] = (sample_jit, (state_in.params, sample_in, key_in, frozen_in))
-    return out
-
-  return make
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sample_jit = jax.jit(
+      sampler, in_shardings=(shardings.params, batch_spec, replicated, frozen_shardings)
+    )
+    sample_in = abstract_batch(example, n, batch_spec)
+    out["sample"] = (sample_jit, (state_in.params, sample_in, key_in, frozen_in))
+  return out
 
 
 _MODEL_FLOPS: dict[str, dict[str, float]] = {}
@@ -332,12 +341,23 @@ def model_flops(config, example, clip_config, n_sample, log) -> dict[str, float]
   sampler = _one_step_sampler(stage, model, one) if n_sample else None
   state_in = checkpointing.abstract_with_shardings(abstract, shardings)
   programs = _programs(
-    model, stage, one, tx, mesh, shardings, frozen_shardings, sampler, example, n_sample
+    model,
+    stage,
+    one,
+    tx,
+    mesh,
+    shardings,
+    frozen_shardings,
+    sampler,
+    example,
+    n_sample,
+    state_in,
+    frozen_abstract,
   )
   out = {}
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules("data_parallel")):
-    for step, (fn, args) in programs(state_in, frozen_abstract).items():
+    for step, (fn, args) in programs.items():
       cost = fn.lower(*args).cost_analysis() or {}
       out[step] = float(cost.get("flops", 0.0)) or None
   log(
@@ -424,7 +444,18 @@ def run_case(
   needed = model_flops(config, example, clip_config, n_sample if sampler else None, log)
   rows = []
   programs = _programs(
-    model, stage, config, tx, mesh, shardings, frozen_shardings, sampler, example, n_sample
+    model,
+    stage,
+    config,
+    tx,
+    mesh,
+    shardings,
+    frozen_shardings,
+    sampler,
+    example,
+    n_sample,
+    state_in,
+    frozen_abstract,
   )
 
   def hlo_path(step: str) -> str | None:
@@ -436,7 +467,7 @@ def run_case(
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules(case.strategy)):
     compiled = {}
-    for step, (fn, args) in programs(state_in, frozen_abstract).items():
+    for step, (fn, args) in programs.items():
       log(f"[benchmark] {label}: compiling the {step} step")
       start = time.perf_counter()
       compiled[step] = fn.lower(*args).compile(compiler_options)
