@@ -1,15 +1,16 @@
 r"""Layer implementations side by side on one TPU chip (issue 24): the TPU compiler's estimate for
 forward + backward of one block at the paper D^t's and SR_l^t's shapes, per variant.
 
-  .venv/bin/python scripts/op_variants.py temporal_conv   # ResBlock: 3D conv vs one matmul per tap
+  .venv/bin/python scripts/op_variants.py temporal_conv   # ResBlock: 3D conv, matmul per tap, 1D conv
   .venv/bin/python scripts/op_variants.py attention       # jax.nn.dot_product_attention vs attend
   .venv/bin/python scripts/op_variants.py group_norm      # flax GroupNorm vs per-channel sums
 
 Needs the libtpu wheel (requirements-tpu.txt); compiles ahead of time for one chip of `--target`
 (nothing runs). Prints, per shape and variant: the estimated time (`optimal_seconds`), FLOPs,
 bytes and the per-kind shares of `compiled_stats.per_op`. Compiler estimates, not measurements.
-The 3D-conv temporal conv and jax.nn's attention are kept here only as the references the shipped
-layers (`models/conv.TemporalConv`, `models/attention.attend`) were measured against; the
+The 3D-conv and matmul-per-tap temporal convs and jax.nn's attention are kept here only as the
+references the shipped layers (`models/conv.TemporalConv`, `models/attention.attend`) were
+measured against; the
 per-channel-sums GroupNorm is the variant that did not pay (the shipped FrameGroupNorm is flax's).
 """
 
@@ -78,6 +79,36 @@ class Conv3dTemporal(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+class TapsTemporal(nn.Module):
+  """The temporal conv of the first issue-24 round: one matmul per tap on the zero-padded frames,
+  summed; same parameters."""
+
+  kernel_size: int = 3
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param(
+      "kernel",
+      axes.partitioned(conv.dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
+      (self.kernel_size, c, c),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
+    )
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    frames, pad = x.shape[1], self.kernel_size // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad)) + ((0, 0),) * (x.ndim - 2))
+    y = sum(
+      jnp.einsum("bf...c,cd->bf...d", padded[:, tap : tap + frames], kernel[tap])
+      for tap in range(self.kernel_size)
+    )
+    return y + bias.astype(self.dtype)
+
+
 def _report(label, fn, args) -> None:
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
@@ -97,7 +128,12 @@ def temporal_conv(device) -> None:
   print("| shape, temporal conv | est. ms | TFLOP | GiB | top kinds | compile s |")
   print("|---|---|---|---|---|---|")
   for shape in RESBLOCK_SHAPES:
-    for name, layer in (("3D conv", Conv3dTemporal), ("matmul per tap", conv.TemporalConv)):
+    variants = (
+      ("3D conv", Conv3dTemporal),
+      ("matmul per tap", TapsTemporal),
+      ("1D conv", conv.TemporalConv),
+    )
+    for name, layer in variants:
       conv.TemporalConv, shipped = layer, conv.TemporalConv  # what Pseudo3DConv builds
       try:
         block = resblock.ResBlock(features=shape[-1], dtype=jnp.bfloat16)

@@ -29,10 +29,11 @@ class TemporalConv(nn.Module):
   """1D convolution over the frame axis of a [batch, frames, height, width, channels] video.
 
   The kernel is stored as [taps, channels_in, channels_out] and initialised to the identity. It runs
-  as one matmul per tap on the zero-padded frames, summed: the channels stay the minor axis, so no
-  transposes. A (taps, 1, 1) 3D conv computes the same; the TPU compiler lays it out with copies
-  around it and estimates a paper-width ResBlock's forward + backward 2-20% slower at 64x64-16x16
-  and at SR_l^t's 256x256 (16% faster at 8x8, the smallest level; scripts/op_variants.py).
+  as a 1D conv over the frames of [batch * height * width, frames, channels] (frames moved next to
+  the channels): the TPU compiler's estimate for a paper-width ResBlock's forward + backward is
+  4-14% below one matmul per tap on the zero-padded frames at D^t's 64x64-8x8 levels and 25% below
+  at SR_l^t's 256x256, and below a (taps, 1, 1) 3D conv, which it lays out with copies around it
+  (scripts/op_variants.py temporal_conv, docs/benchmarks.md "Per op").
 
   Attributes:
     kernel_size: number of temporal taps (odd).
@@ -61,12 +62,14 @@ class TemporalConv(nn.Module):
       "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
     )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    frames, pad = x.shape[1], self.kernel_size // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad)) + ((0, 0),) * (x.ndim - 2))
-    y = sum(
-      jnp.einsum("bf...c,cd->bf...d", padded[:, tap : tap + frames], kernel[tap])
-      for tap in range(self.kernel_size)
+    # [b, f, *space, c] -> [b * prod(space), f, c]: the batch stays the major axis (the only one the
+    # sharding strategies split besides the channels), so the merge needs no communication.
+    moved = jnp.moveaxis(x, 1, -2)
+    frames = moved.reshape((-1,) + x.shape[1:2] + x.shape[-1:])
+    y = jax.lax.conv_general_dilated(
+      frames, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
     )
+    y = jnp.moveaxis(y.reshape(moved.shape), -2, 1)
     return y + bias.astype(self.dtype)
 
 
