@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from mav_jax.models import attention, axes, conv, resblock  # noqa: E402
+from mav_jax.models import attention, conv, resblock  # noqa: E402
 from mav_jax.parallel import compiled_stats  # noqa: E402
 
 # (batch, frames, height, width, channels) per chip: 2 clips, the UNet levels of decoder:paper
@@ -50,63 +50,26 @@ ATTENTION_SHAPES = (
 )
 
 
-class Conv3dTemporal(nn.Module):
+class Conv3dTemporal(conv.TemporalConv):
   """The temporal conv as it was before issue 24: a (taps, 1, 1) 3D conv, same parameters."""
 
-  kernel_size: int = 3
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    kernel = self.param(
-      "kernel",
-      axes.partitioned(conv.dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
-      (self.kernel_size, c, c),
-      self.param_dtype,
+  def convolve(self, x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel[:, None, None], (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
     )
-    bias = self.param(
-      "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
-    )
-    y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
-      kernel.astype(self.dtype)[:, None, None],
-      (1, 1, 1),
-      "SAME",
-      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-    )
-    return y + bias.astype(self.dtype)
 
 
-class TapsTemporal(nn.Module):
+class TapsTemporal(conv.TemporalConv):
   """The temporal conv of the first issue-24 round: one matmul per tap on the zero-padded frames,
   summed; same parameters."""
 
-  kernel_size: int = 3
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    kernel = self.param(
-      "kernel",
-      axes.partitioned(conv.dirac_init, axes.CONV_T, axes.CHANNELS_IN, axes.CHANNELS_OUT),
-      (self.kernel_size, c, c),
-      self.param_dtype,
-    )
-    bias = self.param(
-      "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
-    )
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+  def convolve(self, x, kernel):
     frames, pad = x.shape[1], self.kernel_size // 2
     padded = jnp.pad(x, ((0, 0), (pad, pad)) + ((0, 0),) * (x.ndim - 2))
-    y = sum(
+    return sum(
       jnp.einsum("bf...c,cd->bf...d", padded[:, tap : tap + frames], kernel[tap])
       for tap in range(self.kernel_size)
     )
-    return y + bias.astype(self.dtype)
 
 
 def _report(label, fn, args) -> None:

@@ -61,7 +61,12 @@ class TemporalConv(nn.Module):
     bias = self.param(
       "bias", axes.partitioned(nn.initializers.zeros, axes.CHANNELS_OUT), (c,), self.param_dtype
     )
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = self.convolve(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+  def convolve(self, x: Array, kernel: Array) -> Array:
+    """The convolution without its bias (scripts/op_variants.py swaps in the variants it was
+    measured against)."""
     # [b, f, *space, c] -> [b * prod(space), f, c]: the batch stays the major axis (the only one the
     # sharding strategies split besides the channels), so the merge needs no communication.
     moved = jnp.moveaxis(x, 1, -2)
@@ -69,8 +74,7 @@ class TemporalConv(nn.Module):
     y = jax.lax.conv_general_dilated(
       frames, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
     )
-    y = jnp.moveaxis(y.reshape(moved.shape), -2, 1)
-    return y + bias.astype(self.dtype)
+    return jnp.moveaxis(y.reshape(moved.shape), -2, 1)
 
 
 class Pseudo3DConv(nn.Module):
